@@ -1,0 +1,120 @@
+"""ModelSpec: validation, serialisation round trips, presets, canonical parameters."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xformer import ModelSpec, SpecError
+from xformer.spec import PRESETS, sinusoidal_table
+
+
+@st.composite
+def specs(draw):
+    n_heads = draw(st.integers(1, 4))
+    return ModelSpec(
+        vocab_size=draw(st.integers(1, 500)), d_model=n_heads * 2 * draw(st.integers(1, 8)),
+        n_heads=n_heads, d_ff=draw(st.integers(1, 64)), n_layers=draw(st.integers(1, 3)),
+        max_len=draw(st.integers(1, 64)),
+        norm_position=draw(st.sampled_from(["post", "pre"])),
+        norm_eps=draw(st.floats(1e-12, 0.5)),
+        activation=draw(st.sampled_from(["relu", "gelu", "gelu_tanh"])),
+        positional=draw(st.sampled_from(["learned", "sinusoidal"])),
+        type_vocab_size=draw(st.integers(0, 3)), embedding_norm=draw(st.booleans()),
+        final_norm=draw(st.booleans()), embed_scale=draw(st.booleans()), bias=draw(st.booleans()),
+        head=draw(st.sampled_from(["none", "pooler"])), dropout=draw(st.floats(0, 0.9)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(specs())
+def test_json_and_yaml_round_trip(spec):
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    assert ModelSpec.from_yaml(spec.to_yaml()) == spec
+    assert ModelSpec.from_dict(json.loads(spec.to_json())).parameters() == spec.parameters()
+
+
+@settings(max_examples=40, deadline=None)
+@given(specs())
+def test_parameters_are_unique_and_count_matches(spec):
+    params = spec.parameters()
+    names = [p.name for p in params]
+    assert len(names) == len(set(names))
+    per_layer = 4 * (1 + spec.bias) + 2 * (1 + spec.bias) + 2 * (1 + spec.bias)
+    assert sum(n.startswith("encoder.layers.0.") for n in names) == per_layer
+    d, f = spec.d_model, spec.d_ff
+    linear = 4 * (d * d + spec.bias * d) + (f * d + spec.bias * f) + (d * f + spec.bias * d)
+    norms = 2 * d * (1 + spec.bias)
+    emb = (spec.vocab_size + spec.type_vocab_size
+           + (spec.max_len if spec.positional == "learned" else 0)) * d
+    extra = (d * (1 + spec.bias) if spec.embedding_norm else 0) + (
+        d * (1 + spec.bias) if spec.final_norm else 0) + (
+        d * d + spec.bias * d if spec.head == "pooler" else 0)
+    assert spec.num_parameters() == emb + spec.n_layers * (linear + norms) + extra
+
+
+def test_bert_base_preset_matches_published_parameter_count():
+    # BERT-base has 109,482,240 parameters with its pooler (Hugging Face BertModel).
+    assert ModelSpec.preset("bert-base").num_parameters() == 109_482_240
+
+
+def test_linear_layout_is_out_by_in():
+    shapes = ModelSpec(d_model=8, n_heads=2, d_ff=24).parameter_shapes()
+    assert shapes["encoder.layers.0.ffn.linear1.weight"] == (24, 8)
+    assert shapes["encoder.layers.0.ffn.linear2.weight"] == (8, 24)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"d_model": 10, "n_heads": 3}, ["d_model", "n_heads", "divisible"]),
+    ({"norm_position": "middle"}, ["norm_position", "post, pre", "middle"]),
+    ({"activation": "swish"}, ["activation", "swish"]),
+    ({"norm_eps": 0}, ["norm_eps", "(0, 1)"]),
+    ({"n_layers": 0}, ["n_layers", ">= 1"]),
+    ({"vocab_size": 3.5}, ["vocab_size", "integer"]),
+    ({"bias": "yes"}, ["bias", "true or false"]),
+    ({"dropout": 1.0}, ["dropout"]),
+    ({"positional": "sinusoidal", "d_model": 9, "n_heads": 3}, ["even"]),
+    ({"architecture": "decoder"}, ["architecture", "not built yet"]),
+    ({"head": "lm"}, ["head", "lm"]),
+    ({"n_head": 4}, ["unknown spec field", "n_heads"]),
+])
+def test_bad_specs_name_the_field(changes, words):
+    with pytest.raises(SpecError) as e:
+        ModelSpec.from_dict({**ModelSpec().to_dict(), **changes})
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_malformed_text_is_a_spec_error():
+    with pytest.raises(SpecError, match="JSON"):
+        ModelSpec.from_json("{not json")
+    with pytest.raises(SpecError, match="mapping"):
+        ModelSpec.from_yaml("- a\n- b\n")
+
+
+def test_omitted_fields_take_defaults_and_files_load(tmp_path):
+    (tmp_path / "s.yaml").write_text("d_model: 32\nn_heads: 2\n")
+    spec = ModelSpec.load(tmp_path / "s.yaml")
+    assert spec == ModelSpec(d_model=32, n_heads=2)
+    spec.save(tmp_path / "s.json")
+    assert ModelSpec.load(tmp_path / "s.json") == spec
+    assert ModelSpec.load("bert-mini") == ModelSpec.preset("bert-mini")
+    with pytest.raises(SpecError, match="does not exist"):
+        ModelSpec.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_are_valid(name):
+    spec = ModelSpec.preset(name)
+    assert spec.d_model % spec.n_heads == 0
+
+
+def test_sinusoidal_table_follows_vaswani():
+    table = sinusoidal_table(50, 16)
+    pos, i = 7, 3
+    assert table[pos, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / 16)), abs=1e-15)
+    assert table[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / 16)), abs=1e-15)
+    assert table[0, 0::2].max() == 0 and table[0, 1::2].min() == 1

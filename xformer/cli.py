@@ -1,0 +1,336 @@
+"""The ``xformer`` command line.
+
+``xformer compare``  run one model on every backend and mode, compare outputs and gradients.
+``xformer embed``    sentence embeddings of a BERT checkpoint on one backend.
+``xformer init``     random canonical weights for a spec.
+``xformer backends`` the registered backends, installed or not.
+
+Exit status: 0 success (``compare``: every backend conforms), 1 ``compare`` found a mismatch,
+2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import InputError, XformerError
+
+DEMO_SENTENCES = ("The quick brown fox jumps over the lazy dog.",
+                  "Does my Transformer compute the same thing on PyTorch, TensorFlow and MXNet?")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"xformer: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="xformer", description="One Transformer spec on PyTorch, TensorFlow and "
+                                            "MXNet: build, load shared weights, compare.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compare", help="compare outputs, gradients and speed across backends")
+    src = c.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR",
+                     help="a Hugging Face BERT directory (config.json + model.safetensors)")
+    src.add_argument("--spec", metavar="FILE", help="a spec (.json/.yaml) or preset name")
+    c.add_argument("--weights", metavar="FILE", help="canonical safetensors weights "
+                   "(default: random from --seed)")
+    c.add_argument("--backends", metavar="A,B",
+                   help="backends or backend/mode targets (default: every installed backend, "
+                        "its default modes)")
+    c.add_argument("--all-modes", action="store_true",
+                   help="also the opt-in modes (torch compile, TensorFlow XLA)")
+    c.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
+    c.add_argument("--reference", default="auto",
+                   choices=("auto", "huggingface", "torch.nn", "numpy", "none"),
+                   help="independent reference (auto: Hugging Face for BERT checkpoints, "
+                        "PyTorch nn.TransformerEncoderLayer otherwise)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch", type=int, default=3, help="batch size of random inputs")
+    c.add_argument("--seq-len", type=int, default=None, help="length of random inputs")
+    c.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    c.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+
+    e = sub.add_parser("embed", help="sentence embeddings (mean-pooled, L2-normalised)")
+    e.add_argument("--model", metavar="DIR", required=True,
+                   help="a BERT directory with tokenizer.json")
+    e.add_argument("--backend", help="torch, tensorflow or mxnet (default: $XFORMER_BACKEND, "
+                                     "config file, torch)")
+    e.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON array with one vector per sentence")
+    e.add_argument("sentences", nargs="+", metavar="SENTENCE")
+
+    i = sub.add_parser("init", help="write random canonical weights for a spec")
+    i.add_argument("--spec", metavar="FILE", required=True, help="spec file or preset name")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    i.add_argument("--out", metavar="FILE", required=True, help="the .safetensors file to write")
+
+    sub.add_parser("backends", help="list backends, their modes and framework versions")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = _parser().parse_args(argv)
+    try:
+        return {"compare": cmd_compare, "embed": cmd_embed, "init": cmd_init,
+                "backends": cmd_backends}[args.command](args)
+    except XformerError as e:
+        print(f"xformer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_init(args) -> int:
+    from .spec import ModelSpec
+    from .weights import init_weights, save_weights
+
+    spec = ModelSpec.load(args.spec)
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise InputError(f"folder {str(out.parent)!r} does not exist")
+    save_weights(out, init_weights(spec, seed=args.seed, dtype=args.dtype), spec)
+    print(f"wrote {spec.num_parameters():,} parameters ({len(spec.parameters())} tensors, "
+          f"{args.dtype}, seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_backends(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .backend import available_backends, get_backend, is_installed
+
+    table = Table(title="xformer backends")
+    for col in ("backend", "installed", "version", "modes (default first)"):
+        table.add_column(col)
+    for name in available_backends():
+        if is_installed(name):
+            be = get_backend(name)
+            modes = ", ".join(be.default_modes) + "".join(
+                f", ({m})" for m in be.modes if m not in be.default_modes)
+            table.add_row(name, "yes", be.framework_version(), modes)
+        else:
+            table.add_row(name, f"no: pip install 'xformer[{name}]'", "", "")
+    Console().print(table)
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from . import text
+
+    emb = text.embed(args.model, args.sentences, backend=args.backend, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(emb.tolist()))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"embeddings ({emb.shape[1]} dims, L2-normalised)")
+    table.add_column("sentence")
+    table.add_column("first 6 dims")
+    for s, v in zip(args.sentences, emb):
+        table.add_row(s, " ".join(f"{x:+.4f}" for x in v[:6]) + " ...")
+    Console().print(table)
+    return 0
+
+
+def _load_model(args):
+    """``(spec, weights, inputs or None, model dir or None)`` from the compare arguments."""
+    import numpy as np
+
+    from .spec import ModelSpec
+    from .weights import from_pretrained, load_weights, random_weights
+
+    if args.model:
+        spec, weights = from_pretrained(args.model)
+        inputs = None
+        if (Path(args.model) / "tokenizer.json").is_file():
+            from .text import encode, load_tokenizer
+
+            enc = encode(load_tokenizer(args.model), DEMO_SENTENCES, spec)
+            # a third, fully padded row: the case that gives NaN with -inf masks
+            inputs = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in enc.items()}
+        return spec, weights, inputs, Path(args.model).name
+    if args.spec:
+        spec = ModelSpec.load(args.spec)
+        if args.weights:
+            spec, weights = load_weights(args.weights, spec)
+        else:
+            weights = random_weights(spec, seed=args.seed)
+        return spec, weights, None, Path(args.spec).stem
+    if args.weights:
+        spec, weights = load_weights(args.weights)
+        return spec, weights, None, Path(args.weights).stem
+    spec = ModelSpec.preset("tiny")
+    return spec, random_weights(spec, seed=args.seed), None, "tiny (built-in, random weights)"
+
+
+def _targets(args):
+    from .conformance import Target, default_targets
+
+    if not args.backends:
+        targets = default_targets(all_modes=args.all_modes)
+        if not targets:
+            raise InputError("no backend is installed: pip install 'xformer[all]'")
+        return targets
+    out = []
+    for item in [s.strip() for s in args.backends.split(",") if s.strip()]:
+        if "/" in item:
+            out.append(Target.parse(item))
+        else:
+            out += default_targets([item], all_modes=args.all_modes)
+    if not out:
+        raise InputError("--backends names no backend")
+    return out
+
+
+def _reference(args, spec, from_hf: bool) -> str | None:
+    from .backend import is_installed
+    from .conformance import available_references
+    from .hf import bert_expressible
+
+    if args.reference == "none":
+        return None
+    refs = available_references()
+    if args.reference != "auto":
+        if args.reference not in refs:
+            raise InputError(f"reference {args.reference!r} is not installed here "
+                             f"(available: {', '.join(refs)})")
+        if args.reference == "huggingface" and bert_expressible(spec):
+            raise InputError(f"reference huggingface cannot express this spec: "
+                             f"{bert_expressible(spec)}")
+        return args.reference
+    if from_hf and "huggingface" in refs and bert_expressible(spec) is None:
+        return "huggingface"
+    return "torch.nn" if is_installed("torch") else "numpy"
+
+
+def cmd_compare(args) -> int:
+    from rich.console import Console
+
+    from .conformance import Case, environment, run_case
+    from .spec import atomic_write_bytes
+
+    if args.batch < 1 or (args.seq_len is not None and args.seq_len < 1) or args.repeats < 0:
+        raise InputError("--batch and --seq-len must be >= 1 and --repeats >= 0")
+    spec, weights, inputs, label = _load_model(args)
+    targets = _targets(args)
+    reference = _reference(args, spec, from_hf=bool(args.model))
+    dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
+    console = Console()
+    reports = []
+    for dtype in dtypes:
+        case = Case.make(spec, seed=args.seed, dtype=dtype, batch=args.batch,
+                         seq_len=args.seq_len, weights=weights,
+                         input_ids=None if inputs is None else inputs["input_ids"],
+                         attention_mask=None if inputs is None else inputs["attention_mask"],
+                         name=f"{label} {dtype}")
+        if inputs is not None and "token_type_ids" in inputs:
+            case.inputs["token_type_ids"] = inputs["token_type_ids"]
+        with console.status(f"running {label} ({dtype}) on {len(targets)} targets"):
+            report = run_case(case, targets, reference=reference, repeats=args.repeats)
+        reports.append(report)
+        console.print(render_report(report))
+    ok = all(r.ok for r in reports)
+    if args.json:
+        doc = {"ok": ok, "model": label, "environment": environment(),
+               "reports": [r.to_dict() for r in reports]}
+        atomic_write_bytes(Path(args.json), json.dumps(doc, indent=2).encode())
+    n = len(targets)
+    if ok:
+        console.print(f"[bold green]CONFORMANT[/]: {n} backend/mode targets agree on {label} "
+                      f"({', '.join(dtypes)}), outputs and every gradient within tolerance.")
+    else:
+        bad = sum(len(r.failures) for r in reports)
+        console.print(f"[bold red]NOT CONFORMANT[/]: {bad} tensor comparisons out of "
+                      f"tolerance (listed above).")
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------- rendering
+def _fmt(d) -> str:
+    if d is None:
+        return "n/a"
+    if math.isnan(d.max_rel):
+        return f"[red]NaN/shape ({d.tensor})[/]"
+    color = "green" if d.ok else "red"
+    return f"[{color}]{d.max_rel:.1e}[/]"
+
+
+def render_report(report):
+    """A rich ``Table``: one column per target (+ the reference), rows for errors, times and
+    the verdict."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from .conformance import TOLERANCES
+
+    tol = TOLERANCES[report.case.dtype]
+    ref = report.reference
+    title = (f"{report.case.name}: max relative error (tolerance: outputs {tol.output:.0e}, "
+             f"gradients {tol.grad:.0e})")
+    table = Table(title=title, title_justify="left")
+    table.add_column("", style="bold")
+    labels = [r.label for r in report.runs]
+    for label in labels:
+        table.add_column(label, justify="right")
+    if ref is not None:
+        table.add_column(f"{ref.label} (reference)", justify="right", style="dim")
+    ref_label = ref.label if ref else None
+    rows = []
+    if ref is not None:
+        rows.append((f"outputs vs {ref_label}",
+                     [_fmt(report.worst(lab, ref_label, "output")) for lab in labels] + [""]))
+        rows.append((f"gradients vs {ref_label}",
+                     [_fmt(report.worst(lab, ref_label, "grad")) for lab in labels] + [""]))
+    others = []
+    for lab in labels:
+        pair = [d for d in report.diffs if lab in (d.a, d.b) and ref_label not in (d.a, d.b)]
+        others.append(_fmt(max(pair, key=lambda d: math.inf if math.isnan(d.max_rel)
+                               else d.max_rel / d.tol)) if pair else "n/a")
+    rows.append(("worst vs other targets", others + ([""] if ref else [])))
+    worst_names = []
+    for lab in labels:
+        w = report.worst(lab)
+        worst_names.append(w.tensor.replace("grad:", "∇").replace("output:", "") if w else "")
+    rows.append(("worst tensor", worst_names + ([""] if ref else [])))
+    runs = report.runs + ([ref] if ref else [])
+    rows.append(("forward (ms)", [_ms(r.forward_s) for r in runs]))
+    rows.append(("forward+backward (ms)", [_ms(r.step_s) for r in runs]))
+    verdicts = []
+    for lab in labels:
+        bad = [d for d in report.diffs if lab in (d.a, d.b) and not d.ok]
+        verdicts.append("[green]conforms[/]" if not bad else f"[red]{len(bad)} mismatches[/]")
+    rows.append(("verdict", verdicts + ([""] if ref else [])))
+    for name, cells in rows:
+        table.add_row(name, *cells)
+    parts = [table]
+    for d in report.failures[:12]:
+        parts.append(Text(d.message(), style="red"))
+    if len(report.failures) > 12:
+        parts.append(Text(f"... and {len(report.failures) - 12} more", style="red"))
+    return Group(*parts)
+
+
+def _ms(seconds: float) -> str:
+    return "" if seconds is None or math.isnan(seconds) else f"{seconds * 1e3:.1f}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The conformance engine: run one :class:`Case` on several (backend, mode) targets and on an
+independent reference, and compare outputs and gradients tensor by tensor.
+
+A case's loss is ``sum_k sum(outputs[k] * cotangents[k])`` with a fixed random cotangent;
+gradients are taken w.r.t. every canonical parameter and w.r.t. ``inputs_embeds`` (DESIGN.md §4).
+
+Error measure, for tensors ``a`` and ``b`` of one name: ``max_abs = max |a - b|`` and
+``max_rel = max_abs / max(max |a|, max |b|)`` (relative to the tensor's largest magnitude, so
+that elements near zero do not dominate; the message also gives where the worst element is).
+
+Tolerances are stated once, here, per dtype. They are evidence, not knobs: the bounds of
+issue #2 (float64 1e-11 everywhere; float32 1e-5 outputs, 1e-4 gradients).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import platform
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .backend import check_dtype, check_inputs, get_backend, is_installed, timed
+from .errors import BackendError
+from .spec import ModelSpec
+from .weights import check_weights, random_weights
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest allowed ``max_rel`` for outputs and for gradients."""
+
+    output: float
+    grad: float
+
+
+#: Per-dtype tolerances (max relative error, see the module docstring).
+TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(output=1e-11, grad=1e-11),
+    "float32": Tolerance(output=1e-5, grad=1e-4),
+}
+
+
+# ---------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """One conformance experiment.
+
+    Attributes:
+        spec: the model.
+        weights: canonical weights (cast to ``dtype`` when loaded).
+        inputs: model inputs (see :class:`xformer.backend.Backend`).
+        cotangents: ``{output name: array}``, same shapes as the outputs.
+        dtype: ``"float32"`` or ``"float64"``.
+        name: a label for reports.
+    """
+
+    spec: ModelSpec
+    weights: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray]
+    cotangents: dict[str, np.ndarray]
+    dtype: str = "float64"
+    name: str = "case"
+
+    @classmethod
+    def make(cls, spec: ModelSpec, *, seed: int = 0, dtype: str = "float64", batch: int = 3,
+             seq_len: int | None = None, weights: Mapping[str, np.ndarray] | None = None,
+             input_ids: np.ndarray | None = None, attention_mask: np.ndarray | None = None,
+             fully_padded: bool = True, name: str | None = None) -> "Case":
+        """A case with random inputs (or the given ``input_ids``/``attention_mask``).
+
+        Random masks: row 0 attends everywhere, the middle rows are padded at the end, and the
+        last row is fully padded (``fully_padded``), the case that gives NaN with ``-inf`` masks.
+        """
+        dtype = check_dtype(dtype)
+        rng = np.random.default_rng(seed)
+        if weights is None:
+            weights = random_weights(spec, seed=seed, dtype="float64")
+        weights = {k: np.asarray(v).astype(dtype) for k, v in
+                   check_weights(spec, weights).items()}
+        if input_ids is None:
+            t = seq_len or min(spec.max_len, 12)
+            input_ids = rng.integers(0, spec.vocab_size, size=(batch, t))
+        input_ids = np.asarray(input_ids, np.int64)
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = np.ones((b, t), np.int64)
+            for row in range(1, b):
+                attention_mask[row, max(1, t - 2 * row):] = 0
+            if fully_padded and b > 1:
+                attention_mask[-1] = 0
+        inputs = {"input_ids": input_ids, "attention_mask": np.asarray(attention_mask)}
+        if spec.type_vocab_size:
+            inputs["token_type_ids"] = rng.integers(0, spec.type_vocab_size, size=(b, t))
+        inputs = check_inputs(spec, inputs, dtype)
+        shapes = {"last_hidden_state": (b, t, spec.d_model), "pooler_output": (b, spec.d_model)}
+        cot = {k: rng.standard_normal(shapes[k]).astype(dtype) for k in spec.output_names()}
+        return cls(spec, weights, inputs, cot, dtype, name or f"seed{seed}-{dtype}")
+
+
+# ---------------------------------------------------------------------- running
+@dataclass(frozen=True)
+class Target:
+    """A (backend, mode) pair; ``label`` is ``"backend/mode"``."""
+
+    backend: str
+    mode: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}/{self.mode}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Target":
+        backend, _, mode = text.partition("/")
+        be = get_backend(backend)
+        return cls(be.name, be.check_mode(mode or None))
+
+
+def default_targets(backends: Iterable[str] | None = None, all_modes: bool = False
+                    ) -> list[Target]:
+    """Every default mode (or every mode) of each named backend (default: every installed)."""
+    from .backend import available_backends
+
+    names = list(backends) if backends else [b for b in available_backends() if is_installed(b)]
+    out = []
+    for name in names:
+        be = get_backend(name)
+        out += [Target(be.name, m) for m in (be.modes if all_modes else be.default_modes)]
+    return out
+
+
+@dataclass
+class RunResult:
+    """What one target produced for a case (numpy, canonical names)."""
+
+    label: str
+    outputs: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray]
+    forward_s: float = float("nan")
+    step_s: float = float("nan")
+
+
+def run_target(case: Case, target: Target, repeats: int = 0) -> RunResult:
+    """Build ``case.spec`` on ``target``, load the weights, and run forward and forward+backward.
+
+    ``repeats > 0`` also times each call (median of ``repeats`` after one warm-up call).
+    """
+    be = get_backend(target.backend)
+    model = be.build(case.spec, case.dtype)
+    be.set_weights(model, case.weights)
+    if repeats > 0:
+        outputs, fwd = timed(be.forward, model, case.inputs, mode=target.mode, repeats=repeats)
+        (_, grads), step = timed(be.forward_backward, model, case.inputs, case.cotangents,
+                                 mode=target.mode, repeats=repeats)
+    else:
+        outputs = be.forward(model, case.inputs, mode=target.mode)
+        _, grads = be.forward_backward(model, case.inputs, case.cotangents, mode=target.mode)
+        fwd = step = float("nan")
+    return RunResult(target.label, outputs, grads, fwd, step)
+
+
+# ---------------------------------------------------------------------- references
+def available_references() -> list[str]:
+    names = ["numpy"]
+    if is_installed("torch"):
+        names.append("torch.nn")
+        try:
+            import importlib.util
+
+            if importlib.util.find_spec("transformers") is not None:
+                names.append("huggingface")
+        except ValueError:
+            pass
+    return names
+
+
+def run_reference(case: Case, name: str, repeats: int = 0) -> RunResult:
+    """Run an independent implementation.
+
+    * ``"numpy"``: :mod:`xformer.reference`, forward only.
+    * ``"torch.nn"``: PyTorch's own ``nn.TransformerEncoderLayer`` stack with the same weights
+      (outputs and gradients).
+    * ``"huggingface"``: ``transformers.BertModel`` built from the spec (BERT-expressible specs:
+      post-LN, learned positions, embedding norm, no final norm, no embed scale, biases).
+    """
+    if name == "numpy":
+        from . import reference
+
+        out = reference.forward(case.spec, case.weights, case.inputs, case.dtype)
+        return RunResult("numpy", out, {})
+    if name == "torch.nn":
+        from xformer_torch.reference_nn import nn_transformer_reference
+
+        model = nn_transformer_reference(case.spec, case.weights, case.dtype)
+        return _run_torch_reference("torch.nn", model, case, _identity_names(case), repeats)
+    if name == "huggingface":
+        from .hf import bert_reference
+
+        model, names = bert_reference(case.spec, case.weights, case.dtype)
+        return _run_torch_reference("huggingface", model, case, names, repeats)
+    raise BackendError(f"unknown reference {name!r}; references: numpy, torch.nn, huggingface")
+
+
+def _identity_names(case: Case) -> Callable[[str], str | None]:
+    return lambda n: n
+
+
+def _run_torch_reference(label: str, model, case: Case, to_canonical: Callable[[str], Any],
+                         repeats: int) -> RunResult:
+    import torch
+
+    dtype = getattr(torch, case.dtype)
+    spec = case.spec
+    ids = torch.as_tensor(case.inputs["input_ids"])
+    kwargs: dict[str, Any] = {"attention_mask": torch.as_tensor(case.inputs["attention_mask"])}
+    if "token_type_ids" in case.inputs:
+        kwargs["token_type_ids"] = torch.as_tensor(case.inputs["token_type_ids"])
+    word = dict(model.named_parameters())[_word_embedding_name(model)]
+    scale = math.sqrt(spec.d_model) if spec.embed_scale else 1.0
+
+    def forward():
+        with torch.no_grad():
+            out = model(inputs_embeds=torch.nn.functional.embedding(ids, word) * scale, **kwargs)
+        return {k: _get(out, k).numpy() for k in spec.output_names()}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        emb = torch.nn.functional.embedding(ids, word) * scale
+        emb.retain_grad()
+        out = model(inputs_embeds=emb, **kwargs)
+        loss = sum((_get(out, k) * torch.as_tensor(case.cotangents[k], dtype=dtype)).sum()
+                   for k in spec.output_names())
+        loss.backward()
+        grads = {"inputs_embeds": emb.grad.numpy()}
+        for n, p in model.named_parameters():
+            cn = to_canonical(n)
+            if cn is not None:
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                grads.update(_split_grad(cn, g.detach().numpy(), spec))
+        return grads
+
+    if repeats > 0:
+        outputs, fwd = timed(forward, repeats=repeats)
+        grads, stp = timed(step, repeats=repeats)
+    else:
+        outputs, grads, fwd, stp = forward(), step(), float("nan"), float("nan")
+    return RunResult(label, outputs, grads, fwd, stp)
+
+
+def _get(out, key):
+    return out[key] if isinstance(out, Mapping) else getattr(out, key)
+
+
+def _word_embedding_name(model) -> str:
+    for n, _ in model.named_parameters():
+        if n.endswith("word_embeddings.weight"):
+            return n
+    raise BackendError("reference model has no word_embeddings")
+
+
+def _split_grad(name: str, grad: np.ndarray, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Map a reference parameter's gradient to canonical names; a fused ``in_proj`` splits into
+    q/k/v."""
+    if name.endswith(".self_attn.in_proj_weight") or name.endswith(".self_attn.in_proj_bias"):
+        prefix, kind = name.rsplit(".in_proj_", 1)
+        parts = np.split(grad, 3, axis=0)
+        return {f"{prefix}.{p}.{kind}": g for p, g in zip(("q_proj", "k_proj", "v_proj"), parts)}
+    return {name: grad}
+
+
+# ---------------------------------------------------------------------- comparing
+@dataclass(frozen=True)
+class Diff:
+    """The difference of one tensor between two runs.
+
+    ``tensor`` is ``"output:<name>"`` or ``"grad:<name>"``; ``where`` the index of the largest
+    absolute difference.
+    """
+
+    a: str
+    b: str
+    tensor: str
+    max_abs: float
+    max_rel: float
+    tol: float
+    where: tuple[int, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.max_rel <= self.tol)  # False for NaN
+
+    def message(self) -> str:
+        status = "ok" if self.ok else "MISMATCH"
+        return (f"{status} {self.tensor}: {self.a} vs {self.b} max abs {self.max_abs:.3e}, "
+                f"max rel {self.max_rel:.3e} (tol {self.tol:.0e}) at {list(self.where)}")
+
+
+def diff_tensors(a_label: str, b_label: str, tensor: str, a: np.ndarray, b: np.ndarray,
+                 tol: float) -> Diff:
+    """Compare two arrays (NaN anywhere or a shape mismatch gives ``max_rel = nan``, not ok)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return Diff(a_label, b_label, f"{tensor} (shapes {a.shape} vs {b.shape})", math.nan,
+                    math.nan, tol)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        bad = np.argwhere(~(np.isfinite(a) & np.isfinite(b)))[0]
+        return Diff(a_label, b_label, f"{tensor} (non-finite)", math.nan, math.nan, tol,
+                    tuple(int(i) for i in bad))
+    if a.size == 0:
+        return Diff(a_label, b_label, tensor, 0.0, 0.0, tol)
+    d = np.abs(a - b)
+    idx = np.unravel_index(int(np.argmax(d)), d.shape)
+    max_abs = float(d[idx])
+    scale = max(float(np.abs(a).max()), float(np.abs(b).max()))
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    return Diff(a_label, b_label, tensor, max_abs, max_rel, tol, tuple(int(i) for i in idx))
+
+
+def compare_runs(a: RunResult, b: RunResult, tol: Tolerance) -> list[Diff]:
+    """Every output and every gradient the two runs share, in canonical order."""
+    diffs = [diff_tensors(a.label, b.label, f"output:{k}", a.outputs[k], b.outputs[k],
+                          tol.output) for k in a.outputs if k in b.outputs]
+    for k in a.grads:
+        if k in b.grads:
+            diffs.append(diff_tensors(a.label, b.label, f"grad:{k}", a.grads[k], b.grads[k],
+                                      tol.grad))
+    return diffs
+
+
+# ---------------------------------------------------------------------- reports
+@dataclass
+class Report:
+    """Results of one case: every run, every pairwise and reference diff, and the verdict."""
+
+    case: Case
+    runs: list[RunResult]
+    reference: RunResult | None
+    diffs: list[Diff] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(d.ok for d in self.diffs)
+
+    @property
+    def failures(self) -> list[Diff]:
+        return [d for d in self.diffs if not d.ok]
+
+    def worst(self, a: str | None = None, b: str | None = None, kind: str | None = None
+              ) -> Diff | None:
+        """The largest ``max_rel / tol`` among diffs that involve ``a`` (and ``b``) and whose
+        tensor starts with ``kind`` (``"output"`` / ``"grad"``); NaN counts as worst."""
+        sel = [d for d in self.diffs
+               if (a is None or a in (d.a, d.b)) and (b is None or b in (d.a, d.b))
+               and (kind is None or d.tensor.startswith(kind))]
+        if not sel:
+            return None
+        return max(sel, key=lambda d: math.inf if math.isnan(d.max_rel) else d.max_rel / d.tol)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "case": self.case.name, "dtype": self.case.dtype, "spec": self.case.spec.to_dict(),
+            "ok": self.ok,
+            "tolerance": vars(TOLERANCES[self.case.dtype]),
+            "reference": self.reference.label if self.reference else None,
+            "runs": [{"label": r.label, "forward_ms": _ms(r.forward_s),
+                      "forward_backward_ms": _ms(r.step_s)} for r in self.runs],
+            "diffs": [{"a": d.a, "b": d.b, "tensor": d.tensor, "max_abs": _num(d.max_abs),
+                       "max_rel": _num(d.max_rel), "tol": d.tol, "where": list(d.where),
+                       "ok": d.ok} for d in self.diffs],
+        }
+
+
+def _ms(seconds: float) -> float | None:
+    return None if math.isnan(seconds) else round(seconds * 1e3, 3)
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def run_case(case: Case, targets: Sequence[Target], reference: str | None = "numpy",
+             repeats: int = 0) -> Report:
+    """Run ``case`` on every target and on ``reference`` (``None`` for none); compare every
+    pair of targets and every target against the reference."""
+    tol = TOLERANCES[case.dtype]
+    runs = [run_target(case, t, repeats) for t in targets]
+    ref = run_reference(case, reference, repeats) if reference else None
+    diffs: list[Diff] = []
+    for a, b in itertools.combinations(runs, 2):
+        diffs += compare_runs(a, b, tol)
+    if ref is not None:
+        for r in runs:
+            diffs += compare_runs(r, ref, tol)
+    return Report(case, runs, ref, diffs)
+
+
+def environment() -> dict[str, str]:
+    """Python, platform and framework versions of the installed backends."""
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "processor": platform.processor() or platform.machine()}
+    from .backend import available_backends
+
+    for name in available_backends():
+        if is_installed(name):
+            try:
+                env[name] = get_backend(name).framework_version()
+            except BackendError as e:
+                env[name] = f"unavailable ({e})"
+    return env
