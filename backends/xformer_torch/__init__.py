@@ -1,0 +1,27 @@
+"""xformer's PyTorch backend: native ``torch.nn`` modules (:mod:`xformer_torch.modules`) and
+:class:`TorchBackend`.
+
+``import xformer_torch`` does not import torch; the module classes (``EncoderModel``, ...) and
+:func:`nn_transformer_reference` load it on first access.
+"""
+
+from __future__ import annotations
+
+from .backend import TorchBackend
+
+_MODULES = ("gelu", "gelu_tanh", "Embeddings", "MultiHeadAttention", "FeedForward",
+            "EncoderLayer", "Encoder", "Pooler", "EncoderModel")
+
+__all__ = ["TorchBackend", "nn_transformer_reference", *_MODULES]
+
+
+def __getattr__(name: str):  # PEP 562: import torch only when a module class is asked for
+    if name in _MODULES:
+        from . import modules
+
+        return getattr(modules, name)
+    if name == "nn_transformer_reference":
+        from .reference_nn import nn_transformer_reference
+
+        return nn_transformer_reference
+    raise AttributeError(f"module 'xformer_torch' has no attribute {name!r}")
