@@ -83,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # usage error (2) or --help (0), already printed
+        return int(e.code or 0)
     try:
         return {"compare": cmd_compare, "embed": cmd_embed, "init": cmd_init,
                 "backends": cmd_backends}[args.command](args)
@@ -233,6 +236,8 @@ def cmd_compare(args) -> int:
     reference = _reference(args, spec, from_hf=bool(args.model))
     dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
     console = Console()
+    if not console.is_terminal:  # logs and pipes: room for one column per target
+        console = Console(width=160)
     reports = []
     for dtype in dtypes:
         case = Case.make(spec, seed=args.seed, dtype=dtype, batch=args.batch,
@@ -305,11 +310,6 @@ def render_report(report):
         others.append(_fmt(max(pair, key=lambda d: math.inf if math.isnan(d.max_rel)
                                else d.max_rel / d.tol)) if pair else "n/a")
     rows.append(("worst vs other targets", others + ([""] if ref else [])))
-    worst_names = []
-    for lab in labels:
-        w = report.worst(lab)
-        worst_names.append(w.tensor.replace("grad:", "∇").replace("output:", "") if w else "")
-    rows.append(("worst tensor", worst_names + ([""] if ref else [])))
     runs = report.runs + ([ref] if ref else [])
     rows.append(("forward (ms)", [_ms(r.forward_s) for r in runs]))
     rows.append(("forward+backward (ms)", [_ms(r.step_s) for r in runs]))
@@ -321,6 +321,9 @@ def render_report(report):
     for name, cells in rows:
         table.add_row(name, *cells)
     parts = [table]
+    worst = report.worst()
+    if worst is not None:
+        parts.append(Text(f"worst of {len(report.diffs)} comparisons: {worst.message()}"))
     for d in report.failures[:12]:
         parts.append(Text(d.message(), style="red"))
     if len(report.failures) > 12:

@@ -3,7 +3,7 @@ and ``torch``, from the ``test`` extra)."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -43,10 +43,8 @@ def bert_config(spec: ModelSpec):
                       layer_norm_eps=spec.norm_eps, attn_implementation="eager")
 
 
-def bert_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: str
-                   ) -> tuple[object, Callable[[str], str | None]]:
-    """``(BertModel in train mode with dropout 0, HF name -> canonical name)`` loaded with
-    ``weights``.
+def bert_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: str):
+    """``transformers.BertModel`` (train mode, dropout 0) loaded with canonical ``weights``.
 
     Raises:
         BackendError: the spec is not expressible as a ``BertModel``.
@@ -68,5 +66,10 @@ def bert_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: st
     missing = [m for m in missing if _bert_name(m) is not None]
     if missing:
         raise BackendError(f"Hugging Face reference: weights not loaded: {missing}")
-    return model, _bert_name
+    return model
+
+
+def bert_to_canonical(native: Mapping[str, object]) -> dict[str, object]:
+    """``{BertModel parameter name: tensor}`` -> ``{canonical name: tensor}`` (others dropped)."""
+    return {_bert_name(k): v for k, v in native.items() if _bert_name(k) is not None}
 
