@@ -59,12 +59,16 @@ class Backend:
         name: registry name, e.g. ``"torch"``.
         extra: the pip extra that installs the framework (``pip install 'xformer[torch]'``).
         modes: every execution mode; ``default_modes`` those conformance runs by default.
+        preferred_mode: the mode of a call that names none (``xformer embed``, user code): the
+            fast one for the framework (DESIGN.md §7: Keras compiled with ``tf.function``, Gluon
+            hybridized, torch eager).
     """
 
     name: str = ""
     extra: str = ""
     modes: tuple[str, ...] = ()
     default_modes: tuple[str, ...] = ()
+    preferred_mode: str = ""
 
     # -- to implement --------------------------------------------------------------------
     def build(self, spec: ModelSpec, dtype: str = "float32") -> Any:
@@ -81,7 +85,7 @@ class Backend:
 
     def forward(self, model: Any, inputs: Mapping[str, np.ndarray], mode: str | None = None
                 ) -> dict[str, np.ndarray]:
-        """Outputs for ``inputs`` with dropout off, in ``mode`` (default: ``modes[0]``)."""
+        """Outputs for ``inputs`` with dropout off, in ``mode`` (default: ``preferred_mode``)."""
         raise NotImplementedError
 
     def forward_backward(self, model: Any, inputs: Mapping[str, np.ndarray],
@@ -91,11 +95,12 @@ class Backend:
         raise NotImplementedError
 
     def framework_version(self) -> str:
+        """The framework's version string, e.g. ``"2.13.0+cpu"``."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------
     def check_mode(self, mode: str | None) -> str:
-        mode = mode or self.modes[0]
+        mode = mode or self.preferred_mode or self.modes[0]
         if mode not in self.modes:
             raise BackendError(f"backend {self.name!r} has no mode {mode!r}; "
                                f"modes: {', '.join(self.modes)}")

@@ -168,7 +168,9 @@ def _load_model(args):
             enc = encode(load_tokenizer(args.model), DEMO_SENTENCES, spec)
             # a third, fully padded row: the case that gives NaN with -inf masks
             inputs = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in enc.items()}
-        return spec, weights, inputs, Path(args.model).name
+        path = Path(args.model).resolve()
+        label = f"{path.parent.name}/{path.name}" if path.name == "model" else path.name
+        return spec, weights, inputs, label
     if args.spec:
         spec = ModelSpec.load(args.spec)
         if args.weights:

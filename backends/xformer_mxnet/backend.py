@@ -32,6 +32,7 @@ class MXNetBackend(Backend):
     extra = "mxnet"
     modes = ("imperative", "hybridize")
     default_modes = ("imperative", "hybridize")
+    preferred_mode = "hybridize"
 
     def __init__(self) -> None:
         from . import modules  # imports mxnet, after restoring numpy's np.bool alias
@@ -85,7 +86,7 @@ class MXNetBackend(Backend):
         return self._outputs(model, out), grads
 
     def framework_version(self) -> str:
-        return f"mxnet {self._mx.__version__}"
+        return self._mx.__version__
 
     # -- helpers ------------------------------------------------------------------------
     def _call_args(self, model, inputs, mode) -> dict:

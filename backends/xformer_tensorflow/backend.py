@@ -30,6 +30,7 @@ class TensorFlowBackend(Backend):
     extra = "tensorflow"
     modes = ("eager", "function", "xla")
     default_modes = ("eager", "function")
+    preferred_mode = "function"
 
     def __init__(self) -> None:
         import keras
@@ -142,4 +143,4 @@ class TensorFlowBackend(Backend):
         return {k: v.numpy() for k, v in outputs.items()}, out
 
     def framework_version(self) -> str:
-        return f"tensorflow {self.tf.__version__}, keras {self.keras.__version__}"
+        return f"{self.tf.__version__} (keras {self.keras.__version__})"

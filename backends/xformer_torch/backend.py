@@ -22,6 +22,7 @@ class TorchBackend(Backend):
     extra = "torch"
     modes = ("eager", "compile")
     default_modes = ("eager",)
+    preferred_mode = "eager"
 
     def __init__(self) -> None:
         import torch

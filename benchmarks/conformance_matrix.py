@@ -1,0 +1,62 @@
+"""Measure the conformance matrix and print the worst errors per dtype (the figures of
+docs/conformance.md): the specs of conformance/test_matrix.py on every default target.
+
+    python benchmarks/conformance_matrix.py [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import zlib
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "conformance"))
+    from rich.console import Console
+    from rich.progress import track
+    from rich.table import Table
+    from test_matrix import SPECS
+
+    from xformer.conformance import TOLERANCES, Case, default_targets, run_case
+
+    targets = default_targets()
+    worst: dict[tuple[str, str], object] = {}
+    n_cmp = 0
+    jobs = [(label, spec, dtype) for label, spec in SPECS for dtype in ("float64", "float32")]
+    for label, spec, dtype in track(jobs, description="conformance matrix"):
+        case = Case.make(spec, seed=zlib.crc32(label.encode()) % 1000, dtype=dtype, batch=3)
+        report = run_case(case, targets, reference="numpy")
+        n_cmp += len(report.diffs)
+        for d in report.diffs:
+            ref = "numpy" in (d.a, d.b)
+            kind = ("outputs vs numpy" if ref else "outputs, pairs") if d.tensor.startswith(
+                "output") else "gradients, pairs"
+            key = (dtype, kind)
+            if key not in worst or d.max_rel > worst[key].max_rel:
+                worst[key] = d
+    table = Table(title=f"worst max relative error over {len(SPECS)} specs x "
+                        f"{len(targets)} targets ({n_cmp} comparisons)")
+    for col in ("dtype", "what", "worst", "bound", "where"):
+        table.add_column(col)
+    out = {}
+    for (dtype, kind), d in sorted(worst.items()):
+        tol = TOLERANCES[dtype]
+        bound = tol.grad if kind.startswith("grad") else tol.output
+        table.add_row(dtype, kind, f"{d.max_rel:.1e}", f"{bound:.0e}",
+                      f"{d.tensor} ({d.a} vs {d.b})")
+        out[f"{dtype} {kind}"] = {"max_rel": d.max_rel, "tensor": d.tensor, "a": d.a, "b": d.b}
+    Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
