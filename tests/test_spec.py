@@ -54,9 +54,27 @@ def test_parameters_are_unique_and_count_matches(spec):
     assert spec.num_parameters() == emb + spec.n_layers * (linear + norms) + extra
 
 
-def test_bert_base_preset_matches_published_parameter_count():
-    # BERT-base has 109,482,240 parameters with its pooler (Hugging Face BertModel).
+def test_presets_match_published_parameter_counts():
+    # BERT-base: 109,482,240 with its pooler (Hugging Face BertModel); GPT-2 small:
+    # 124,439,808 (Hugging Face gpt2, tied LM head).
     assert ModelSpec.preset("bert-base").num_parameters() == 109_482_240
+    assert ModelSpec.preset("gpt2-small").num_parameters() == 124_439_808
+
+
+def test_decoder_parameter_names():
+    dec = ModelSpec(architecture="decoder", n_layers=1, head="lm", tie_embeddings=True)
+    names = [p.name for p in dec.parameters()]
+    assert "lm_head.weight" not in names and "decoder.layers.0.norm2.weight" in names
+    assert dec.lm_head_name() == "embeddings.word_embeddings.weight"
+    ed = ModelSpec(architecture="encoder-decoder", n_layers=1, n_decoder_layers=2, head="lm")
+    names = [p.name for p in ed.parameters()]
+    assert "decoder.layers.1.cross_attn.k_proj.weight" in names
+    assert "decoder.layers.1.norm3.bias" in names and "decoder.layers.2.norm1.bias" not in names
+    assert ed.word_embedding_name("decoder") == "decoder_embeddings.word_embeddings.weight"
+    shared = ed.replace(share_embeddings=True, tie_embeddings=True)
+    assert "decoder_embeddings.word_embeddings.weight" not in shared.parameter_shapes()
+    assert shared.lm_head_name() == "embeddings.word_embeddings.weight"
+    assert ed.output_names() == ("last_hidden_state", "encoder_last_hidden_state", "logits")
 
 
 def test_linear_layout_is_out_by_in():
@@ -75,7 +93,13 @@ def test_linear_layout_is_out_by_in():
     ({"bias": "yes"}, ["bias", "true or false"]),
     ({"dropout": 1.0}, ["dropout"]),
     ({"positional": "sinusoidal", "d_model": 9, "n_heads": 3}, ["even"]),
-    ({"architecture": "decoder"}, ["architecture", "not built yet"]),
+    ({"architecture": "decoder", "head": "pooler"}, ["head", "pooler", "encoders"]),
+    ({"architecture": "decoder", "type_vocab_size": 2}, ["type_vocab_size", "encoders"]),
+    ({"architecture": "decoder", "n_decoder_layers": 2}, ["n_decoder_layers", "n_layers"]),
+    ({"share_embeddings": True}, ["share_embeddings", "encoder-decoders"]),
+    ({"architecture": "decoder", "tie_embeddings": True}, ["tie_embeddings", "head = 'lm'"]),
+    ({"eos_token_id": 1000}, ["eos_token_id", "vocab_size=1000"]),
+    ({"architecture": "transformer"}, ["architecture", "encoder-decoder"]),
     ({"head": "lm"}, ["head", "lm"]),
     ({"n_head": 4}, ["unknown spec field", "n_heads"]),
 ])

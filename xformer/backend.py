@@ -98,6 +98,40 @@ class Backend:
         """The framework's version string, e.g. ``"2.13.0+cpu"``."""
         raise NotImplementedError
 
+    # -- incremental decoding (decoder, encoder-decoder) ----------------------------------
+    def decode(self, model: Any, inputs: Mapping[str, np.ndarray], cache: Any = None
+               ) -> tuple[np.ndarray, Any]:
+        """One step of cached (incremental) decoding, dropout off.
+
+        Args:
+            inputs: decoder: ``{"input_ids": (B, T_new), "attention_mask": (B, past + T_new)}``
+                (mask optional). Encoder-decoder: the first call ``{"input_ids",
+                "attention_mask", "decoder_input_ids"}`` runs the encoder and caches the
+                cross-attention keys/values; later calls ``{"decoder_input_ids",
+                "decoder_attention_mask"}`` (mask optional) reuse them.
+            cache: ``None`` on the first call, then what the previous call returned.
+
+        Returns:
+            ``(logits, cache)``: ``logits`` ``(B, T_new, vocab_size)`` numpy in the model dtype
+            (the same numbers as a full forward pass at those positions), and the new cache,
+            a native object: per decoder layer the self-attention keys and values
+            ``(B, H, past + T_new, d_head)`` (and the cross-attention ones).
+        """
+        raise NotImplementedError
+
+    def reorder_cache(self, model: Any, cache: Any, beam_idx: np.ndarray) -> Any:
+        """The cache with its batch rows gathered by ``beam_idx`` ``(N,)`` int64 (beam search
+        keeps, duplicates and drops hypotheses)."""
+        raise NotImplementedError
+
+    def generate(self, model: Any, input_ids: np.ndarray, **kwargs: Any) -> list[list[int]]:
+        """Greedy or beam-search generation with the key/value cache: see
+        :func:`xformer.generation.generate` for the arguments. The search itself is shared
+        numpy code, so every backend makes the same choices from the same logits."""
+        from .generation import generate
+
+        return generate(self, model, input_ids, **kwargs)
+
     # -- shared -------------------------------------------------------------------------
     def check_mode(self, mode: str | None) -> str:
         mode = mode or self.preferred_mode or self.modes[0]
@@ -121,55 +155,47 @@ def check_dtype(dtype: Any) -> str:
     return name
 
 
-def check_inputs(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str = "float32"
-                 ) -> dict[str, np.ndarray]:
+def check_inputs(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str = "float32", *,
+                 past_length: int = 0, encoder: bool = True) -> dict[str, np.ndarray]:
     """Validate and normalise model inputs (see :class:`Backend`) to numpy.
 
-    Returns a dict with ``attention_mask`` (B, T) in ``dtype``, ``input_ids`` / ``inputs_embeds``
-    and ``token_type_ids`` (int64) when the spec has segment embeddings.
+    Args:
+        spec: the model.
+        inputs: ``input_ids`` (B, T) or ``inputs_embeds`` (B, T, D), ``attention_mask`` (B, T),
+            ``token_type_ids`` (B, T) (encoders); for an encoder-decoder also
+            ``decoder_input_ids`` or ``decoder_inputs_embeds`` and ``decoder_attention_mask``.
+        dtype: the model dtype; masks and embeddings are cast to it.
+        past_length: positions already in the key/value cache of the decoded side (incremental
+            decoding): positions then run from ``past_length``, and the decoded side's
+            attention mask covers ``past_length + T`` positions.
+        encoder: whether the encoder inputs of an encoder-decoder must be there (False for
+            decoding steps after the first, which reuse the cached encoder output).
+
+    Returns:
+        The inputs as int64 ids / ``dtype`` arrays, masks filled in with ones.
 
     Raises:
-        InputError: unknown keys, neither or both of ``input_ids``/``inputs_embeds``, wrong rank,
+        InputError: unknown keys, neither or both of ids / embeddings, wrong rank or shape,
             sequence longer than ``spec.max_len``, token id outside ``[0, vocab_size)``,
-            token type outside ``[0, type_vocab_size)``, mismatched shapes.
+            token type outside ``[0, type_vocab_size)``.
     """
-    known = {"input_ids", "inputs_embeds", "attention_mask", "token_type_ids"}
-    unknown = set(inputs) - known
+    arch = spec.architecture
+    sides = [""] if arch != "encoder-decoder" else (["", "decoder_"] if encoder else
+                                                     ["decoder_"])
+    known = {"token_type_ids"} if spec.type_vocab_size else set()
+    for prefix in ("", "decoder_") if arch == "encoder-decoder" else ("",):
+        known |= {f"{prefix}input_ids", f"{prefix}inputs_embeds", f"{prefix}attention_mask"}
+    unknown = {k for k, v in inputs.items() if v is not None} - known
     if unknown:
-        raise InputError(f"unknown model inputs {sorted(unknown)}; expected {sorted(known)}")
-    has_ids = inputs.get("input_ids") is not None
-    has_embeds = inputs.get("inputs_embeds") is not None
-    if has_ids == has_embeds:
-        raise InputError("give exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
+        raise InputError(f"unknown model inputs {sorted(unknown)} for a {arch}; expected "
+                         f"{sorted(known)}")
     out: dict[str, np.ndarray] = {}
-    if has_ids:
-        ids = np.asarray(inputs["input_ids"])
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(f"input_ids must be an integer array of shape (B, T), got "
-                             f"{ids.dtype} {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
-            bad = int(ids.max()) if ids.max() >= spec.vocab_size else int(ids.min())
-            raise InputError(f"token id {bad} is outside [0, vocab_size={spec.vocab_size})")
-        out["input_ids"] = ids.astype(np.int64)
-        b, t = ids.shape
-    else:
-        emb = np.asarray(inputs["inputs_embeds"])
-        if emb.ndim != 3 or emb.shape[-1] != spec.d_model:
-            raise InputError(f"inputs_embeds must have shape (B, T, d_model={spec.d_model}), "
-                             f"got {emb.shape}")
-        out["inputs_embeds"] = emb.astype(dtype)
-        b, t = emb.shape[:2]
-    if t > spec.max_len:
-        raise InputError(f"sequence length {t} is longer than max_len={spec.max_len}; "
-                         f"shorten the input (xformer does not truncate silently)")
-    if t == 0:
-        raise InputError("sequence length is 0; give at least one token")
-    mask = inputs.get("attention_mask")
-    mask = np.ones((b, t)) if mask is None else np.asarray(mask)
-    if mask.shape != (b, t):
-        raise InputError(f"attention_mask must have shape (B, T) = {(b, t)}, got {mask.shape}")
-    out["attention_mask"] = mask.astype(dtype)
+    decoded = "decoder_" if arch == "encoder-decoder" else ("" if arch == "decoder" else None)
+    for prefix in sides:
+        past = past_length if prefix == decoded else 0
+        out.update(_check_side(spec, inputs, dtype, prefix, past))
     if spec.type_vocab_size:
+        b, t = out["attention_mask"].shape
         tt = inputs.get("token_type_ids")
         tt = np.zeros((b, t), np.int64) if tt is None else np.asarray(tt)
         if tt.shape != (b, t) or not np.issubdtype(tt.dtype, np.integer):
@@ -179,8 +205,47 @@ def check_inputs(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str = "float
             raise InputError(f"token type id outside [0, type_vocab_size="
                              f"{spec.type_vocab_size})")
         out["token_type_ids"] = tt.astype(np.int64)
-    elif inputs.get("token_type_ids") is not None:
-        raise InputError("token_type_ids given but the spec has type_vocab_size = 0")
+    return out
+
+
+def _check_side(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str, prefix: str,
+                past: int) -> dict[str, np.ndarray]:
+    ids_key, emb_key, mask_key = (f"{prefix}input_ids", f"{prefix}inputs_embeds",
+                                  f"{prefix}attention_mask")
+    has_ids = inputs.get(ids_key) is not None
+    has_embeds = inputs.get(emb_key) is not None
+    if has_ids == has_embeds:
+        raise InputError(f"give exactly one of {ids_key} (B, T) and {emb_key} (B, T, D)")
+    out: dict[str, np.ndarray] = {}
+    if has_ids:
+        ids = np.asarray(inputs[ids_key])
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"{ids_key} must be an integer array of shape (B, T), got "
+                             f"{ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
+            bad = int(ids.max()) if ids.max() >= spec.vocab_size else int(ids.min())
+            raise InputError(f"token id {bad} is outside [0, vocab_size={spec.vocab_size})")
+        out[ids_key] = ids.astype(np.int64)
+        b, t = ids.shape
+    else:
+        emb = np.asarray(inputs[emb_key])
+        if emb.ndim != 3 or emb.shape[-1] != spec.d_model:
+            raise InputError(f"{emb_key} must have shape (B, T, d_model={spec.d_model}), "
+                             f"got {emb.shape}")
+        out[emb_key] = emb.astype(dtype)
+        b, t = emb.shape[:2]
+    if t == 0:
+        raise InputError(f"{ids_key} has sequence length 0; give at least one token")
+    if past + t > spec.max_len:
+        what = f"sequence length {t}" if not past else f"{past} cached + {t} new positions"
+        raise InputError(f"{what} is longer than max_len={spec.max_len}; shorten the input "
+                         f"(xformer does not truncate silently)")
+    mask = inputs.get(mask_key)
+    mask = np.ones((b, past + t)) if mask is None else np.asarray(mask)
+    if mask.shape != (b, past + t):
+        raise InputError(f"{mask_key} must have shape (B, T) = {(b, past + t)}, got "
+                         f"{mask.shape}")
+    out[mask_key] = mask.astype(dtype)
     return out
 
 

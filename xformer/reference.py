@@ -3,7 +3,7 @@
 Used as an independent oracle (float64) by tests and by conformance when a framework reference
 is not available. Forward only; gradients are compared between backends.
 
-Semantics, for ``spec.architecture == "encoder"``:
+Semantics (decoders and encoder-decoders as below, plus the causal mask and cross-attention):
 
 * embeddings: ``x = word_embeddings[input_ids] * (sqrt(d_model) if embed_scale else 1)``
   (or ``inputs_embeds``), ``+ positions[:T]`` (learned table or :func:`sinusoidal_table`),
@@ -14,6 +14,14 @@ Semantics, for ``spec.architecture == "encoder"``:
 * post-LN layer: ``x = norm1(x + attn(x)); x = norm2(x + ffn(x))``;
   pre-LN: ``x = x + attn(norm1(x)); x = x + ffn(norm2(x))``; ``ffn = linear2(act(linear1(x)))``.
 * ``final_norm`` after the last layer; pooler: ``tanh(pooler.dense(x[:, 0]))``.
+* decoder self-attention adds the causal mask: query ``i`` sees keys ``j <= i``; padding and
+  causality are multiplied into one 0/1 ``allowed`` mask first, then turned into one
+  ``finfo.min`` bias (two biases would add up to ``-inf``).
+* encoder-decoder layer: ``norm1`` around causal self-attention, ``norm2`` around
+  cross-attention (queries from the decoder, keys/values from the encoder output, the source
+  ``attention_mask`` as key padding), ``norm3`` around the FFN (``nn.TransformerDecoderLayer``).
+* LM head: ``logits = last_hidden_state @ W^T``, ``W`` = ``lm_head.weight`` or the tied
+  (target-side) token table; no bias, no scale.
 """
 
 from __future__ import annotations
@@ -47,62 +55,109 @@ def layer_norm(x, weight, bias, eps):
     return y + bias if bias is not None else y
 
 
+def causal_allowed(t_q: int, t_k: int) -> np.ndarray:
+    """``(t_q, t_k)`` 0/1: query ``i`` (at absolute position ``t_k - t_q + i``) may attend to
+    key ``j`` iff ``j <= t_k - t_q + i``."""
+    return (np.arange(t_k)[None, :] <= (t_k - t_q) + np.arange(t_q)[:, None]).astype(np.int64)
+
+
+def attention_bias(allowed: np.ndarray, dtype: str) -> np.ndarray:
+    """``(1 - allowed) * finfo(dtype).min``: one bias from the *product* of the padding and
+    causal masks, so two masks never add up to ``2 * finfo.min = -inf``."""
+    return ((1.0 - allowed.astype(dtype)) * np.finfo(dtype).min).astype(dtype)
+
+
 def forward(spec: ModelSpec, weights: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
             dtype: str = "float64") -> dict[str, np.ndarray]:
-    """Outputs ``{"last_hidden_state": (B, T, D), "pooler_output": (B, D)}`` in ``dtype``.
+    """Outputs of :meth:`ModelSpec.output_names` in ``dtype``, for every architecture.
 
-    ``inputs`` as for :class:`xformer.backend.Backend` (already checked).
+    ``inputs`` as for :class:`xformer.backend.Backend` (already checked): ``input_ids`` or
+    ``inputs_embeds``, ``attention_mask``, ``token_type_ids``; for an encoder-decoder also
+    ``decoder_input_ids`` or ``decoder_inputs_embeds`` and ``decoder_attention_mask``.
     """
     w = {k: np.asarray(v, dtype) for k, v in weights.items()}
     lin = lambda x, p: x @ w[f"{p}.weight"].T + (w[f"{p}.bias"] if spec.bias else 0)  # noqa: E731
     ln = lambda x, p: layer_norm(x, w[f"{p}.weight"], w.get(f"{p}.bias"), spec.norm_eps)  # noqa
-
-    if inputs.get("inputs_embeds") is not None:
-        x = np.asarray(inputs["inputs_embeds"], dtype)
-    else:
-        x = w["embeddings.word_embeddings.weight"][inputs["input_ids"]]
-        if spec.embed_scale:
-            x = x * np.asarray(math.sqrt(spec.d_model), dtype)
-    b, t, d = x.shape
-    if spec.positional == "learned":
-        x = x + w["embeddings.position_embeddings.weight"][:t]
-    else:
-        x = x + sinusoidal_table(spec.max_len, d)[:t].astype(dtype)
-    if spec.type_vocab_size:
-        tt = inputs.get("token_type_ids")
-        tt = np.zeros((b, t), np.int64) if tt is None else tt
-        x = x + w["embeddings.token_type_embeddings.weight"][tt]
-    if spec.embedding_norm:
-        x = ln(x, "embeddings.norm")
-
-    mask = inputs.get("attention_mask")
-    mask = np.ones((b, t), dtype) if mask is None else np.asarray(mask, dtype)
-    bias = ((1.0 - mask) * np.finfo(dtype).min)[:, None, None, :]
     h, dh = spec.n_heads, spec.d_head
 
-    def attn(x, p):
-        split = lambda y: y.reshape(b, t, h, dh).transpose(0, 2, 1, 3)  # noqa: E731
-        q, k, v = (split(lin(x, f"{p}.{n}")) for n in ("q_proj", "k_proj", "v_proj"))
+    def embed(prefix: str, word: str, ids, embeds, token_types):
+        if embeds is not None:
+            x = np.asarray(embeds, dtype)
+        else:
+            x = w[word][ids]
+            if spec.embed_scale:
+                x = x * np.asarray(math.sqrt(spec.d_model), dtype)
+        b, t, d = x.shape
+        if spec.positional == "learned":
+            x = x + w[f"{prefix}.position_embeddings.weight"][:t]
+        else:
+            x = x + sinusoidal_table(spec.max_len, d)[:t].astype(dtype)
+        if spec.type_vocab_size:
+            tt = np.zeros((b, t), np.int64) if token_types is None else token_types
+            x = x + w[f"{prefix}.token_type_embeddings.weight"][tt]
+        if spec.embedding_norm:
+            x = ln(x, f"{prefix}.norm")
+        return x
+
+    def attn(x, kv, p, bias):
+        b, tq, d = x.shape
+        tk = kv.shape[1]
+        split = lambda y, t: y.reshape(b, t, h, dh).transpose(0, 2, 1, 3)  # noqa: E731
+        q = split(lin(x, f"{p}.q_proj"), tq)
+        k, v = split(lin(kv, f"{p}.k_proj"), tk), split(lin(kv, f"{p}.v_proj"), tk)
         scores = q @ k.transpose(0, 1, 3, 2) / np.asarray(math.sqrt(dh), dtype) + bias
         scores = scores - scores.max(-1, keepdims=True)
         probs = np.exp(scores)
         probs = probs / probs.sum(-1, keepdims=True)
-        ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
-        return lin(ctx, f"{p}.out_proj")
+        return lin((probs @ v).transpose(0, 2, 1, 3).reshape(b, tq, d), f"{p}.out_proj")
 
-    for i in range(spec.n_layers):
-        p = f"encoder.layers.{i}"
-        ffn = lambda y: lin(activation(spec.activation, lin(y, f"{p}.ffn.linear1")),  # noqa
-                            f"{p}.ffn.linear2")
+    def sublayer(x, i, fn, p):
+        """Residual + LayerNorm ``norm{i}`` around ``fn`` (post- or pre-LN)."""
         if spec.norm_position == "post":
-            x = ln(x + attn(x, f"{p}.self_attn"), f"{p}.norm1")
-            x = ln(x + ffn(x), f"{p}.norm2")
-        else:
-            x = x + attn(ln(x, f"{p}.norm1"), f"{p}.self_attn")
-            x = x + ffn(ln(x, f"{p}.norm2"))
-    if spec.final_norm:
-        x = ln(x, "encoder.final_norm")
-    out = {"last_hidden_state": x.astype(dtype)}
-    if spec.head == "pooler":
-        out["pooler_output"] = np.tanh(lin(x[:, 0], "pooler.dense")).astype(dtype)
-    return out
+            return ln(x + fn(x), f"{p}.norm{i}")
+        return x + fn(ln(x, f"{p}.norm{i}"))
+
+    def ffn(y, p):
+        return lin(activation(spec.activation, lin(y, f"{p}.ffn.linear1")), f"{p}.ffn.linear2")
+
+    def stack(name, n, x, self_bias, memory=None, cross_bias=None):
+        for i in range(n):
+            p = f"{name}.layers.{i}"
+            x = sublayer(x, 1, lambda y: attn(y, y, f"{p}.self_attn", self_bias), p)
+            if memory is not None:
+                x = sublayer(x, 2, lambda y: attn(y, memory, f"{p}.cross_attn", cross_bias), p)
+            x = sublayer(x, 3 if memory is not None else 2, lambda y: ffn(y, p), p)
+        return ln(x, f"{name}.final_norm") if spec.final_norm else x
+
+    def mask_of(key: str, like) -> np.ndarray:
+        m = inputs.get(key)
+        return np.ones(like.shape[:2]) if m is None else np.asarray(m)
+
+    arch = spec.architecture
+    x = embed("embeddings", spec.word_embedding_name("encoder"), inputs.get("input_ids"),
+              inputs.get("inputs_embeds"), inputs.get("token_type_ids"))
+    pad = mask_of("attention_mask", x)[:, None, None, :]  # (B, 1, 1, S)
+    out: dict[str, np.ndarray] = {}
+    if arch == "encoder":
+        x = stack("encoder", spec.n_layers, x, attention_bias(pad, dtype))
+        out["last_hidden_state"] = x
+        if spec.head == "pooler":
+            out["pooler_output"] = np.tanh(lin(x[:, 0], "pooler.dense"))
+    elif arch == "decoder":
+        t = x.shape[1]
+        x = stack("decoder", spec.n_layers, x, attention_bias(pad * causal_allowed(t, t), dtype))
+        out["last_hidden_state"] = x
+    else:
+        memory = stack("encoder", spec.n_layers, x, attention_bias(pad, dtype))
+        y = embed("decoder_embeddings", spec.word_embedding_name("decoder"),
+                  inputs.get("decoder_input_ids"), inputs.get("decoder_inputs_embeds"), None)
+        t = y.shape[1]
+        dpad = mask_of("decoder_attention_mask", y)[:, None, None, :]
+        y = stack("decoder", spec.decoder_layers, y,
+                  attention_bias(dpad * causal_allowed(t, t), dtype), memory,
+                  attention_bias(pad, dtype))
+        out["last_hidden_state"] = y
+        out["encoder_last_hidden_state"] = memory
+    if spec.head == "lm":
+        out["logits"] = out["last_hidden_state"] @ w[spec.lm_head_name()].T
+    return {k: out[k].astype(dtype) for k in spec.output_names()}

@@ -31,7 +31,6 @@ from typing import Any, Mapping
 from .errors import SpecError
 
 ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
-SUPPORTED_ARCHITECTURES = ("encoder",)
 NORM_POSITIONS = ("post", "pre")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 POSITIONALS = ("sinusoidal", "learned")
@@ -60,13 +59,17 @@ class ModelSpec:
     """A Transformer, defined once for every backend.
 
     Args:
-        architecture: ``"encoder"`` (BERT-like). ``"decoder"`` and ``"encoder-decoder"`` are
-            reserved for the decoder work and rejected for now.
+        architecture: ``"encoder"`` (BERT-like, bidirectional), ``"decoder"`` (GPT-like: causal
+            self-attention) or ``"encoder-decoder"`` (Vaswani 2017: encoder stack, decoder stack
+            with causal self-attention and cross-attention over the encoder output).
         vocab_size: number of token ids; ids must be in ``[0, vocab_size)``.
         d_model: hidden size ``D``.
         n_heads: attention heads ``H``; ``d_model % n_heads == 0`` and ``d_head = D // H``.
         d_ff: inner size of the position-wise feed-forward network.
-        n_layers: number of encoder layers.
+        n_layers: number of layers of the encoder (``encoder``, ``encoder-decoder``) or of the
+            decoder (``decoder``).
+        n_decoder_layers: decoder layers of an ``encoder-decoder``; ``None`` = ``n_layers``.
+            Must be ``None`` for the other architectures.
         max_len: longest sequence accepted; a longer input raises ``InputError`` (no silent
             truncation). Also the number of rows of the learned position table.
         norm_position: ``"post"`` (Vaswani 2017 §3.1, BERT: ``x = LN(x + f(x))``) or ``"pre"``
@@ -77,14 +80,23 @@ class ModelSpec:
             Gimpel 2016) or ``"gelu_tanh"`` (``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``).
         positional: ``"learned"`` (BERT) or ``"sinusoidal"`` (Vaswani 2017 §3.5: ``sin`` on even
             dimensions, ``cos`` on odd ones).
-        type_vocab_size: number of BERT segment (token type) embeddings; 0 for none.
+        type_vocab_size: number of BERT segment (token type) embeddings; 0 for none; encoders
+            only.
         embedding_norm: LayerNorm after summing embeddings (BERT).
         final_norm: LayerNorm after the last layer (pre-LN models).
         embed_scale: multiply token embeddings by ``sqrt(d_model)`` (Vaswani 2017 §3.4).
         bias: additive biases in every Linear and LayerNorm (as ``nn.TransformerEncoderLayer``'s
             and nanoGPT's ``bias`` flag).
-        tie_embeddings: share the LM head's weight with the token embeddings (decoder work).
-        head: ``"none"`` or ``"pooler"`` (BERT: ``tanh(W h[:, 0] + b)``); ``"lm"`` is reserved.
+        tie_embeddings: the LM head's weight *is* the (target-side) token embedding table
+            (GPT-2; Vaswani 2017 §3.4); needs ``head="lm"``.
+        share_embeddings: ``encoder-decoder`` only: source and target share one token
+            embedding table (Vaswani 2017 §3.4, a shared source-target vocabulary).
+        head: ``"none"``; ``"pooler"`` (encoders; BERT: ``tanh(W h[:, 0] + b)``); ``"lm"``
+            (decoders and encoder-decoders: ``logits = h W^T``, ``W`` ``(vocab_size, D)``,
+            no bias, as GPT-2's ``lm_head``).
+        bos_token_id: first token of generation: the decoder start token of an
+            encoder-decoder; ``None`` if unknown.
+        eos_token_id: end-of-sequence token that stops generation; ``None`` for none.
         dropout: dropout probability, used in training mode only; conformance runs without it.
 
     Raises:
@@ -98,19 +110,23 @@ class ModelSpec:
     n_heads: int = 4
     d_ff: int = 256
     n_layers: int = 2
+    n_decoder_layers: int | None = None
     max_len: int = 128
     norm_position: str = "post"
     norm_eps: float = 1e-12
     activation: str = "gelu"
     positional: str = "learned"
-    type_vocab_size: int = 2
+    type_vocab_size: int = 0
     embedding_norm: bool = True
     final_norm: bool = False
     embed_scale: bool = False
     bias: bool = True
     tie_embeddings: bool = False
+    share_embeddings: bool = False
     head: str = "none"
     dropout: float = 0.0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -122,6 +138,17 @@ class ModelSpec:
                 raise SpecError(f"spec field {name!r} must be an integer, got {value!r}")
             if value < low:
                 raise SpecError(f"spec field {name!r} must be >= {low}, got {value}")
+        for name, high in (("n_decoder_layers", None), ("bos_token_id", self.vocab_size),
+                           ("eos_token_id", self.vocab_size)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SpecError(f"spec field {name!r} must be an integer or null, got {value!r}")
+            low = 1 if high is None else 0
+            if value < low or (high is not None and value >= high):
+                allowed = f">= {low}" if high is None else f"in [0, vocab_size={high})"
+                raise SpecError(f"spec field {name!r} must be {allowed}, got {value}")
         enums = {"architecture": ARCHITECTURES, "norm_position": NORM_POSITIONS,
                  "activation": ACTIVATIONS, "positional": POSITIONALS, "head": HEADS}
         for name, allowed in enums.items():
@@ -129,7 +156,8 @@ class ModelSpec:
             if value not in allowed:
                 raise SpecError(f"spec field {name!r} must be one of {', '.join(allowed)}; "
                                 f"got {value!r}")
-        for name in ("embedding_norm", "final_norm", "embed_scale", "bias", "tie_embeddings"):
+        for name in ("embedding_norm", "final_norm", "embed_scale", "bias", "tie_embeddings",
+                     "share_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise SpecError(f"spec field {name!r} must be true or false, got {value!r}")
@@ -148,12 +176,22 @@ class ModelSpec:
         if self.positional == "sinusoidal" and self.d_model % 2:
             raise SpecError(f"spec field 'd_model' must be even for sinusoidal positions, "
                             f"got {self.d_model}")
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise SpecError(f"spec field 'architecture' = {self.architecture!r} is not built yet; "
-                            f"this version builds: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        if self.head == "lm":
-            raise SpecError("spec field 'head' = 'lm' is not built for encoders yet; "
-                            "use 'none' or 'pooler'")
+        arch = self.architecture
+        if arch == "encoder" and self.head == "lm":
+            raise SpecError("spec field 'head' = 'lm' needs architecture 'decoder' or "
+                            "'encoder-decoder'; encoders take 'none' or 'pooler'")
+        if arch != "encoder" and self.head == "pooler":
+            raise SpecError(f"spec field 'head' = 'pooler' is for encoders; a {arch} takes "
+                            f"'none' or 'lm'")
+        if arch != "encoder" and self.type_vocab_size:
+            raise SpecError(f"spec field 'type_vocab_size' must be 0 for a {arch} (segment "
+                            f"embeddings are for encoders), got {self.type_vocab_size}")
+        if arch != "encoder-decoder" and self.n_decoder_layers is not None:
+            raise SpecError(f"spec field 'n_decoder_layers' is for encoder-decoders; a {arch} "
+                            f"uses n_layers (set n_decoder_layers to null)")
+        if arch != "encoder-decoder" and self.share_embeddings:
+            raise SpecError("spec field 'share_embeddings' is for encoder-decoders; set it to "
+                            "false")
         if self.tie_embeddings and self.head != "lm":
             raise SpecError("spec field 'tie_embeddings' needs head = 'lm'; set it to false")
 
@@ -162,6 +200,25 @@ class ModelSpec:
     def d_head(self) -> int:
         """Size of one attention head, ``d_model // n_heads``."""
         return self.d_model // self.n_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        """Decoder layers: ``n_decoder_layers`` or ``n_layers`` (0 for an encoder)."""
+        if self.architecture == "encoder":
+            return 0
+        if self.architecture == "decoder":
+            return self.n_layers
+        return self.n_decoder_layers or self.n_layers
+
+    @property
+    def encoder_layers(self) -> int:
+        """Encoder layers: ``n_layers`` (0 for a decoder)."""
+        return 0 if self.architecture == "decoder" else self.n_layers
+
+    @property
+    def is_causal(self) -> bool:
+        """Whether the model has a decoder (causal self-attention, incremental decoding)."""
+        return self.architecture != "encoder"
 
     def replace(self, **changes: Any) -> "ModelSpec":
         """A copy with ``changes`` applied and validated (raises ``SpecError``)."""
@@ -187,27 +244,64 @@ class ModelSpec:
             if self.bias:
                 out.append(ParamSpec(f"{prefix}.bias", (d,), "zeros"))
 
-        out.append(ParamSpec("embeddings.word_embeddings.weight", (self.vocab_size, d)))
-        if self.positional == "learned":
-            out.append(ParamSpec("embeddings.position_embeddings.weight", (self.max_len, d)))
-        if self.type_vocab_size:
-            out.append(ParamSpec("embeddings.token_type_embeddings.weight",
-                                 (self.type_vocab_size, d)))
-        if self.embedding_norm:
-            norm("embeddings.norm")
-        for i in range(self.n_layers):
-            p = f"encoder.layers.{i}"
+        def embeddings(prefix: str, word: bool = True) -> None:
+            if word:
+                out.append(ParamSpec(f"{prefix}.word_embeddings.weight", (self.vocab_size, d)))
+            if self.positional == "learned":
+                out.append(ParamSpec(f"{prefix}.position_embeddings.weight", (self.max_len, d)))
+            if self.type_vocab_size:
+                out.append(ParamSpec(f"{prefix}.token_type_embeddings.weight",
+                                     (self.type_vocab_size, d)))
+            if self.embedding_norm:
+                norm(f"{prefix}.norm")
+
+        def attention(prefix: str) -> None:
             for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                linear(f"{p}.self_attn.{proj}", d, d)
-            norm(f"{p}.norm1")
-            linear(f"{p}.ffn.linear1", f, d)
-            linear(f"{p}.ffn.linear2", d, f)
-            norm(f"{p}.norm2")
-        if self.final_norm:
-            norm("encoder.final_norm")
+                linear(f"{prefix}.{proj}", d, d)
+
+        def ffn(prefix: str) -> None:
+            linear(f"{prefix}.linear1", f, d)
+            linear(f"{prefix}.linear2", d, f)
+
+        def stack(name: str, n: int, cross: bool) -> None:
+            for i in range(n):
+                p = f"{name}.layers.{i}"
+                attention(f"{p}.self_attn")
+                norm(f"{p}.norm1")
+                if cross:
+                    attention(f"{p}.cross_attn")
+                    norm(f"{p}.norm2")
+                ffn(f"{p}.ffn")
+                norm(f"{p}.norm3" if cross else f"{p}.norm2")
+            if self.final_norm:
+                norm(f"{name}.final_norm")
+
+        arch = self.architecture
+        embeddings("embeddings")
+        if arch == "encoder-decoder":
+            embeddings("decoder_embeddings", word=not self.share_embeddings)
+        if arch != "decoder":
+            stack("encoder", self.n_layers, cross=False)
+        if arch != "encoder":
+            stack("decoder", self.decoder_layers, cross=arch == "encoder-decoder")
         if self.head == "pooler":
             linear("pooler.dense", d, d)
+        if self.head == "lm" and not self.tie_embeddings:
+            out.append(ParamSpec("lm_head.weight", (self.vocab_size, d)))
         return out
+
+    def word_embedding_name(self, side: str = "encoder") -> str:
+        """Canonical name of the token table that ``side`` (``"encoder"`` or ``"decoder"``)
+        looks up, and that a tied LM head (decoder side) multiplies by."""
+        if side == "decoder" and self.architecture == "encoder-decoder" and (
+                not self.share_embeddings):
+            return "decoder_embeddings.word_embeddings.weight"
+        return "embeddings.word_embeddings.weight"
+
+    def lm_head_name(self) -> str:
+        """Canonical name of the LM head's ``(vocab_size, D)`` weight (the tied table if
+        ``tie_embeddings``)."""
+        return self.word_embedding_name("decoder") if self.tie_embeddings else "lm_head.weight"
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """``{canonical name: shape}`` in canonical order."""
@@ -218,10 +312,28 @@ class ModelSpec:
         return sum(math.prod(p.shape) for p in self.parameters())
 
     def output_names(self) -> tuple[str, ...]:
-        """Names of the model outputs: ``last_hidden_state`` ``(B, T, D)``, and
-        ``pooler_output`` ``(B, D)`` when ``head == "pooler"``."""
-        return ("last_hidden_state", "pooler_output") if self.head == "pooler" else (
-            "last_hidden_state",)
+        """Names of the model outputs, in order:
+
+        * ``last_hidden_state`` ``(B, T, D)``: the encoder's (encoder) or the decoder's;
+        * ``pooler_output`` ``(B, D)`` with ``head="pooler"``;
+        * ``encoder_last_hidden_state`` ``(B, S, D)`` for an encoder-decoder;
+        * ``logits`` ``(B, T, vocab_size)`` with ``head="lm"``.
+        """
+        names = ["last_hidden_state"]
+        if self.head == "pooler":
+            names.append("pooler_output")
+        if self.architecture == "encoder-decoder":
+            names.append("encoder_last_hidden_state")
+        if self.head == "lm":
+            names.append("logits")
+        return tuple(names)
+
+    def input_embeds_names(self) -> tuple[str, ...]:
+        """Inputs whose gradients conformance compares: ``inputs_embeds`` (encoder or decoder
+        tokens) and, for an encoder-decoder, ``decoder_inputs_embeds``."""
+        if self.architecture == "encoder-decoder":
+            return ("inputs_embeds", "decoder_inputs_embeds")
+        return ("inputs_embeds",)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -330,12 +442,28 @@ _BERT = dict(architecture="encoder", vocab_size=30522, max_len=512, norm_positio
              norm_eps=1e-12, activation="gelu", positional="learned", type_vocab_size=2,
              embedding_norm=True, final_norm=False, embed_scale=False, bias=True, head="pooler")
 
+_GPT2 = dict(architecture="decoder", vocab_size=50257, d_model=768, n_heads=12, d_ff=3072,
+             n_layers=12, max_len=1024, norm_position="pre", norm_eps=1e-5,
+             activation="gelu_tanh", positional="learned", type_vocab_size=0,
+             embedding_norm=False, final_norm=True, embed_scale=False, bias=True,
+             tie_embeddings=True, head="lm", bos_token_id=50256, eos_token_id=50256)
+_VASWANI = dict(architecture="encoder-decoder", vocab_size=37000, d_model=512, n_heads=8,
+                d_ff=2048, n_layers=6, n_decoder_layers=6, max_len=512, norm_position="post",
+                norm_eps=1e-5, activation="relu", positional="sinusoidal", type_vocab_size=0,
+                embedding_norm=False, final_norm=False, embed_scale=True, bias=True,
+                share_embeddings=True, tie_embeddings=True, head="lm", dropout=0.1,
+                bos_token_id=0, eos_token_id=1)
+
 #: Named specs. BERT sizes from Devlin et al. 2019 and Turc et al. 2019 ("Well-read students");
 #: MiniLM-L6-H384 from sentence-transformers/all-MiniLM-L6-v2's config.json; the pre-LN encoder
-#: follows Xiong et al. 2020; ``tiny`` is the built-in spec of ``xformer compare``.
+#: follows Xiong et al. 2020; ``tiny`` is the built-in spec of ``xformer compare``. GPT-2 small
+#: from Radford et al. 2019 / Hugging Face ``gpt2`` config.json (124,439,808 parameters);
+#: ``vaswani-base`` is the base model of Vaswani et al. 2017 Table 3 (shared 37000-token BPE
+#: vocabulary, shared and tied embeddings §3.4, dropout 0.1 §5.4; eps 1e-5 as
+#: ``nn.Transformer``, the paper gives none). ``*-tiny`` are small variants for tests.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=1000, d_model=64, n_heads=4, d_ff=256, n_layers=2, max_len=64,
-                 norm_eps=1e-12, head="pooler"),
+                 norm_eps=1e-12, type_vocab_size=2, head="pooler"),
     "bert-tiny": {**_BERT, "d_model": 128, "n_heads": 2, "d_ff": 512, "n_layers": 2},
     "bert-mini": {**_BERT, "d_model": 256, "n_heads": 4, "d_ff": 1024, "n_layers": 4},
     "bert-small": {**_BERT, "d_model": 512, "n_heads": 8, "d_ff": 2048, "n_layers": 4},
@@ -346,6 +474,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                                  activation="relu", positional="sinusoidal", type_vocab_size=0,
                                  embedding_norm=False, final_norm=False, embed_scale=True,
                                  head="none"),
+    "gpt2-small": _GPT2,
+    "gpt2-tiny": {**_GPT2, "vocab_size": 1000, "d_model": 64, "n_heads": 4, "d_ff": 256,
+                  "n_layers": 2, "max_len": 128, "bos_token_id": 999, "eos_token_id": 999},
+    "vaswani-base": _VASWANI,
+    "vaswani-tiny": {**_VASWANI, "vocab_size": 1000, "d_model": 64, "n_heads": 4, "d_ff": 256,
+                     "n_layers": 2, "n_decoder_layers": 2, "max_len": 128, "dropout": 0.0},
     "pre-ln-encoder-small": dict(vocab_size=8000, d_model=256, n_heads=4, d_ff=1024, n_layers=4,
                                  max_len=256, norm_position="pre", norm_eps=1e-5,
                                  activation="gelu_tanh", positional="learned", type_vocab_size=0,
