@@ -4,15 +4,14 @@ An xformer checkpoint stores the spec as JSON in the safetensors metadata (key `
 so a single file is self-describing. Saves are atomic; loads check the tensors against the spec
 and list every missing, extra and mis-shaped tensor in one ``CheckpointError``.
 
-Hugging Face BERT directories (``config.json`` + ``model.safetensors``) import into a spec and
-canonical weights with :func:`from_pretrained`.
+A checkpoint *directory* (:func:`save_pretrained`) adds a ``spec.json``. :func:`from_pretrained`
+reads those and Hugging Face directories (``config.json`` + ``model.safetensors``: BERT and GPT-2,
+converted by :mod:`xformer.convert`) into a spec and canonical weights.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 from typing import Mapping
 
@@ -100,14 +99,7 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray],
     With ``spec``, the weights are checked against it first (``CheckpointError``) and the spec
     is stored in the file's metadata.
     """
-    from safetensors.numpy import save
-
-    if spec is not None:
-        weights = check_weights(spec, weights)
-    metadata = {"format": "np"}
-    if spec is not None:
-        metadata[SPEC_METADATA_KEY] = spec.to_json(indent=None)
-    data = save({k: np.ascontiguousarray(v) for k, v in weights.items()}, metadata=metadata)
+    data = _checkpoint_bytes(weights, spec)
     atomic_write_bytes(Path(path), data)
 
 
@@ -152,102 +144,159 @@ def load_weights(path: str | os.PathLike, spec: ModelSpec | None = None
     return spec, check_weights(spec, weights, source=f"tensors in {path.name}")
 
 
-# ---------------------------------------------------------------------- Hugging Face BERT
-_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "relu": "relu", "gelu_new": "gelu_tanh",
-                   "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+# ---------------------------------------------------------------------- directories
+def atomic_write_dir(path: str | os.PathLike, files: Mapping[str, bytes]) -> None:
+    """Write a directory of ``files`` (``{file name: bytes}``) atomically: everything goes into
+    a temporary sibling directory (flushed to disk), which is then renamed to ``path``, so a
+    reader never sees a half-written directory.
 
-_BERT_LAYER_MAP = {
-    "attention.self.query": "self_attn.q_proj",
-    "attention.self.key": "self_attn.k_proj",
-    "attention.self.value": "self_attn.v_proj",
-    "attention.output.dense": "self_attn.out_proj",
-    "attention.output.LayerNorm": "norm1",
-    "intermediate.dense": "ffn.linear1",
-    "output.dense": "ffn.linear2",
-    "output.LayerNorm": "norm2",
-}
-
-
-def spec_from_bert_config(config: Mapping) -> ModelSpec:
-    """The spec of a Hugging Face ``BertConfig`` (``config.json``) as a dict.
+    An existing ``path`` is replaced only if it is a directory holding nothing but files named
+    in ``files`` (a previous save): it is moved aside, the new one renamed in, the old one
+    deleted (and restored if the rename fails).
 
     Raises:
-        SpecError: an unsupported ``hidden_act`` or ``position_embedding_type``.
+        CheckpointError: ``path`` exists and is not a directory, or holds other files (which
+            replacing it would delete).
     """
-    act = config.get("hidden_act", "gelu")
-    if act not in _HF_ACTIVATIONS:
-        raise SpecError(f"config.json hidden_act {act!r} is not supported; "
-                        f"supported: {', '.join(_HF_ACTIVATIONS)}")
-    pos = config.get("position_embedding_type", "absolute")
-    if pos != "absolute":
-        raise SpecError(f"config.json position_embedding_type {pos!r} is not supported "
-                        f"(only 'absolute')")
-    return ModelSpec(
-        architecture="encoder", vocab_size=int(config["vocab_size"]),
-        d_model=int(config["hidden_size"]), n_heads=int(config["num_attention_heads"]),
-        d_ff=int(config["intermediate_size"]), n_layers=int(config["num_hidden_layers"]),
-        max_len=int(config.get("max_position_embeddings", 512)), norm_position="post",
-        norm_eps=float(config.get("layer_norm_eps", 1e-12)), activation=_HF_ACTIVATIONS[act],
-        positional="learned", type_vocab_size=int(config.get("type_vocab_size", 2)),
-        embedding_norm=True, final_norm=False, embed_scale=False, bias=True, head="pooler",
-    )
+    import shutil
+    import tempfile
+
+    target = Path(path)
+    if target.exists() or target.is_symlink():
+        if not target.is_dir() or target.is_symlink():
+            raise CheckpointError(f"{str(target)!r} exists and is not a directory; choose a "
+                                  f"new directory name")
+        others = sorted(p.name for p in target.iterdir() if p.name not in files)
+        if others:
+            raise CheckpointError(f"{str(target)!r} already exists and holds other files "
+                                  f"({', '.join(others)}); write into a new directory or "
+                                  f"remove it")
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, old)  # onto the empty directory just made: atomic
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _bert_name(hf_name: str) -> str | None:
-    name = re.sub(r"^bert\.", "", hf_name)
-    name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
-                                                                       "LayerNorm.bias")
-    if name.startswith("embeddings."):
-        if name == "embeddings.position_ids":
-            return None
-        return name.replace("embeddings.LayerNorm", "embeddings.norm")
-    if name.startswith("pooler."):
-        return name
-    m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", name)
-    if m and m.group(2) in _BERT_LAYER_MAP:
-        return f"encoder.layers.{m.group(1)}.{_BERT_LAYER_MAP[m.group(2)]}.{m.group(3)}"
-    return None  # heads (cls.*) and buffers are not part of the encoder
+def _checkpoint_bytes(weights: Mapping[str, np.ndarray], spec: ModelSpec | None) -> bytes:
+    from safetensors.numpy import save
+
+    if spec is not None:
+        weights = check_weights(spec, weights)
+    metadata = {"format": "np"}
+    if spec is not None:
+        metadata[SPEC_METADATA_KEY] = spec.to_json(indent=None)
+    return save({k: np.ascontiguousarray(v) for k, v in weights.items()}, metadata=metadata)
+
+
+#: Spec files an xformer checkpoint directory may hold next to ``model.safetensors``.
+SPEC_FILES = ("spec.json", "spec.yaml", "spec.yml")
+
+
+def save_pretrained(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[str, np.ndarray]
+                    ) -> None:
+    """Write an xformer checkpoint directory that :func:`from_pretrained` reads:
+    ``spec.json`` and ``model.safetensors`` (canonical names and dtypes, the spec also in the
+    metadata), atomically (:func:`atomic_write_dir`).
+
+    Raises:
+        CheckpointError: ``weights`` do not match ``spec`` (all problems listed), or ``path``
+            exists and holds other files.
+    """
+    data = _checkpoint_bytes(weights, spec)  # checks first
+    atomic_write_dir(Path(path), {"spec.json": (spec.to_json() + "\n").encode(),
+                                  "model.safetensors": data})
+
+
+def _load_xformer_dir(root: Path, st: Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    specs = []
+    for name in SPEC_FILES:
+        f = root / name
+        if f.is_file():
+            try:
+                specs.append((name, ModelSpec.load(f)))
+            except SpecError as e:
+                raise SpecError(f"{f}: {e}") from None
+    try:
+        stored = read_spec(st)
+    except SpecError as e:
+        raise CheckpointError(f"{st}: the spec in its metadata is invalid: {e}") from None
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"cannot read checkpoint {str(st)!r} as safetensors: "
+                              f"{str(e).splitlines()[0]}") from None
+    if stored is not None:
+        specs.append(("model.safetensors metadata", stored))
+    if not specs:
+        raise CheckpointError(f"{str(root)!r} has no config.json, no spec file "
+                              f"({', '.join(SPEC_FILES)}) and model.safetensors stores no spec")
+    first_name, spec = specs[0]
+    for name, other in specs[1:]:
+        if other != spec:
+            a, b = spec.to_dict(), other.to_dict()
+            diff = ", ".join(f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k])
+            raise CheckpointError(f"{root}: {first_name} and {name} hold different specs "
+                                  f"({diff}); keep one")
+    return load_weights(st, spec)
 
 
 def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     """Import a model directory into ``(spec, canonical weights)``.
 
-    Accepts a Hugging Face BERT directory (``config.json`` with ``model_type: bert`` +
-    ``model.safetensors``; task heads such as ``cls.*`` are dropped, a missing pooler gives
-    ``head="none"``), or an xformer directory (``model.safetensors`` with the spec in its
-    metadata).
+    * Hugging Face directories (``config.json`` + ``model.safetensors``), dispatched on
+      ``config.json``'s ``model_type``: ``bert`` (also when ``model_type`` is absent;
+      :func:`xformer.convert.import_bert`: task heads such as ``cls.*`` dropped, a missing
+      pooler gives ``head="none"``) and ``gpt2`` (:func:`xformer.convert.import_gpt2`).
+    * xformer directories (no ``config.json``, as :func:`save_pretrained` writes them):
+      ``model.safetensors`` with the spec in its metadata and/or a ``spec.json`` /
+      ``spec.yaml`` / ``spec.yml`` next to it (all present ones must agree).
 
     Raises:
-        CheckpointError: the directory or a file is missing, or the tensors do not match.
-        SpecError: an unsupported ``config.json``.
+        CheckpointError: the directory or a file is missing, an unsupported ``model_type``
+            (names the supported ones), specs that disagree, or tensors that do not match.
+        SpecError: an unsupported ``config.json`` or a malformed spec file.
     """
-    from safetensors.numpy import load_file
+    from .convert import SUPPORTED_MODEL_TYPES, _hf_safetensors, import_bert, import_gpt2
+    from .convert import read_hf_config
 
     root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"model directory {str(root)!r} does not exist")
-    st = root / "model.safetensors"
-    if not st.is_file():
-        raise CheckpointError(f"{str(root)!r} has no model.safetensors (pytorch_model.bin is "
-                              f"not read: it is a pickle)")
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        spec, weights = load_weights(st)
-        return spec, weights
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
-    if config.get("model_type", "bert") != "bert":
-        raise CheckpointError(f"{cfg_path}: model_type {config.get('model_type')!r} is not "
-                              f"supported yet (supported: bert)")
-    spec = spec_from_bert_config(config)
-    raw = load_file(str(st))
-    weights = {}
-    for hf_name, arr in raw.items():
-        name = _bert_name(hf_name)
-        if name is not None:
-            weights[name] = arr.astype(np.float32) if arr.dtype != np.float64 else arr
-    if "pooler.dense.weight" not in weights:
-        spec = spec.replace(head="none")
-    return spec, check_weights(spec, weights, source=f"tensors in {st}")
+    st = _hf_safetensors(root)
+    config = read_hf_config(root)
+    if config is None:
+        return _load_xformer_dir(root, st)
+    model_type = config.get("model_type", "bert")
+    if model_type == "bert":
+        return import_bert(root, config)
+    if model_type == "gpt2":
+        return import_gpt2(root, config)
+    raise CheckpointError(f"{root / 'config.json'}: model_type {model_type!r} is not supported "
+                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+
+
+# The Hugging Face BERT helpers live in xformer.convert; these names stay importable from here.
+_MOVED_TO_CONVERT = ("_HF_ACTIVATIONS", "_BERT_LAYER_MAP", "spec_from_bert_config", "_bert_name")
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_CONVERT:
+        from . import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

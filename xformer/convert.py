@@ -1,0 +1,566 @@
+"""Hugging Face checkpoint conversions: BERT import, GPT-2 import and export.
+
+A Hugging Face model directory holds ``config.json`` and ``model.safetensors`` (``pytorch_model.bin``
+is never read: it is a pickle). The conversions map its tensors to and from the canonical layout
+of :meth:`ModelSpec.parameters` without changing a single bit (splits, concatenations and
+transposes only); dtypes are kept (``float16``, ``float32``, ``float64``), except ``bfloat16``,
+which numpy cannot hold and which is widened exactly to ``float32``.
+
+* BERT (``model_type: bert``, the upstream ``modeling_bert`` names): :func:`import_bert`.
+* GPT-2 (``model_type: gpt2``, the upstream ``modeling_gpt2`` names, as written by
+  ``GPT2LMHeadModel.save_pretrained`` / ``GPT2Model.save_pretrained``): :func:`import_gpt2`
+  and :func:`export_gpt2`.
+
+GPT-2 naming (``transformers/models/gpt2/modeling_gpt2.py``), ``D = n_embd``, ``F = n_inner or
+4 D``. GPT-2's ``Conv1D`` stores its weight as ``(in, out)`` and computes ``x W + b``; a canonical
+Linear weight is ``(out, in)``, so every ``Conv1D`` weight is transposed. ``attn.c_attn`` fuses
+the query, key and value projections along the output axis, in that order::
+
+    wte.weight (V, D)                  -> embeddings.word_embeddings.weight (V, D)
+    wpe.weight (n_positions, D)        -> embeddings.position_embeddings.weight (max_len, D)
+    h.{i}.ln_1.{weight,bias} (D,)      -> decoder.layers.{i}.norm1.{weight,bias}
+    h.{i}.attn.c_attn.weight (D, 3D)   -> decoder.layers.{i}.self_attn.{q,k,v}_proj.weight (D, D)
+                                          = c_attn.weight[:, j*D:(j+1)*D].T, j = 0, 1, 2
+    h.{i}.attn.c_attn.bias (3D,)       -> decoder.layers.{i}.self_attn.{q,k,v}_proj.bias (D,)
+    h.{i}.attn.c_proj.{weight (D, D), bias} -> decoder.layers.{i}.self_attn.out_proj (.T)
+    h.{i}.ln_2.{weight,bias}           -> decoder.layers.{i}.norm2.{weight,bias}
+    h.{i}.mlp.c_fc.{weight (D, F), bias (F,)}   -> decoder.layers.{i}.ffn.linear1 (weight .T)
+    h.{i}.mlp.c_proj.{weight (F, D), bias (D,)} -> decoder.layers.{i}.ffn.linear2 (weight .T)
+    ln_f.{weight,bias}                 -> decoder.final_norm.{weight,bias}
+    lm_head.weight (V, D)  (untied)    -> lm_head.weight (V, D)  (an nn.Linear: not transposed)
+
+``GPT2LMHeadModel`` prefixes the body with ``transformer.``; ``GPT2Model`` (and the original
+OpenAI ``gpt2`` files) do not: both are read, exports use the prefix for ``head = "lm"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import CheckpointError, SpecError
+from .spec import ModelSpec
+from .weights import atomic_write_dir, check_weights
+
+#: ``model_type`` values of ``config.json`` that :func:`xformer.weights.from_pretrained` imports.
+SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
+
+
+# ---------------------------------------------------------------------- shared
+def read_hf_config(root: str | os.PathLike) -> dict[str, Any] | None:
+    """``config.json`` of a model directory as a dict, or ``None`` if there is none.
+
+    Raises:
+        CheckpointError: the file is not valid JSON or not a JSON object.
+    """
+    path = Path(root) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _hf_safetensors(root: Path) -> Path:
+    st = root / "model.safetensors"
+    if not root.is_dir():
+        raise CheckpointError(f"model directory {str(root)!r} does not exist")
+    if not st.is_file():
+        raise CheckpointError(f"{str(root)!r} has no model.safetensors (pytorch_model.bin is "
+                              f"not read: it is a pickle)")
+    return st
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as numpy, in the stored dtype; ``bfloat16`` (which
+    numpy lacks) is widened exactly to ``float32`` (its bits are the high half of a float32).
+
+    Raises:
+        CheckpointError: the file is missing or is not a safetensors file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    out: dict[str, np.ndarray] = {}
+    try:
+        header = _safetensors_header(path)
+        with safe_open(str(path), framework="np") as fh:
+            for name in fh.keys():
+                if header.get(name, {}).get("dtype") == "BF16":
+                    out[name] = _read_bf16(path, header, name)
+                else:
+                    out[name] = fh.get_tensor(name)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                              ) from None
+    return out
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n <= 0 or n > 100_000_000:
+            raise CheckpointError(f"cannot read {str(path)!r} as safetensors: bad header size")
+        header = json.loads(fh.read(n))
+    header["__data_start__"] = 8 + n
+    return header
+
+
+def _read_bf16(path: Path, header: Mapping[str, Any], name: str) -> np.ndarray:
+    info = header[name]
+    start, end = info["data_offsets"]
+    with open(path, "rb") as fh:
+        fh.seek(header["__data_start__"] + start)
+        raw = np.frombuffer(fh.read(end - start), dtype="<u2")
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+
+
+# ---------------------------------------------------------------------- Hugging Face BERT
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "relu": "relu", "gelu_new": "gelu_tanh",
+                   "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+_BERT_LAYER_MAP = {
+    "attention.self.query": "self_attn.q_proj",
+    "attention.self.key": "self_attn.k_proj",
+    "attention.self.value": "self_attn.v_proj",
+    "attention.output.dense": "self_attn.out_proj",
+    "attention.output.LayerNorm": "norm1",
+    "intermediate.dense": "ffn.linear1",
+    "output.dense": "ffn.linear2",
+    "output.LayerNorm": "norm2",
+}
+
+
+def spec_from_bert_config(config: Mapping) -> ModelSpec:
+    """The spec of a Hugging Face ``BertConfig`` (``config.json``) as a dict.
+
+    Raises:
+        SpecError: an unsupported ``hidden_act`` or ``position_embedding_type``.
+    """
+    act = config.get("hidden_act", "gelu")
+    if act not in _HF_ACTIVATIONS:
+        raise SpecError(f"config.json hidden_act {act!r} is not supported; "
+                        f"supported: {', '.join(_HF_ACTIVATIONS)}")
+    pos = config.get("position_embedding_type", "absolute")
+    if pos != "absolute":
+        raise SpecError(f"config.json position_embedding_type {pos!r} is not supported "
+                        f"(only 'absolute')")
+    return ModelSpec(
+        architecture="encoder", vocab_size=int(config["vocab_size"]),
+        d_model=int(config["hidden_size"]), n_heads=int(config["num_attention_heads"]),
+        d_ff=int(config["intermediate_size"]), n_layers=int(config["num_hidden_layers"]),
+        max_len=int(config.get("max_position_embeddings", 512)), norm_position="post",
+        norm_eps=float(config.get("layer_norm_eps", 1e-12)), activation=_HF_ACTIVATIONS[act],
+        positional="learned", type_vocab_size=int(config.get("type_vocab_size", 2)),
+        embedding_norm=True, final_norm=False, embed_scale=False, bias=True, head="pooler",
+    )
+
+
+def _bert_name(hf_name: str) -> str | None:
+    """The canonical name of a ``BertModel`` tensor (``modeling_bert`` naming, with or without
+    the ``bert.`` prefix), or ``None`` for heads (``cls.*``) and buffers."""
+    name = re.sub(r"^bert\.", "", hf_name)
+    name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
+                                                                       "LayerNorm.bias")
+    if name.startswith("embeddings."):
+        if name == "embeddings.position_ids":
+            return None
+        return name.replace("embeddings.LayerNorm", "embeddings.norm")
+    if name.startswith("pooler."):
+        return name
+    m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if m and m.group(2) in _BERT_LAYER_MAP:
+        return f"encoder.layers.{m.group(1)}.{_BERT_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+    return None  # heads (cls.*) and buffers are not part of the encoder
+
+
+def import_bert(path: str | os.PathLike, config: Mapping | None = None
+                ) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """Import a Hugging Face BERT directory (``config.json`` + ``model.safetensors``) into
+    ``(spec, canonical weights)``. Task heads such as ``cls.*`` are dropped; a missing pooler
+    gives ``head="none"``. Weights other than float64 are cast to float32.
+
+    Raises:
+        CheckpointError: a file is missing or the tensors do not match the config.
+        SpecError: an unsupported ``config.json``.
+    """
+    root = Path(path)
+    st = _hf_safetensors(root)
+    config = read_hf_config(root) if config is None else config
+    if config is None:
+        raise CheckpointError(f"{str(root)!r} has no config.json")
+    spec = spec_from_bert_config(config)
+    weights = {}
+    for hf_name, arr in read_safetensors(st).items():
+        name = _bert_name(hf_name)
+        if name is not None:
+            weights[name] = arr.astype(np.float32) if arr.dtype != np.float64 else arr
+    if "pooler.dense.weight" not in weights:
+        spec = spec.replace(head="none")
+    return spec, check_weights(spec, weights, source=f"tensors in {st}")
+
+
+# ---------------------------------------------------------------------- Hugging Face GPT-2
+#: ``activation_function`` values and their spec activation. ``gelu_new`` / ``gelu_fast`` /
+#: ``gelu_pytorch_tanh`` are all the tanh approximation (different float rounding only).
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                    "gelu_fast": "gelu_tanh", "gelu": "gelu", "gelu_python": "gelu",
+                    "relu": "relu"}
+_GPT2_EXPORT_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+
+#: GPT2Config defaults (``configuration_gpt2.py``) for keys a ``config.json`` may leave out.
+GPT2_CONFIG_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
+                            n_head=12, n_inner=None, activation_function="gelu_new",
+                            resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                            layer_norm_epsilon=1e-5, scale_attn_weights=True,
+                            scale_attn_by_inverse_layer_idx=False,
+                            reorder_and_upcast_attn=False, add_cross_attention=False,
+                            tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256)
+
+#: Per-layer modules: GPT-2 name -> canonical name (``c_attn`` is split, not listed).
+GPT2_LAYER_MAP = {"ln_1": "norm1", "attn.c_proj": "self_attn.out_proj", "ln_2": "norm2",
+                  "mlp.c_fc": "ffn.linear1", "mlp.c_proj": "ffn.linear2"}
+_GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+#: Non-parameter buffers of old ``GPT2Model`` checkpoints (the causal mask), skipped.
+_GPT2_BUFFER = re.compile(r"^h\.\d+\.(attn|crossattention)\.(bias|masked_bias)$")
+#: Heads of the other GPT-2 task classes (sequence / token classification, QA, double heads).
+_GPT2_TASK_HEADS = ("score.", "classifier.", "qa_outputs.", "multiple_choice_head.")
+
+
+def gpt2_unsupported(spec: ModelSpec) -> str | None:
+    """``None`` if ``GPT2LMHeadModel`` (``head="lm"``) or ``GPT2Model`` (``head="none"``) can
+    express ``spec`` exactly, else the reason, naming the spec field."""
+    checks = [
+        (spec.architecture == "decoder",
+         f"spec field 'architecture' is {spec.architecture!r}; GPT-2 is a 'decoder'"),
+        (spec.norm_position == "pre",
+         f"spec field 'norm_position' is {spec.norm_position!r}; GPT-2 is pre-LN ('pre')"),
+        (spec.positional == "learned",
+         f"spec field 'positional' is {spec.positional!r}; GPT-2 has 'learned' positions"),
+        (not spec.embedding_norm, "spec field 'embedding_norm' is true; GPT-2 has no "
+                                  "embedding LayerNorm"),
+        (spec.final_norm, "spec field 'final_norm' is false; GPT-2 always has ln_f"),
+        (not spec.embed_scale, "spec field 'embed_scale' is true; GPT-2 does not scale "
+                               "embeddings"),
+        (spec.bias, "spec field 'bias' is false; GPT-2 has biases in every Conv1D and "
+                    "LayerNorm"),
+        (spec.type_vocab_size == 0, "spec field 'type_vocab_size' must be 0 for GPT-2"),
+        (spec.head in ("lm", "none"), f"spec field 'head' is {spec.head!r}; GPT-2 takes 'lm' "
+                                      f"(GPT2LMHeadModel) or 'none' (GPT2Model)"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    return None
+
+
+def spec_from_gpt2_config(config: Mapping[str, Any], head: str = "lm") -> ModelSpec:
+    """The spec of a Hugging Face ``GPT2Config`` (``config.json``; absent keys take the
+    ``GPT2Config`` defaults, :data:`GPT2_CONFIG_DEFAULTS`).
+
+    ``d_ff = n_inner or 4 * n_embd``; ``max_len = n_positions``; ``norm_eps =
+    layer_norm_epsilon``; ``tie_embeddings = tie_word_embeddings`` (with ``head="lm"``);
+    ``dropout = resid_pdrop`` (xformer has one rate; ``embd_pdrop`` and ``attn_pdrop`` are not
+    represented: they matter in training mode only). ``reorder_and_upcast_attn`` is accepted and
+    dropped: it only reorders the float32 score computation (scale before the matmul, upcast
+    under fp16 autocast), the same function up to rounding.
+
+    Raises:
+        SpecError: naming the ``config.json`` key: ``scale_attn_weights`` false (xformer always
+            divides scores by ``sqrt(d_head)``), ``scale_attn_by_inverse_layer_idx`` true,
+            ``add_cross_attention`` true, an unsupported ``activation_function``, or a
+            ``bos_token_id`` / ``eos_token_id`` outside ``[0, vocab_size)``.
+    """
+    cfg = {**GPT2_CONFIG_DEFAULTS, **{k: v for k, v in config.items()
+                                      if k in GPT2_CONFIG_DEFAULTS}}
+    if cfg["scale_attn_weights"] is not True:
+        raise SpecError("config.json scale_attn_weights = false is not supported (xformer "
+                        "always scales attention scores by 1/sqrt(d_head))")
+    if cfg["scale_attn_by_inverse_layer_idx"]:
+        raise SpecError("config.json scale_attn_by_inverse_layer_idx = true is not supported "
+                        "(xformer scales every layer's scores by 1/sqrt(d_head) only)")
+    if cfg["add_cross_attention"]:
+        raise SpecError("config.json add_cross_attention = true is not supported (a GPT-2 "
+                        "with cross-attention is not a decoder-only model)")
+    act = cfg["activation_function"]
+    if act not in GPT2_ACTIVATIONS:
+        raise SpecError(f"config.json activation_function {act!r} is not supported; "
+                        f"supported: {', '.join(GPT2_ACTIVATIONS)}")
+    vocab = int(cfg["vocab_size"])
+    for key in ("bos_token_id", "eos_token_id"):
+        tok = cfg[key]
+        if tok is not None and not (isinstance(tok, int) and 0 <= tok < vocab):
+            raise SpecError(f"config.json {key} = {tok!r} is outside the vocabulary "
+                            f"[0, vocab_size={vocab}); set it to a token id or null")
+    d = int(cfg["n_embd"])
+    return ModelSpec(
+        architecture="decoder", vocab_size=vocab, d_model=d, n_heads=int(cfg["n_head"]),
+        d_ff=int(cfg["n_inner"]) if cfg["n_inner"] else 4 * d, n_layers=int(cfg["n_layer"]),
+        max_len=int(cfg["n_positions"]), norm_position="pre",
+        norm_eps=float(cfg["layer_norm_epsilon"]), activation=GPT2_ACTIVATIONS[act],
+        positional="learned", type_vocab_size=0, embedding_norm=False, final_norm=True,
+        embed_scale=False, bias=True, head=head,
+        tie_embeddings=head == "lm" and bool(cfg["tie_word_embeddings"]),
+        dropout=float(cfg["resid_pdrop"]), bos_token_id=cfg["bos_token_id"],
+        eos_token_id=cfg["eos_token_id"],
+    )
+
+
+def gpt2_config_dict(spec: ModelSpec, dtype: str | None = "float32") -> dict[str, Any]:
+    """The ``config.json`` of ``spec`` as ``GPT2LMHeadModel`` / ``GPT2Model.save_pretrained``
+    write it (keys sorted; ``summary_*`` and ``initializer_range`` keys of the double-heads
+    model left to their defaults). Every pdrop is ``spec.dropout``.
+
+    Raises:
+        SpecError: ``spec`` is not GPT-2-expressible (:func:`gpt2_unsupported`).
+    """
+    why = gpt2_unsupported(spec)
+    if why:
+        raise SpecError(f"cannot express this spec as GPT-2: {why}")
+    config: dict[str, Any] = {
+        "activation_function": _GPT2_EXPORT_ACTIVATION[spec.activation],
+        "add_cross_attention": False,
+        "architectures": ["GPT2LMHeadModel" if spec.head == "lm" else "GPT2Model"],
+        "attn_pdrop": spec.dropout,
+        "bos_token_id": spec.bos_token_id,
+        "embd_pdrop": spec.dropout,
+        "eos_token_id": spec.eos_token_id,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": spec.norm_eps,
+        "model_type": "gpt2",
+        "n_embd": spec.d_model,
+        "n_head": spec.n_heads,
+        "n_inner": None if spec.d_ff == 4 * spec.d_model else spec.d_ff,
+        "n_layer": spec.n_layers,
+        "n_positions": spec.max_len,
+        "reorder_and_upcast_attn": False,
+        "resid_pdrop": spec.dropout,
+        "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": spec.tie_embeddings or spec.head == "none",
+        "use_cache": True,
+        "vocab_size": spec.vocab_size,
+    }
+    if dtype is not None:
+        config["dtype"] = dtype
+    return dict(sorted(config.items()))
+
+
+def gpt2_tensor_shapes(spec: ModelSpec, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """``{GPT-2 tensor name: shape}`` of ``spec`` in the ``modeling_gpt2`` naming; the body
+    carries ``prefix`` (``"transformer."`` for ``GPT2LMHeadModel``), ``lm_head.weight`` is
+    listed only for an untied LM head."""
+    d, f = spec.d_model, spec.d_ff
+    shapes = {"wte.weight": (spec.vocab_size, d), "wpe.weight": (spec.max_len, d)}
+    for i in range(spec.n_layers):
+        p = f"h.{i}"
+        shapes.update({f"{p}.ln_1.weight": (d,), f"{p}.ln_1.bias": (d,),
+                       f"{p}.attn.c_attn.weight": (d, 3 * d), f"{p}.attn.c_attn.bias": (3 * d,),
+                       f"{p}.attn.c_proj.weight": (d, d), f"{p}.attn.c_proj.bias": (d,),
+                       f"{p}.ln_2.weight": (d,), f"{p}.ln_2.bias": (d,),
+                       f"{p}.mlp.c_fc.weight": (d, f), f"{p}.mlp.c_fc.bias": (f,),
+                       f"{p}.mlp.c_proj.weight": (f, d), f"{p}.mlp.c_proj.bias": (d,)})
+    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
+    out = {prefix + k: v for k, v in shapes.items()}
+    if spec.head == "lm" and not spec.tie_embeddings:
+        out["lm_head.weight"] = (spec.vocab_size, d)
+    return out
+
+
+def _contiguous(x):
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x)
+    return x.contiguous() if hasattr(x, "contiguous") else x
+
+
+def gpt2_names_to_canonical(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``{GPT-2 name: tensor}`` -> ``{canonical name: tensor}`` for numpy arrays or torch
+    tensors (parameters or their gradients: the mapping is linear): ``transformer.`` prefixes
+    stripped, ``c_attn`` split into q/k/v, ``Conv1D`` weights transposed (contiguous results).
+    Names that are not GPT-2 parameters are dropped; ``lm_head.weight`` is kept as is."""
+    out: dict[str, Any] = {}
+    for hf_name, value in tensors.items():
+        name = hf_name[len("transformer."):] if hf_name.startswith("transformer.") else hf_name
+        if name == "wte.weight":
+            out["embeddings.word_embeddings.weight"] = value
+        elif name == "wpe.weight":
+            out["embeddings.position_embeddings.weight"] = value
+        elif name in ("ln_f.weight", "ln_f.bias"):
+            out[f"decoder.final_norm.{name[5:]}"] = value
+        elif name == "lm_head.weight":
+            out["lm_head.weight"] = value
+        else:
+            m = re.match(r"h\.(\d+)\.(.+)\.(weight|bias)$", name)
+            if not m:
+                continue
+            i, module, kind = m.groups()
+            p = f"decoder.layers.{i}"
+            if module == "attn.c_attn":
+                d = value.shape[-1] // 3
+                for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                    part = value[..., j * d:(j + 1) * d]
+                    out[f"{p}.self_attn.{proj}.{kind}"] = _contiguous(
+                        part.T if kind == "weight" else part)
+            elif module in GPT2_LAYER_MAP:
+                conv = module in _GPT2_CONV1D and kind == "weight"
+                out[f"{p}.{GPT2_LAYER_MAP[module]}.{kind}"] = (
+                    _contiguous(value.T) if conv else value)
+    return out
+
+
+def canonical_to_gpt2(spec: ModelSpec, weights: Mapping[str, np.ndarray], prefix: str = ""
+                      ) -> dict[str, np.ndarray]:
+    """Canonical numpy weights -> ``{GPT-2 name: array}`` (:func:`gpt2_tensor_shapes` order),
+    the exact inverse of :func:`gpt2_names_to_canonical` (bit for bit, dtypes kept)."""
+    w = weights
+    out: dict[str, np.ndarray] = {}
+    for name in gpt2_tensor_shapes(spec):
+        if name == "wte.weight":
+            arr = w["embeddings.word_embeddings.weight"]
+        elif name == "wpe.weight":
+            arr = w["embeddings.position_embeddings.weight"]
+        elif name.startswith("ln_f."):
+            arr = w[f"decoder.final_norm.{name[5:]}"]
+        elif name == "lm_head.weight":
+            out[name] = np.ascontiguousarray(w["lm_head.weight"])
+            continue
+        else:
+            i, module, kind = re.match(r"h\.(\d+)\.(.+)\.(weight|bias)$", name).groups()
+            p = f"decoder.layers.{i}"
+            if module == "attn.c_attn":
+                parts = [w[f"{p}.self_attn.{proj}.{kind}"] for proj in ("q_proj", "k_proj",
+                                                                         "v_proj")]
+                arr = (np.concatenate([x.T for x in parts], axis=1) if kind == "weight"
+                       else np.concatenate(parts))
+            else:
+                arr = w[f"{p}.{GPT2_LAYER_MAP[module]}.{kind}"]
+                if module in _GPT2_CONV1D and kind == "weight":
+                    arr = arr.T
+        out[prefix + name] = np.ascontiguousarray(arr)
+    return out
+
+
+def _strip_gpt2_names(raw: Mapping[str, np.ndarray], st: Path) -> dict[str, np.ndarray]:
+    """Drop buffers and task heads, strip ``transformer.``; duplicates are an error."""
+    out: dict[str, np.ndarray] = {}
+    for hf_name, arr in raw.items():
+        name = hf_name[len("transformer."):] if hf_name.startswith("transformer.") else hf_name
+        if _GPT2_BUFFER.match(name) or name.startswith(_GPT2_TASK_HEADS):
+            continue
+        if name in out:
+            raise CheckpointError(f"tensors in {st}: {name!r} appears both with and without "
+                                  f"the 'transformer.' prefix")
+        out[name] = arr
+    return out
+
+
+def import_gpt2(path: str | os.PathLike, config: Mapping[str, Any] | None = None
+                ) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """Import a Hugging Face GPT-2 directory into ``(spec, canonical weights)``.
+
+    Args:
+        path: a directory with ``config.json`` (``model_type: gpt2``) and ``model.safetensors``
+            as ``GPT2LMHeadModel.save_pretrained`` (names ``transformer.*``, ``lm_head.weight``
+            only if untied) or ``GPT2Model.save_pretrained`` / the OpenAI ``gpt2`` files (no
+            prefix) write them. Names follow ``modeling_gpt2`` (see the module docstring for
+            the mapping); the causal-mask buffers ``h.{i}.attn.bias`` / ``masked_bias`` and the
+            heads of the other GPT-2 task classes (``score``, ``classifier``, ``qa_outputs``,
+            ``multiple_choice_head``) are skipped.
+        config: the parsed ``config.json`` (read from ``path`` if not given).
+
+    Returns:
+        ``(spec, weights)``: ``spec`` from :func:`spec_from_gpt2_config`; ``head="lm"``, tied
+        when ``tie_word_embeddings`` (default true; a stored ``lm_head.weight`` is then ignored,
+        as ``GPT2LMHeadModel`` ties it to ``wte`` on load), except ``head="none"`` for a
+        ``GPT2Model`` directory (``architectures: ["GPT2Model"]``, no ``lm_head.weight``).
+        ``weights`` maps every canonical name to a numpy array in the stored dtype
+        (``bfloat16`` widened exactly to ``float32``).
+
+    Raises:
+        CheckpointError: a file is missing, ``model_type`` is not ``gpt2``, an untied config
+            without ``lm_head.weight``, or missing / unexpected / mis-shaped tensors (all
+            listed in one line, in GPT-2 names).
+        SpecError: an unsupported ``config.json`` (names the key).
+    """
+    root = Path(path)
+    st = _hf_safetensors(root)
+    config = read_hf_config(root) if config is None else config
+    if config is None:
+        raise CheckpointError(f"{str(root)!r} has no config.json")
+    if config.get("model_type") != "gpt2":
+        raise CheckpointError(f"{root / 'config.json'}: model_type "
+                              f"{config.get('model_type')!r} is not a GPT-2 ('gpt2')")
+    raw = _strip_gpt2_names(read_safetensors(st), st)
+    has_head = "lm_head.weight" in raw
+    tied = bool(config.get("tie_word_embeddings", True))
+    archs = config.get("architectures") or []
+    head = "none" if (not has_head and "GPT2Model" in archs) else "lm"
+    if head == "lm" and not tied and not has_head:
+        raise CheckpointError(f"tensors in {st}: tie_word_embeddings is false but "
+                              f"lm_head.weight is missing")
+    if tied and has_head:
+        del raw["lm_head.weight"]  # GPT2LMHeadModel ties it to wte on load
+    spec = spec_from_gpt2_config(config, head=head)
+    expected = gpt2_tensor_shapes(spec)
+    missing = [n for n in expected if n not in raw]
+    extra = [n for n in raw if n not in expected]
+    misshaped = [f"{n} {tuple(raw[n].shape)} (expected {expected[n]})"
+                 for n in expected if n in raw and tuple(raw[n].shape) != expected[n]]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected {len(extra)}: {', '.join(extra)}")
+    if misshaped:
+        problems.append(f"mis-shaped {len(misshaped)}: {', '.join(misshaped)}")
+    if problems:
+        raise CheckpointError(f"tensors in {st} do not match its config.json (GPT-2 names): "
+                              + "; ".join(problems))
+    weights = gpt2_names_to_canonical(raw)
+    return spec, check_weights(spec, weights, source=f"tensors in {st}")
+
+
+def export_gpt2(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[str, np.ndarray]
+                ) -> None:
+    """Write ``spec`` and canonical ``weights`` as a Hugging Face GPT-2 directory that
+    ``GPT2LMHeadModel.from_pretrained`` (``head="lm"``) or ``GPT2Model.from_pretrained``
+    (``head="none"``) loads: ``config.json`` (:func:`gpt2_config_dict`) and
+    ``model.safetensors`` (metadata ``{"format": "pt"}``; names as ``save_pretrained`` writes
+    them: ``transformer.*`` + ``lm_head.weight`` if untied for ``head="lm"``, unprefixed for
+    ``head="none"``; each tensor in its canonical dtype, bit for bit). No
+    ``generation_config.json`` and no tokenizer are written.
+
+    Atomic: both files are written into a temporary sibling directory that is then renamed to
+    ``path``; an existing ``path`` is replaced only if it holds nothing but those two files.
+
+    Raises:
+        SpecError: ``spec`` is not GPT-2-expressible (names the field).
+        CheckpointError: ``weights`` do not match ``spec`` (all problems listed), or ``path``
+            exists and is not such a directory.
+    """
+    from safetensors.numpy import save
+
+    config = gpt2_config_dict(spec, dtype=None)  # raises SpecError first
+    weights = check_weights(spec, weights)
+    config["dtype"] = str(weights[spec.word_embedding_name()].dtype)
+    config = dict(sorted(config.items()))
+    prefix = "transformer." if spec.head == "lm" else ""
+    tensors = canonical_to_gpt2(spec, weights, prefix=prefix)
+    atomic_write_dir(Path(path), {
+        "config.json": (json.dumps(config, indent=2) + "\n").encode(),
+        "model.safetensors": save(tensors, metadata={"format": "pt"}),
+    })
