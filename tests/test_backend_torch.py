@@ -32,7 +32,8 @@ BASE = dict(vocab_size=37, d_model=16, n_heads=4, d_ff=24, n_layers=2, max_len=9
 
 #: Small specs that together take every value of every encoder field.
 SPECS = {
-    "bert": ModelSpec(**BASE, head="pooler"),  # post, gelu, learned, type 2, emb norm, bias
+    "bert": ModelSpec(**BASE, type_vocab_size=2, head="pooler"),  # post, gelu, learned, emb
+    # norm, bias (type_vocab_size explicit: the spec's default is 0)
     "vaswani": ModelSpec(**BASE, norm_position="post", norm_eps=1e-5, activation="relu",
                          positional="sinusoidal", type_vocab_size=0, embedding_norm=False,
                          embed_scale=True),
@@ -228,7 +229,7 @@ def test_gradients_match_finite_differences():
     model. That row's gradients are checked between implementations instead (compile mode, the
     ``nn.TransformerEncoderLayer`` reference, the inputs_embeds path)."""
     spec = ModelSpec(vocab_size=11, d_model=8, n_heads=2, d_ff=12, n_layers=1, max_len=T,
-                     activation="gelu", head="pooler", norm_eps=1e-6)
+                     activation="gelu", type_vocab_size=2, head="pooler", norm_eps=1e-6)
     model, weights = built(spec)
     cot = cotangents(spec)
     rng = np.random.default_rng(5)

@@ -1,8 +1,9 @@
 """xformer's PyTorch backend: native ``torch.nn`` modules (:mod:`xformer_torch.modules`) and
 :class:`TorchBackend`.
 
-``import xformer_torch`` does not import torch; the module classes (``EncoderModel``, ...) and
-:func:`nn_transformer_reference` load it on first access.
+``import xformer_torch`` does not import torch; the module classes (``EncoderModel``,
+``DecoderModel``, ``EncoderDecoderModel``, ...) and :func:`nn_transformer_reference` load it on
+first access.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 from .backend import TorchBackend
 
 _MODULES = ("gelu", "gelu_tanh", "Embeddings", "MultiHeadAttention", "FeedForward",
-            "EncoderLayer", "Encoder", "Pooler", "EncoderModel")
+            "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder",
+            "LMHead", "DecoderModel", "EncoderDecoderModel")
 
 __all__ = ["TorchBackend", "nn_transformer_reference", *_MODULES]
 

@@ -1,4 +1,5 @@
-"""The xformer encoder as native PyTorch modules (``torch.nn``).
+"""The xformer Transformers (encoder, decoder, encoder-decoder) as native PyTorch modules
+(``torch.nn``).
 
 Twin of ``xformer_tensorflow/modules.py`` (Keras 3) and ``xformer_mxnet/modules.py`` (Gluon): the
 same classes, in the same order, computing the same thing (the executable statement is
@@ -6,6 +7,14 @@ same classes, in the same order, computing the same thing (the executable statem
 
     Embeddings -> Encoder( EncoderLayer( MultiHeadAttention, FeedForward ) x n_layers ) -> Pooler
     \\______________________________ EncoderModel ______________________________________/
+
+    Embeddings -> Decoder( DecoderLayer( causal MultiHeadAttention, FeedForward ) x n ) -> LMHead
+    \\______________________________ DecoderModel ______________________________________/
+
+    Embeddings -> Encoder ----------------------------------.  (memory: keys/values)
+    decoder_embeddings -> Decoder( DecoderLayer( causal self-attention, cross-attention,
+                                                 FeedForward ) x n_decoder_layers ) -> LMHead
+    \\____________________________ EncoderDecoderModel _________________________________/
 
 Module paths mirror the canonical parameter names of :meth:`xformer.ModelSpec.parameters`, so
 ``EncoderModel(spec).state_dict().keys()`` *are* the canonical names (Linear weights
@@ -20,7 +29,16 @@ Numerics (DESIGN.md §3, §5):
 * GELU is composed from ``erf`` / ``tanh`` (:func:`gelu`, :func:`gelu_tanh`), as in the other two
   backends, instead of ``F.gelu``;
 * padding adds ``finfo(dtype).min`` (finite) to the attention logits, never ``-inf``: a fully
-  padded row attends uniformly and nothing is NaN.
+  padded row attends uniformly and nothing is NaN;
+* decoder self-attention multiplies the 0/1 padding mask and the 0/1 causal mask into one
+  ``allowed`` mask and adds ONE bias ``(1 - allowed) * finfo(dtype).min`` (two such biases would
+  add up to ``-inf``); so a fully padded row attends uniformly over all keys, as
+  :func:`xformer.reference.forward`.
+
+Incremental decoding: ``DecoderModel`` / ``EncoderDecoderModel`` take ``past_key_values`` and
+``use_cache`` (Hugging Face's legacy cache format: per decoder layer a tuple ``(k, v)`` of
+``(B, H, T_past, d_head)``, plus ``(cross_k, cross_v)`` ``(B, H, S, d_head)`` for an
+encoder-decoder, computed once from the encoder output), and return ``"past_key_values"``.
 
 Attention is written out (``softmax(Q K^T / sqrt(d_head) + bias) V``, Hugging Face
 ``BertSelfAttention``'s eager path) rather than calling ``F.scaled_dot_product_attention``: on
@@ -53,7 +71,8 @@ from xformer.spec import ModelSpec, sinusoidal_table
 
 __all__ = [
     "gelu", "gelu_tanh", "ACTIVATIONS", "Embeddings", "MultiHeadAttention", "FeedForward",
-    "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
+    "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder", "LMHead",
+    "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias",
 ]
 
 
@@ -92,23 +111,30 @@ class Embeddings(nn.Module):
     Args:
         spec: the model; uses ``vocab_size, d_model, max_len, positional, type_vocab_size,
             embedding_norm, embed_scale, norm_eps, bias``.
+        word_embeddings: whether to own a token table; ``False`` for the target side of an
+            encoder-decoder with ``share_embeddings``, which looks up the source side's table
+            (passed to :meth:`embed_tokens` as ``weight``).
         dtype: parameter and compute dtype, ``torch.float32`` or ``torch.float64``.
         device: where to create the parameters.
 
     Shapes: ``input_ids`` / ``token_type_ids`` ``(B, T)`` int64, or ``inputs_embeds``
-    ``(B, T, D)`` (already scaled); returns ``(B, T, D)`` in ``dtype``.
+    ``(B, T, D)`` (already scaled); returns ``(B, T, D)`` in ``dtype``. With ``past_length``
+    (cached decoding) the positions are ``past_length .. past_length + T - 1``.
 
     Raises:
-        InputError: ``T > spec.max_len``; ``token_type_ids`` without segment embeddings.
+        InputError: ``past_length + T > spec.max_len``; ``token_type_ids`` without segment
+            embeddings.
     """
 
-    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
+    def __init__(self, spec: ModelSpec, *, word_embeddings: bool = True,
+                 dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         factory = {"dtype": dtype, "device": device}
         self.max_len = spec.max_len
         self.scale = math.sqrt(spec.d_model) if spec.embed_scale else None
-        self.word_embeddings = nn.Embedding(spec.vocab_size, spec.d_model, **factory)
+        self.word_embeddings = (nn.Embedding(spec.vocab_size, spec.d_model, **factory)
+                                if word_embeddings else None)
         if spec.positional == "learned":
             self.position_embeddings = nn.Embedding(spec.max_len, spec.d_model, **factory)
         else:
@@ -120,23 +146,26 @@ class Embeddings(nn.Module):
             if spec.type_vocab_size else None)
         self.norm = _layer_norm(spec, dtype, device) if spec.embedding_norm else None
 
-    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+    def embed_tokens(self, input_ids: Tensor, weight: Tensor | None = None) -> Tensor:
         """``word_embeddings[input_ids]`` times ``sqrt(d_model)`` if ``embed_scale``: what
-        ``inputs_embeds`` stands for. ``(B, T)`` int64 -> ``(B, T, D)``."""
-        x = self.word_embeddings(input_ids)
+        ``inputs_embeds`` stands for. ``(B, T)`` int64 -> ``(B, T, D)``. ``weight``: a shared
+        table to look up instead of this module's own (``share_embeddings``)."""
+        x = F.embedding(input_ids, self.word_embeddings.weight if weight is None else weight)
         return x * self.scale if self.scale is not None else x
 
     def forward(self, input_ids: Tensor | None = None, token_type_ids: Tensor | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
+                inputs_embeds: Tensor | None = None, past_length: int = 0) -> Tensor:
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         t = inputs_embeds.shape[1]
-        if t > self.max_len:
-            raise InputError(f"sequence length {t} is longer than max_len={self.max_len}; "
+        if past_length + t > self.max_len:
+            what = f"sequence length {t}" if not past_length else (
+                f"{past_length} cached + {t} new positions")
+            raise InputError(f"{what} is longer than max_len={self.max_len}; "
                              f"shorten the input (xformer does not truncate silently)")
         positions = (self.position_embeddings.weight if self.position_embeddings is not None
                      else self.position_table)
-        x = inputs_embeds + positions[:t]
+        x = inputs_embeds + positions[past_length:past_length + t]
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long,
@@ -148,24 +177,34 @@ class Embeddings(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention (Vaswani 2017 §3.2.2), scaled as Hugging Face
+    """Multi-head attention (Vaswani 2017 §3.2.2), scaled as Hugging Face
     ``BertSelfAttention``: ``softmax(Q K^T / sqrt(d_head) + attention_bias) V``, heads split as
-    ``(B, T, H, d_head)``, then ``out_proj``.
+    ``(B, T, H, d_head)``, then ``out_proj``. Self-attention by default; cross-attention
+    (queries from ``x``, keys and values from ``key_value_states``) when built with
+    ``cross=True``.
 
     Args:
         spec: uses ``d_model, n_heads, bias, dropout``.
+        cross: cross-attention: the cached keys/values (``past_key_value``) are the projected
+            encoder output, reused as they are; self-attention appends the new keys/values to
+            the cached ones.
         dtype, device: as :class:`Embeddings`.
 
-    Shapes: ``x`` ``(B, T, D)``; ``attention_bias`` additive, broadcastable to ``(B, H, T, T)``
-    (``(B, 1, 1, T)`` from :meth:`EncoderModel.attention_bias`) or ``None``; returns ``(B, T, D)``.
+    Shapes: ``x`` ``(B, T, D)``; ``key_value_states`` ``(B, S, D)`` (cross-attention; default
+    ``x``); ``attention_bias`` additive, broadcastable to ``(B, H, T, S_total)`` (``(B, 1, 1, S)``
+    from :meth:`EncoderModel.attention_bias`, ``(B, 1, T, past + T)`` causal) or ``None``;
+    ``past_key_value`` ``(k, v)`` each ``(B, H, S_past, d_head)`` or ``None``. Returns
+    ``(B, T, D)``, or ``((B, T, D), (k, v))`` with ``use_cache`` (the keys/values to cache).
     Dropout (``spec.dropout``) acts on the attention probabilities in training mode only.
     """
 
-    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
+    def __init__(self, spec: ModelSpec, *, cross: bool = False,
+                 dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         factory = {"dtype": dtype, "device": device, "bias": spec.bias}
         d = spec.d_model
+        self.cross = cross
         self.n_heads, self.d_head = spec.n_heads, spec.d_head
         self.q_proj = nn.Linear(d, d, **factory)
         self.k_proj = nn.Linear(d, d, **factory)
@@ -173,19 +212,31 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d, d, **factory)
         self.dropout = nn.Dropout(spec.dropout)
 
-    def forward(self, x: Tensor, attention_bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attention_bias: Tensor | None = None,
+                key_value_states: Tensor | None = None,
+                past_key_value: tuple[Tensor, Tensor] | None = None, use_cache: bool = False
+                ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
         b, t, d = x.shape
 
-        def split(y: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, d_head)
-            return y.view(b, t, self.n_heads, self.d_head).transpose(1, 2)
+        def split(y: Tensor) -> Tensor:  # (B, S, D) -> (B, H, S, d_head)
+            return y.view(b, y.shape[1], self.n_heads, self.d_head).transpose(1, 2)
 
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        q = split(self.q_proj(x))
+        if self.cross and past_key_value is not None:  # the encoder's, projected once
+            k, v = past_key_value
+        else:
+            kv = x if key_value_states is None else key_value_states
+            k, v = split(self.k_proj(kv)), split(self.v_proj(kv))
+            if past_key_value is not None:  # self-attention: append to the cached positions
+                k = torch.cat([past_key_value[0], k], dim=2)
+                v = torch.cat([past_key_value[1], v], dim=2)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
         if attention_bias is not None:
             scores = scores + attention_bias
         probs = self.dropout(scores.softmax(dim=-1))
         context = (probs @ v).transpose(1, 2).reshape(b, t, d)
-        return self.out_proj(context)
+        out = self.out_proj(context)
+        return (out, (k, v)) if use_cache else out
 
 
 class FeedForward(nn.Module):
@@ -344,4 +395,324 @@ class EncoderModel(nn.Module):
         out = {"last_hidden_state": x}
         if self.pooler is not None:
             out["pooler_output"] = self.pooler(x)
+        return out
+
+
+# ---------------------------------------------------------------------- decoders
+def causal_allowed(t_q: int, t_k: int, device: torch.device | str | None = None) -> Tensor:
+    """``(t_q, t_k)`` 0/1 int64: query ``i`` (absolute position ``t_k - t_q + i``: the cached
+    positions come first) may attend to key ``j`` iff ``j <= t_k - t_q + i``."""
+    keys = torch.arange(t_k, device=device)[None, :]
+    return (keys <= (t_k - t_q) + torch.arange(t_q, device=device)[:, None]).long()
+
+
+def allowed_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(1 - allowed) * finfo(dtype).min`` in ``dtype``: ONE additive bias from a 0/1 mask that
+    is already the product of padding and causality (DESIGN.md §3; two ``finfo.min`` biases
+    would add up to ``-inf``)."""
+    return (1.0 - allowed.to(dtype)) * torch.finfo(dtype).min
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer: causal self-attention (``self_attn``, ``norm1``), cross-attention over
+    the encoder output (``cross_attn``, ``norm2``; encoder-decoders only) and the feed-forward
+    network (``ffn``, ``norm2``, or ``norm3`` after cross-attention), each sub-layer with a
+    residual connection and a LayerNorm, post- or pre-LN as :class:`EncoderLayer`
+    (``nn.TransformerDecoderLayer``'s order and names, Vaswani 2017 §3.1).
+
+    Args:
+        spec: as :class:`EncoderLayer`.
+        cross: with a cross-attention sub-layer (the decoder of an encoder-decoder).
+        dtype, device: as :class:`Embeddings`.
+
+    Shapes: ``x`` ``(B, T, D)``; ``self_bias`` ``(B or 1, 1, T, past + T)`` (causal and
+    padding, :func:`allowed_bias`); ``memory`` ``(B, S, D)`` and ``cross_bias`` ``(B, 1, 1, S)``
+    (cross-attention); ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k, cross_v)``. Returns
+    ``(B, T, D)``, or ``((B, T, D), present_key_value)`` with ``use_cache``.
+    """
+
+    def __init__(self, spec: ModelSpec, *, cross: bool = False,
+                 dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.norm_first = spec.norm_position == "pre"
+        self.self_attn = MultiHeadAttention(spec, dtype=dtype, device=device)
+        self.norm1 = _layer_norm(spec, dtype, device)
+        if cross:
+            self.cross_attn = MultiHeadAttention(spec, cross=True, dtype=dtype, device=device)
+            self.norm2 = _layer_norm(spec, dtype, device)
+        else:
+            self.cross_attn = None
+        self.ffn = FeedForward(spec, dtype=dtype, device=device)
+        if cross:
+            self.norm3 = _layer_norm(spec, dtype, device)
+        else:
+            self.norm2 = _layer_norm(spec, dtype, device)
+        self.dropout = nn.Dropout(spec.dropout)
+
+    def _sublayer(self, x: Tensor, norm: nn.LayerNorm, fn) -> tuple[Tensor, tuple]:
+        """Residual + ``norm`` around ``fn`` (which returns ``(y, cached)``)."""
+        if self.norm_first:
+            y, cached = fn(norm(x))
+            return x + self.dropout(y), cached
+        y, cached = fn(x)
+        return norm(x + self.dropout(y)), cached
+
+    def forward(self, x: Tensor, self_bias: Tensor | None = None, memory: Tensor | None = None,
+                cross_bias: Tensor | None = None, past_key_value: tuple | None = None,
+                use_cache: bool = False) -> Tensor | tuple[Tensor, tuple]:
+        past = past_key_value or ()
+        x, present = self._sublayer(x, self.norm1, lambda y: self.self_attn(
+            y, self_bias, past_key_value=past[:2] or None, use_cache=True))
+        if self.cross_attn is not None:
+            x, cross = self._sublayer(x, self.norm2, lambda y: self.cross_attn(
+                y, cross_bias, key_value_states=memory, past_key_value=past[2:] or None,
+                use_cache=True))
+            present = present + cross
+        norm = self.norm3 if self.cross_attn is not None else self.norm2
+        x, _ = self._sublayer(x, norm, lambda y: (self.ffn(y), ()))
+        return (x, present) if use_cache else x
+
+
+class Decoder(nn.Module):
+    """``spec.decoder_layers`` :class:`DecoderLayer` s (``layers.{i}``), then ``final_norm`` if
+    ``spec.final_norm``.
+
+    Shapes: as :class:`DecoderLayer`; ``past_key_values`` one entry per layer. Returns
+    ``(B, T, D)``, or ``((B, T, D), past_key_values)`` with ``use_cache``.
+    """
+
+    def __init__(self, spec: ModelSpec, *, cross: bool = False,
+                 dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(spec, cross=cross, dtype=dtype, device=device)
+                                    for _ in range(spec.decoder_layers))
+        self.final_norm = _layer_norm(spec, dtype, device) if spec.final_norm else None
+
+    def forward(self, x: Tensor, self_bias: Tensor | None = None, memory: Tensor | None = None,
+                cross_bias: Tensor | None = None, past_key_values: tuple | None = None,
+                use_cache: bool = False) -> Tensor | tuple[Tensor, tuple]:
+        presents = []
+        for i, layer in enumerate(self.layers):
+            past = past_key_values[i] if past_key_values is not None else None
+            x, present = layer(x, self_bias, memory, cross_bias, past, use_cache=True)
+            presents.append(present)
+        x = self.final_norm(x) if self.final_norm is not None else x
+        return (x, tuple(presents)) if use_cache else x
+
+
+class LMHead(nn.Module):
+    """Language-model head (GPT-2's ``lm_head``): ``logits = x W^T``, no bias, no scale.
+
+    Args:
+        spec: uses ``vocab_size, d_model``.
+        tied: hold no parameter: the caller passes the (target-side) token table as ``weight``
+            (``tie_embeddings``), so the tied table is one parameter with one ``state_dict`` key.
+        dtype, device: as :class:`Embeddings`.
+
+    Shapes: ``(B, T, D)`` -> ``(B, T, vocab_size)``.
+    """
+
+    def __init__(self, spec: ModelSpec, *, tied: bool = False,
+                 dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.weight = (None if tied else
+                       nn.Parameter(torch.empty(spec.vocab_size, spec.d_model, dtype=dtype,
+                                                device=device)))
+        if self.weight is not None:
+            nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        return F.linear(x, self.weight if weight is None else weight)
+
+
+class _CausalModel(nn.Module):
+    """What :class:`DecoderModel` and :class:`EncoderDecoderModel` share."""
+
+    spec: ModelSpec
+    lm_head: LMHead | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameter and compute dtype."""
+        return self.embeddings.word_embeddings.weight.dtype
+
+    def self_attention_bias(self, attention_mask: Tensor | None, t: int, past_length: int = 0,
+                            device=None) -> Tensor:
+        """Causal self-attention bias ``(B or 1, 1, T, past + T)``: padding (``attention_mask``
+        ``(B, past + T)``, 1 = attend) times causality, then one :func:`allowed_bias`."""
+        allowed = causal_allowed(t, past_length + t, device)[None, None]
+        if attention_mask is not None:
+            allowed = attention_mask.to(self.dtype)[:, None, None, :] * allowed
+        return allowed_bias(allowed, self.dtype)
+
+    def key_padding_bias(self, attention_mask: Tensor | None) -> Tensor | None:
+        """``(B, 1, 1, S)`` key-padding bias (encoder self-attention, cross-attention)."""
+        if attention_mask is None:
+            return None
+        return allowed_bias(attention_mask[:, None, None, :], self.dtype)
+
+    def _head(self, out: dict[str, Tensor], x: Tensor, tied_weight) -> None:
+        if self.lm_head is not None:
+            out["logits"] = self.lm_head(x, tied_weight() if self.spec.tie_embeddings else None)
+
+
+class DecoderModel(_CausalModel):
+    """The whole decoder (GPT-like): :class:`Embeddings` -> :class:`Decoder` (causal
+    self-attention) -> (:class:`LMHead`), called with Hugging Face's argument names.
+
+    ``state_dict()`` keys equal ``[p.name for p in spec.parameters()]``, in that order (a tied LM
+    head adds no key: it multiplies by ``embeddings.word_embeddings.weight``).
+
+    Args:
+        spec: the :class:`~xformer.ModelSpec` (``architecture="decoder"``); kept as ``.spec``.
+        dtype, device: as :class:`EncoderModel`.
+
+    Call with:
+        input_ids: ``(B, T)`` int64, or inputs_embeds: ``(B, T, D)`` (already scaled).
+        attention_mask: ``(B, past + T)``, 1 = attend, 0 = padding; default all ones.
+        past_key_values: the ``"past_key_values"`` of the previous call (cached decoding):
+            per layer ``(k, v)`` ``(B, H, past, d_head)``; positions then start at ``past``.
+        use_cache: also return ``"past_key_values"`` (now ``past + T`` long).
+
+    Returns:
+        ``{"last_hidden_state": (B, T, D)}``, ``"logits": (B, T, vocab_size)`` with
+        ``head="lm"``, ``"past_key_values"`` with ``use_cache``.
+
+    Raises:
+        InputError: neither or both of ``input_ids`` / ``inputs_embeds``; ``past + T > max_len``.
+
+    Example::
+
+        >>> spec = ModelSpec.preset("gpt2-tiny")
+        >>> model = DecoderModel(spec, dtype=torch.float64).eval()
+        >>> out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+        >>> step = model(input_ids=torch.tensor([[4]]), past_key_values=out["past_key_values"])
+        >>> step["logits"].shape
+        torch.Size([1, 1, 1000])
+    """
+
+    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if dtype not in (torch.float32, torch.float64):
+            raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.spec = spec
+        self.embeddings = Embeddings(spec, dtype=dtype, device=device)
+        self.decoder = Decoder(spec, dtype=dtype, device=device)
+        self.lm_head = (LMHead(spec, tied=spec.tie_embeddings, dtype=dtype, device=device)
+                        if spec.head == "lm" else None)
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """``inputs_embeds`` for ``input_ids`` (the scaled token embeddings)."""
+        return self.embeddings.embed_tokens(input_ids)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, past_key_values: tuple | None = None,
+                use_cache: bool = False) -> dict[str, Tensor]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("give exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
+        past = past_key_values[0][0].shape[2] if past_key_values else 0
+        x = self.embeddings(input_ids, None, inputs_embeds, past_length=past)
+        bias = self.self_attention_bias(attention_mask, x.shape[1], past, x.device)
+        x, presents = self.decoder(x, bias, past_key_values=past_key_values, use_cache=True)
+        out = {"last_hidden_state": x}
+        self._head(out, x, lambda: self.embeddings.word_embeddings.weight)
+        if use_cache:
+            out["past_key_values"] = presents
+        return out
+
+
+class EncoderDecoderModel(_CausalModel):
+    """The encoder-decoder (Vaswani 2017): source :class:`Embeddings` (``embeddings``) ->
+    :class:`Encoder`; target :class:`Embeddings` (``decoder_embeddings``) -> :class:`Decoder`
+    (causal self-attention, cross-attention over the encoder output) -> (:class:`LMHead`).
+
+    ``state_dict()`` keys equal ``[p.name for p in spec.parameters()]``: with
+    ``share_embeddings`` the target side looks up ``embeddings.word_embeddings.weight`` (and
+    ``decoder_embeddings`` has no token table); a tied LM head multiplies by the target side's
+    table and adds no key.
+
+    Args:
+        spec: the :class:`~xformer.ModelSpec` (``architecture="encoder-decoder"``).
+        dtype, device: as :class:`EncoderModel`.
+
+    Call with:
+        input_ids / inputs_embeds, attention_mask: the source, as :class:`EncoderModel`.
+        decoder_input_ids / decoder_inputs_embeds, decoder_attention_mask: the target, as
+            :class:`DecoderModel` (mask ``(B, past + T)``).
+        encoder_outputs: ``(B, S, D)`` encoder output to reuse instead of running the encoder.
+        past_key_values: per decoder layer ``(k, v, cross_k, cross_v)``; with it the encoder
+            is not needed (the cross keys/values are cached), but ``attention_mask`` (the
+            source's) still is if the source has padding.
+        use_cache: also return ``"past_key_values"``.
+
+    Returns:
+        ``{"last_hidden_state": (B, T, D)}`` (the decoder's), ``"encoder_last_hidden_state":
+        (B, S, D)`` (when the encoder ran or ``encoder_outputs`` was given), ``"logits"`` with
+        ``head="lm"``, ``"past_key_values"`` with ``use_cache``.
+
+    Raises:
+        InputError: neither or both of ids / embeddings on a side; a sequence over ``max_len``.
+    """
+
+    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if dtype not in (torch.float32, torch.float64):
+            raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.spec = spec
+        self.embeddings = Embeddings(spec, dtype=dtype, device=device)
+        self.decoder_embeddings = Embeddings(spec, word_embeddings=not spec.share_embeddings,
+                                             dtype=dtype, device=device)
+        self.encoder = Encoder(spec, dtype=dtype, device=device)
+        self.decoder = Decoder(spec, cross=True, dtype=dtype, device=device)
+        self.lm_head = (LMHead(spec, tied=spec.tie_embeddings, dtype=dtype, device=device)
+                        if spec.head == "lm" else None)
+
+    def decoder_word_embeddings(self) -> Tensor:
+        """The target side's token table (the source's with ``share_embeddings``)."""
+        side = self.embeddings if self.spec.share_embeddings else self.decoder_embeddings
+        return side.word_embeddings.weight
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """Source ``inputs_embeds`` for ``input_ids``."""
+        return self.embeddings.embed_tokens(input_ids)
+
+    def embed_decoder_tokens(self, decoder_input_ids: Tensor) -> Tensor:
+        """Target ``decoder_inputs_embeds`` for ``decoder_input_ids``."""
+        return self.decoder_embeddings.embed_tokens(decoder_input_ids,
+                                                    self.decoder_word_embeddings())
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                decoder_input_ids: Tensor | None = None,
+                decoder_attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, decoder_inputs_embeds: Tensor | None = None,
+                encoder_outputs: Tensor | None = None, past_key_values: tuple | None = None,
+                use_cache: bool = False) -> dict[str, Tensor]:
+        if (decoder_input_ids is None) == (decoder_inputs_embeds is None):
+            raise InputError("give exactly one of decoder_input_ids (B, T) and "
+                             "decoder_inputs_embeds (B, T, D)")
+        cross_bias = self.key_padding_bias(attention_mask)
+        memory = encoder_outputs
+        cached_cross = bool(past_key_values) and len(past_key_values[0]) == 4
+        if memory is None and not cached_cross:
+            if (input_ids is None) == (inputs_embeds is None):
+                raise InputError("give exactly one of input_ids (B, S) and inputs_embeds "
+                                 "(B, S, D)")
+            memory = self.encoder(self.embeddings(input_ids, None, inputs_embeds), cross_bias)
+        if decoder_inputs_embeds is None:
+            decoder_inputs_embeds = self.embed_decoder_tokens(decoder_input_ids)
+        past = past_key_values[0][0].shape[2] if past_key_values else 0
+        y = self.decoder_embeddings(inputs_embeds=decoder_inputs_embeds, past_length=past)
+        bias = self.self_attention_bias(decoder_attention_mask, y.shape[1], past, y.device)
+        y, presents = self.decoder(y, bias, memory, cross_bias, past_key_values, use_cache=True)
+        out = {"last_hidden_state": y}
+        if memory is not None:
+            out["encoder_last_hidden_state"] = memory
+        self._head(out, y, self.decoder_word_embeddings)
+        if use_cache:
+            out["past_key_values"] = presents
         return out
