@@ -30,7 +30,9 @@ with warnings.catch_warnings():  # numpy 1.24-1.26 warn on the *lookup* of the r
 from .backend import MXNetBackend  # noqa: E402  (imports no framework)
 
 _NATIVE = ("Embeddings", "MultiHeadAttention", "FeedForward", "EncoderLayer", "Encoder",
-           "Pooler", "EncoderModel", "LayerNorm", "gelu", "gelu_tanh", "relu", "erf_exact_grad",
+           "Pooler", "EncoderModel", "DecoderLayer", "Decoder", "LMHead", "DecoderModel",
+           "EncoderDecoderModel", "LayerNorm", "gelu", "gelu_tanh", "relu", "erf_exact_grad",
+           "causal_allowed", "allowed_bias", "imperative", "cache_length", "reorder_cache",
            "canonical_parameters")
 
 __all__ = ["MXNetBackend", *_NATIVE]

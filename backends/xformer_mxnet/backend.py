@@ -2,20 +2,26 @@
 
 Modes: ``"imperative"`` (plain Gluon blocks) and ``"hybridize"`` (one cached graph,
 ``hybridize(static_alloc=True, static_shape=True)``). The gradient w.r.t. ``inputs_embeds``
-splits the chain rule: the looked-up (scaled) token embeddings enter the model as a leaf with
-``attach_grad()``, and their gradient is then backpropagated through the lookup into
-``word_embeddings``.
+(and ``decoder_inputs_embeds``) splits the chain rule: the looked-up (scaled) token embeddings
+enter the model as a leaf with ``attach_grad()``, and their gradient is then backpropagated
+through the lookup into the token table and added to what the model gave it (the tied LM
+head's part, or the other side's lookup with ``share_embeddings``).
+
+Cached decoding (:meth:`MXNetBackend.decode`) runs imperatively whatever the mode
+(:func:`xformer_mxnet.modules.imperative`): the hybridized graph of full-sequence calls is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
 from xformer.backend import Backend, check_dtype, check_inputs
+from xformer.errors import InputError
 from xformer.weights import check_weights
 
 
@@ -25,6 +31,27 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Parameter .* is not used", UserWarning)
         yield
+
+
+@dataclass(frozen=True)
+class DecodingCache:
+    """The state of cached decoding between :meth:`MXNetBackend.decode` calls.
+
+    Attributes:
+        past_key_values: the model's native cache: per decoder layer ``(k, v)`` NDArrays
+            ``(B, H, past, d_head)``, plus ``(cross_k, cross_v)`` ``(B, H, S, d_head)`` for an
+            encoder-decoder (computed once, on the first call).
+        attention_mask: an encoder-decoder's source mask ``(B, S)`` NDArray (the
+            cross-attention's key padding), ``None`` for a decoder.
+    """
+
+    past_key_values: tuple
+    attention_mask: Any = None
+
+    @property
+    def length(self) -> int:
+        """Positions already decoded (``past``)."""
+        return int(self.past_key_values[0][0].shape[2])
 
 
 class MXNetBackend(Backend):
@@ -41,7 +68,9 @@ class MXNetBackend(Backend):
         self._mx = modules.mx
 
     def build(self, spec, dtype: str = "float32") -> Any:
-        model = self._modules.EncoderModel(spec, check_dtype(dtype))
+        cls = {"encoder": "EncoderModel", "decoder": "DecoderModel",
+               "encoder-decoder": "EncoderDecoderModel"}[spec.architecture]
+        model = getattr(self._modules, cls)(spec, check_dtype(dtype))
         model.initialize(self._mx.init.Normal(0.02))  # LayerNorm and bias inits: ones / zeros
         return model
 
@@ -62,28 +91,67 @@ class MXNetBackend(Backend):
 
     def forward_backward(self, model, inputs, cotangents, mode=None):
         mx = self._mx
+        spec = model.spec
         args = self._call_args(model, inputs, mode)
-        ids = args.pop("input_ids", None)
         params = self._modules.canonical_parameters(model)
         for param in params.values():
             param.zero_grad()
-        if ids is not None:  # detached lookup: a leaf whose gradient we read
-            args["inputs_embeds"] = model.embeddings.embed_tokens(ids)
-        embeds = args["inputs_embeds"]
-        embeds.attach_grad()
+        sides = [("input_ids", "inputs_embeds", "encoder", model.embed_tokens)]
+        if spec.architecture == "encoder-decoder":
+            sides.append(("decoder_input_ids", "decoder_inputs_embeds", "decoder",
+                          model.embed_decoder_tokens))
+        lookups = []
+        for ids_key, embeds_key, side, embed in sides:
+            ids = args.pop(ids_key, None)
+            if ids is not None:  # detached lookup: a leaf whose gradient we read
+                args[embeds_key] = embed(ids)
+                lookups.append((ids, embeds_key, side, embed))
+            args[embeds_key].attach_grad()
         with mx.autograd.record(train_mode=False), _quiet():  # train_mode=False: dropout off
             out = model(**args)
         heads = list(out) if isinstance(out, (tuple, list)) else [out]
-        names = model.spec.output_names()
         mx.autograd.backward(heads, head_grads=[
-            mx.nd.array(cotangents[n], dtype=model.dtype) for n in names])
-        if ids is not None:  # d loss / d word_embeddings through the lookup (and the scale)
-            with mx.autograd.record(train_mode=False):
-                looked_up = model.embeddings.embed_tokens(ids)
-            looked_up.backward(embeds.grad)
+            mx.nd.array(cotangents[n], dtype=model.dtype) for n in spec.output_names()])
         grads = {name: param.grad().asnumpy() for name, param in params.items()}
-        grads["inputs_embeds"] = embeds.grad.asnumpy()
+        for ids, embeds_key, side, embed in lookups:
+            # d loss / d token table through the lookup (and the scale), added to the part the
+            # model gave it (a tied LM head; the other side with share_embeddings)
+            with mx.autograd.record(train_mode=False):
+                looked_up = embed(ids)
+            looked_up.backward(args[embeds_key].grad)
+            name = spec.word_embedding_name(side)
+            grads[name] = grads[name] + params[name].grad().asnumpy()
+        for _, embeds_key, _, _ in sides:
+            grads[embeds_key] = args[embeds_key].grad.asnumpy()
         return self._outputs(model, out), grads
+
+    def decode(self, model, inputs, cache=None):
+        mx = self._mx
+        spec = model.spec
+        if spec.architecture == "encoder":
+            raise InputError("decode needs a decoder or an encoder-decoder; this spec is an "
+                             "encoder")
+        if spec.head != "lm":
+            raise InputError(f"decode returns logits: it needs head='lm', got {spec.head!r}")
+        past = 0 if cache is None else cache.length
+        first = cache is None
+        checked = check_inputs(spec, inputs, model.dtype, past_length=past, encoder=first)
+        args = {key: mx.nd.array(value, dtype=value.dtype) for key, value in checked.items()}
+        if spec.architecture == "encoder-decoder" and not first:
+            args["attention_mask"] = cache.attention_mask
+        with mx.autograd.predict_mode():  # dropout off; runs imperatively (the native model)
+            out = model(**args, past_key_values=None if first else cache.past_key_values,
+                        use_cache=True)
+        logits, past_key_values = out[-2], out[-1]
+        enc_dec = spec.architecture == "encoder-decoder"
+        source_mask = args["attention_mask"] if enc_dec else None
+        return logits.asnumpy(), DecodingCache(past_key_values, source_mask)
+
+    def reorder_cache(self, model, cache, beam_idx):
+        idx = self._mx.nd.array(np.asarray(beam_idx, np.int64), dtype="int64")
+        mask = cache.attention_mask
+        return DecodingCache(self._modules.reorder_cache(cache.past_key_values, idx),
+                             None if mask is None else self._mx.nd.take(mask, idx, axis=0))
 
     def framework_version(self) -> str:
         return self._mx.__version__

@@ -1,10 +1,32 @@
-"""The encoder as Gluon ``HybridBlock``s (Apache MXNet 1.9.1), twin of ``xformer_torch.modules``.
+"""The xformer Transformers (encoder, decoder, encoder-decoder) as Gluon ``HybridBlock``s
+(Apache MXNet 1.9.1), twin of ``xformer_torch.modules`` and ``xformer_tensorflow.modules``::
+
+    Embeddings -> Encoder( EncoderLayer( MultiHeadAttention, FeedForward ) x n_layers ) -> Pooler
+    \\______________________________ EncoderModel ______________________________________/
+
+    Embeddings -> Decoder( DecoderLayer( causal MultiHeadAttention, FeedForward ) x n ) -> LMHead
+    \\______________________________ DecoderModel ______________________________________/
+
+    Embeddings -> Encoder ----------------------------------.  (memory: keys/values)
+    decoder_embeddings -> Decoder( DecoderLayer( causal self-attention, cross-attention,
+                                                 FeedForward ) x n_decoder_layers ) -> LMHead
+    \\____________________________ EncoderDecoderModel _________________________________/
 
 Same class names, same order, same attribute paths as the other two backends, so a reader can
 diff the files block by block (the pattern of Sockeye's ``layers.py`` / ``layers_pt.py``). The
 blocks follow GluonNLP's ``BERTEncoder`` / ``MultiHeadAttentionCell``: children made inside
 ``with self.name_scope():``, ``hybrid_forward(self, F, ...)`` so that the same code runs
 imperatively and, after ``hybridize()``, as one cached graph.
+
+Decoders: self-attention multiplies the 0/1 padding and causal masks into one ``allowed`` mask
+and adds ONE bias ``(1 - allowed) * finfo(dtype).min`` (:func:`allowed_bias`; two such biases
+would add up to ``-inf``), built with ``F.contrib.arange_like`` so it hybridizes. A tied LM head
+holds no parameter: it multiplies by the token table's own ``Parameter`` (``var()`` in the
+graph, ``data()`` imperatively), so the table's gradient sums the lookup and the head. Cached
+(incremental) decoding takes ``past_key_values`` / ``use_cache`` (Hugging Face's legacy layout:
+per decoder layer ``(k, v)`` ``(B, H, T, d_head)``, plus ``(cross_k, cross_v)`` for an
+encoder-decoder) and runs imperatively (:func:`imperative`) even in a hybridized model, whose
+graph is kept for full-sequence calls.
 
 Numerics are those of ``xformer.reference`` (DESIGN.md §3), op for op:
 
@@ -37,6 +59,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -56,7 +79,9 @@ from xformer.spec import ModelSpec, sinusoidal_table  # noqa: E402
 
 __all__ = ["erf_exact_grad", "gelu", "gelu_tanh", "relu", "LayerNorm", "Embeddings",
            "MultiHeadAttention", "FeedForward", "EncoderLayer", "Encoder", "Pooler",
-           "EncoderModel", "canonical_parameters"]
+           "EncoderModel", "DecoderLayer", "Decoder", "LMHead", "DecoderModel",
+           "EncoderDecoderModel", "causal_allowed", "allowed_bias", "imperative",
+           "cache_length", "reorder_cache", "canonical_parameters"]
 
 
 # ---------------------------------------------------------------------- activations
@@ -142,20 +167,28 @@ class Embeddings(HybridBlock):
         spec: the model; uses ``vocab_size, d_model, max_len, positional, type_vocab_size,
             embedding_norm, embed_scale, norm_eps, bias, dropout``.
         dtype: ``"float32"`` or ``"float64"``.
+        word_embeddings: own a token table; ``False`` for the target side of an
+            encoder-decoder with ``share_embeddings`` (it is then called with
+            ``inputs_embeds`` looked up in the source side's table).
 
-    Call ``(input_ids, token_type_ids=None, inputs_embeds=None)``: ``input_ids`` ``(B, T)``
-    integers, or ``None`` with ``inputs_embeds`` ``(B, T, D)`` (already scaled, ``dtype``);
-    ``token_type_ids`` ``(B, T)`` integers or ``None`` (all zeros). Returns ``(B, T, D)``.
+    Call ``(input_ids, token_type_ids=None, inputs_embeds=None, past_length=0)``:
+    ``input_ids`` ``(B, T)`` integers, or ``None`` with ``inputs_embeds`` ``(B, T, D)``
+    (already scaled, ``dtype``); ``token_type_ids`` ``(B, T)`` integers or ``None`` (all
+    zeros); ``past_length`` (a Python int, imperative calls only) the positions already in a
+    key/value cache: positions then run from ``past_length``. Returns ``(B, T, D)``.
     Token ids out of range are clipped by MXNet's ``Embedding`` (check them first:
     ``xformer.backend.check_inputs``).
     """
 
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", word_embeddings: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
         self._spec = spec
+        self._has_table = word_embeddings
         d = spec.d_model
         with self.name_scope():
-            self.word_embeddings = nn.Embedding(spec.vocab_size, d, dtype=dtype)
+            if word_embeddings:
+                self.word_embeddings = nn.Embedding(spec.vocab_size, d, dtype=dtype)
             if spec.positional == "learned":
                 self.position_embeddings = nn.Embedding(spec.max_len, d, dtype=dtype)
             else:
@@ -175,9 +208,12 @@ class Embeddings(HybridBlock):
         return x * math.sqrt(self._spec.d_model) if self._spec.embed_scale else x
 
     def hybrid_forward(self, F, input_ids, token_type_ids=None, inputs_embeds=None,
-                       position_table=None):
+                       past_length=0, position_table=None):
+        if inputs_embeds is None and not self._has_table:
+            raise InputError("these embeddings have no token table (share_embeddings): give "
+                             "inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        positions = F.contrib.arange_like(x, axis=1)                     # (T,)
+        positions = F.contrib.arange_like(x, axis=1, start=past_length)  # (T,) past .. past+T-1
         if self._spec.positional == "learned":
             pos = self.position_embeddings(positions)                    # (T, D)
         else:
@@ -195,23 +231,37 @@ class Embeddings(HybridBlock):
 
 
 class MultiHeadAttention(HybridBlock):
-    """Multi-head self-attention (Vaswani 2017 §3.2.2; scaling and mask as Hugging Face
-    ``BertSelfAttention``; layout as GluonNLP's ``DotProductAttentionCell``).
+    """Multi-head attention (Vaswani 2017 §3.2.2; scaling and mask as Hugging Face
+    ``BertSelfAttention``; layout as GluonNLP's ``DotProductAttentionCell``). Self-attention by
+    default; cross-attention (queries from ``x``, keys and values from ``key_value_states``)
+    when built with ``cross=True``.
 
     ``softmax(Q K^T / sqrt(d_head) + mask_bias) V``, heads split as ``(B, T, H, d_head)``, then
-    ``out_proj``. ``mask_bias`` is ``(1 - attention_mask) * finfo(dtype).min`` shaped
-    ``(B, 1, 1, T)`` (see :meth:`EncoderModel.mask_bias`): finite, so a fully padded row gives
-    uniform attention, never NaN. Dropout on the attention probabilities (training only).
+    ``out_proj``. ``mask_bias`` is additive and finite (``finfo(dtype).min`` where masked, see
+    :func:`allowed_bias`), so a fully masked row gives uniform attention, never NaN. Dropout on
+    the attention probabilities (training only).
+
+    Args:
+        spec: uses ``d_model, n_heads, bias, dropout``.
+        dtype: ``"float32"`` or ``"float64"``.
+        cross: cross-attention: cached keys/values (``past_key_value``) are the projected
+            encoder output, reused as they are; self-attention appends the new keys/values to
+            the cached ones.
 
     Children ``q_proj, k_proj, v_proj, out_proj``: ``nn.Dense(d_model, flatten=False)``.
 
-    Call ``(x, mask_bias=None)``: ``x`` ``(B, T, D)``; ``mask_bias`` ``(B, 1, 1, T)`` or ``None``
-    (no padding). Returns ``(B, T, D)``.
+    Call ``(x, mask_bias=None, key_value_states=None, past_key_value=None, use_cache=False)``:
+    ``x`` ``(B, T, D)``; ``mask_bias`` broadcastable to ``(B, H, T, S)`` (``(B, 1, 1, S)`` key
+    padding, ``(B or 1, 1, T, past + T)`` causal) or ``None``; ``key_value_states``
+    ``(B, S, D)`` (cross-attention); ``past_key_value`` ``(k, v)`` each ``(B, H, S_past,
+    d_head)`` or ``None`` (imperative calls only). Returns ``(B, T, D)``, or
+    ``((B, T, D), (k, v))`` with ``use_cache`` (the keys/values to cache).
     """
 
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", cross: bool = False, **kwargs):
         super().__init__(**kwargs)
         self._heads, self._d_head = spec.n_heads, spec.d_head
+        self._cross = cross
         d = spec.d_model
         with self.name_scope():
             self.q_proj = _dense(spec, d, d, dtype)
@@ -221,23 +271,40 @@ class MultiHeadAttention(HybridBlock):
             self.dropout = nn.Dropout(spec.dropout)
 
     def _split_heads(self, F, x):
-        # (B, T, D) -> (B, T, H, dh) -> (B, H, T, dh) -> (B * H, T, dh)
-        x = F.transpose(F.reshape(x, shape=(0, 0, self._heads, -1)), axes=(0, 2, 1, 3))
+        # (B, T, D) -> (B, T, H, dh) -> (B, H, T, dh)
+        return F.transpose(F.reshape(x, shape=(0, 0, self._heads, -1)), axes=(0, 2, 1, 3))
+
+    @staticmethod
+    def _fold(F, x):
+        # (B, H, T, dh) -> (B * H, T, dh), the layout of batch_dot
         return F.reshape(x, shape=(-1, 0, 0), reverse=True)
 
-    def hybrid_forward(self, F, x, mask_bias=None):
-        q, k, v = (self._split_heads(F, proj(x)) for proj in (self.q_proj, self.k_proj,
-                                                              self.v_proj))
-        scores = F.batch_dot(q, k, transpose_b=True) / math.sqrt(self._d_head)  # (B*H, T, T)
+    def hybrid_forward(self, F, x, mask_bias=None, key_value_states=None, past_key_value=None,
+                       use_cache=False):
+        q = self._split_heads(F, self.q_proj(x))
+        if self._cross and past_key_value is not None:  # the encoder output, projected once
+            k, v = past_key_value
+        else:
+            kv = key_value_states if self._cross else x
+            if kv is None:
+                raise ValueError("cross-attention needs key_value_states or a cached "
+                                 "past_key_value")
+            k, v = self._split_heads(F, self.k_proj(kv)), self._split_heads(F, self.v_proj(kv))
+            if past_key_value is not None:  # self-attention: append to the cached positions
+                k = F.concat(past_key_value[0], k, dim=2)
+                v = F.concat(past_key_value[1], v, dim=2)
+        scores = F.batch_dot(self._fold(F, q), self._fold(F, k), transpose_b=True)
+        scores = scores / math.sqrt(self._d_head)                               # (B*H, T, S)
         if mask_bias is not None:
             scores = F.reshape(scores, shape=(-1, self._heads, 0, 0), reverse=True)
-            scores = F.broadcast_add(scores, mask_bias)                          # (B, H, T, T)
+            scores = F.broadcast_add(scores, mask_bias)                          # (B, H, T, S)
             scores = F.reshape(scores, shape=(-1, 0, 0), reverse=True)
         probs = self.dropout(F.softmax(scores, axis=-1))
-        ctx = F.batch_dot(probs, v)                                             # (B*H, T, dh)
+        ctx = F.batch_dot(probs, self._fold(F, v))                              # (B*H, T, dh)
         ctx = F.reshape(ctx, shape=(-1, self._heads, 0, 0), reverse=True)       # (B, H, T, dh)
         ctx = F.reshape(F.transpose(ctx, axes=(0, 2, 1, 3)), shape=(0, 0, -1))  # (B, T, D)
-        return self.out_proj(ctx)
+        out = self.out_proj(ctx)
+        return (out, (k, v)) if use_cache else out
 
 
 class FeedForward(HybridBlock):
@@ -391,6 +458,10 @@ class EncoderModel(HybridBlock):
             self._structure = structure
         return super().__call__(*args)
 
+    def embed_tokens(self, input_ids):
+        """``inputs_embeds`` for ``input_ids`` (the scaled token embeddings)."""
+        return self.embeddings.embed_tokens(input_ids)
+
     def mask_bias(self, F, attention_mask):
         """``(1 - attention_mask) * finfo(dtype).min`` as ``(B, 1, 1, T)`` in the compute dtype:
         the dtype's most negative *finite* number, never ``-inf`` (DESIGN.md §3)."""
@@ -405,6 +476,432 @@ class EncoderModel(HybridBlock):
         if self.spec.head == "pooler":
             return x, self.pooler(x)
         return x
+
+
+# ---------------------------------------------------------------------- decoders
+@contextlib.contextmanager
+def imperative(block: HybridBlock):
+    """Run ``block`` (and every child) imperatively inside the ``with``, hybridized or not.
+
+    Cached decoding changes shapes every step and takes nested Python arguments
+    (``past_key_values``), so it runs imperatively; this switches Gluon's per-block ``_active``
+    flag off and back on without clearing the cached graphs, so a hybridized model keeps its
+    graph for later full-sequence calls (``hybridize(active=False)`` would throw it away).
+    """
+    saved = []
+
+    def off(b):
+        if isinstance(b, HybridBlock):
+            saved.append((b, b._active))
+            b._active = False
+
+    block.apply(off)
+    try:
+        yield block
+    finally:
+        for b, active in saved:
+            b._active = active
+
+
+def causal_allowed(F, queries, keys, past_length: int = 0):
+    """``(T, S)`` 0/1 in ``queries``' dtype: query ``i`` (absolute position ``past_length + i``)
+    may attend to key ``j`` iff ``j <= past_length + i``. ``queries`` ``(B, T, ...)`` and
+    ``keys`` ``(B, S, ...)`` give only the lengths (``F.contrib.arange_like``, so the same code
+    runs in a hybridized graph, where ``past_length`` is 0)."""
+    q_pos = F.contrib.arange_like(queries, axis=1, start=past_length)            # (T,)
+    k_pos = F.contrib.arange_like(keys, axis=1)                                  # (S,)
+    return F.broadcast_lesser_equal(F.reshape(k_pos, shape=(1, -1)),
+                                    F.reshape(q_pos, shape=(-1, 1)))
+
+
+def allowed_bias(allowed, mask_value: float):
+    """``(1 - allowed) * finfo(dtype).min``: ONE additive bias from a 0/1 mask that is already
+    the product of padding and causality (DESIGN.md §3; two ``finfo.min`` biases would add up
+    to ``-inf``). ``mask_value`` is ``float(finfo(dtype).min)``."""
+    return (1.0 - allowed) * mask_value
+
+
+def cache_length(past_key_values) -> int:
+    """Positions in a ``past_key_values`` cache (0 for ``None``): the length of its keys."""
+    return 0 if not past_key_values else int(past_key_values[0][0].shape[2])
+
+
+def reorder_cache(past_key_values, beam_idx):
+    """``past_key_values`` with the batch rows gathered by ``beam_idx`` ``(N,)`` (an NDArray of
+    integers): beam search keeps, duplicates and drops hypotheses (Hugging Face's
+    ``_reorder_cache``)."""
+    return tuple(tuple(mx.nd.take(t, beam_idx, axis=0) for t in layer)
+                 for layer in past_key_values)
+
+
+class DecoderLayer(HybridBlock):
+    """One decoder layer: causal self-attention (``self_attn``, ``norm1``), cross-attention over
+    the encoder output (``cross_attn``, ``norm2``; encoder-decoders only) and the feed-forward
+    network (``ffn``, ``norm2``, or ``norm3`` after cross-attention), each sub-layer with a
+    residual connection and a LayerNorm, post- or pre-LN as :class:`EncoderLayer`
+    (``nn.TransformerDecoderLayer``'s order and names, Vaswani 2017 §3.1).
+
+    Args:
+        spec: as :class:`EncoderLayer`.
+        dtype: ``"float32"`` or ``"float64"``.
+        cross: with a cross-attention sub-layer (the decoder of an encoder-decoder).
+
+    Call ``(x, self_bias=None, memory=None, cross_bias=None, past_key_value=None,
+    use_cache=False)``: ``x`` ``(B, T, D)``; ``self_bias`` ``(B or 1, 1, T, past + T)`` (causal
+    and padding, :func:`allowed_bias`); ``memory`` ``(B, S, D)`` and ``cross_bias``
+    ``(B, 1, 1, S)`` (cross-attention); ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k,
+    cross_v)`` (imperative calls only). Returns ``(B, T, D)``, or ``((B, T, D), present)``
+    with ``use_cache``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", cross: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self._pre = spec.norm_position == "pre"
+        self._cross = cross
+        with self.name_scope():
+            self.self_attn = MultiHeadAttention(spec, dtype)
+            self.norm1 = LayerNorm(spec, dtype)
+            if cross:
+                self.cross_attn = MultiHeadAttention(spec, dtype, cross=True)
+                self.norm2 = LayerNorm(spec, dtype)
+            self.ffn = FeedForward(spec, dtype)
+            if cross:
+                self.norm3 = LayerNorm(spec, dtype)
+            else:
+                self.norm2 = LayerNorm(spec, dtype)
+            self.dropout = nn.Dropout(spec.dropout)
+
+    def _sublayer(self, x, norm, fn):
+        """Residual + ``norm`` around ``fn`` (which returns ``(y, cached)``)."""
+        if self._pre:
+            y, cached = fn(norm(x))
+            return x + self.dropout(y), cached
+        y, cached = fn(x)
+        return norm(x + self.dropout(y)), cached
+
+    def hybrid_forward(self, F, x, self_bias=None, memory=None, cross_bias=None,
+                       past_key_value=None, use_cache=False):
+        past = tuple(past_key_value or ())
+        x, present = self._sublayer(x, self.norm1, lambda y: self.self_attn(
+            y, self_bias, None, past[:2] or None, True))
+        if self._cross:
+            x, cross = self._sublayer(x, self.norm2, lambda y: self.cross_attn(
+                y, cross_bias, memory, past[2:] or None, True))
+            present = present + cross
+        x, _ = self._sublayer(x, self.norm3 if self._cross else self.norm2,
+                              lambda y: (self.ffn(y), ()))
+        return (x, present) if use_cache else x
+
+
+class Decoder(HybridBlock):
+    """``spec.decoder_layers`` :class:`DecoderLayer` s in ``layers`` (``layers.0``, ...), then
+    ``final_norm`` if ``spec.final_norm``.
+
+    Call ``(x, self_bias=None, memory=None, cross_bias=None, past_key_values=None,
+    use_cache=False)`` as :class:`DecoderLayer`, ``past_key_values`` one entry per layer.
+    Returns ``(B, T, D)``, or ``((B, T, D), past_key_values)`` with ``use_cache``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", cross: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self._final_norm = spec.final_norm
+        with self.name_scope():
+            self.layers = nn.HybridSequential()
+            with self.layers.name_scope():
+                for _ in range(spec.decoder_layers):
+                    self.layers.add(DecoderLayer(spec, dtype, cross=cross))
+            if spec.final_norm:
+                self.final_norm = LayerNorm(spec, dtype)
+
+    def hybrid_forward(self, F, x, self_bias=None, memory=None, cross_bias=None,
+                       past_key_values=None, use_cache=False):
+        presents = []
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i]
+            x, present = layer(x, self_bias, memory, cross_bias, past, True)
+            presents.append(present)
+        x = self.final_norm(x) if self._final_norm else x
+        return (x, tuple(presents)) if use_cache else x
+
+
+class LMHead(HybridBlock):
+    """Language-model head (GPT-2's ``lm_head``): ``logits = x W^T``, no bias, no scale
+    (``F.FullyConnected(no_bias=True)``, the op of ``nn.Dense``).
+
+    Args:
+        spec: uses ``vocab_size, d_model``.
+        dtype: ``"float32"`` or ``"float64"``.
+        tied: hold no parameter: the caller passes the (target-side) token table as
+            ``tied_weight`` (``tie_embeddings``), so the tied table is one Gluon ``Parameter``
+            whose gradient sums both uses.
+
+    Call ``(x, tied_weight=None)``: ``(B, T, D)`` -> ``(B, T, vocab_size)``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", tied: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self._vocab = spec.vocab_size
+        if not tied:
+            with self.name_scope():
+                self.weight = self.params.get("weight", shape=(spec.vocab_size, spec.d_model),
+                                              dtype=dtype, init=mx.init.Normal(0.02))
+
+    def hybrid_forward(self, F, x, tied_weight=None, weight=None):
+        w = weight if tied_weight is None else tied_weight
+        return F.FullyConnected(x, w, no_bias=True, num_hidden=self._vocab, flatten=False)
+
+
+class _CausalModel(HybridBlock):
+    """What :class:`DecoderModel` and :class:`EncoderDecoderModel` share: masks, the tied
+    table, the graph-structure bookkeeping of hybridized calls and the imperative cached path.
+    """
+
+    spec: ModelSpec
+
+    def __init__(self, spec: ModelSpec, dtype: str, architecture: str, **kwargs):
+        super().__init__(**kwargs)
+        if spec.architecture != architecture:
+            raise ValueError(f"{type(self).__name__} needs architecture={architecture!r}, got "
+                             f"{spec.architecture!r}")
+        self.spec, self.dtype = spec, np.dtype(dtype).name
+        self._mask_value = float(np.finfo(self.dtype).min)
+        self._structure = None  # which of the inputs the cached graph was traced with
+
+    def _check_length(self, x, past: int = 0) -> None:
+        if isinstance(x, mx.nd.NDArray) and past + x.shape[1] > self.spec.max_len:
+            what = (f"sequence length {x.shape[1]}" if not past else
+                    f"{past} cached + {x.shape[1]} new positions")
+            raise InputError(f"{what} is longer than max_len={self.spec.max_len}; shorten the "
+                             f"input (xformer does not truncate silently)")
+
+    def _run(self, args, cached: bool):
+        """Run ``hybrid_forward``: through the hybridized graph (retraced when the ``None``
+        structure of ``args`` changes) or, for cached decoding, imperatively."""
+        if cached:
+            with imperative(self):
+                return super().__call__(*args)
+        structure = tuple(a is None for a in args)
+        if structure != self._structure:  # Gluon traces one graph per argument structure
+            self._clear_cached_op()
+            self._structure = structure
+        return super().__call__(*args)
+
+    def self_attention_bias(self, F, x, attention_mask=None, past_length: int = 0):
+        """Causal self-attention bias ``(B or 1, 1, T, past + T)``: padding (``attention_mask``
+        ``(B, past + T)``, 1 = attend) times causality, then one :func:`allowed_bias`."""
+        mask = None if attention_mask is None else F.cast(attention_mask, dtype=self.dtype)
+        allowed = causal_allowed(F, x, x if mask is None else mask, past_length)  # (T, S)
+        allowed = F.expand_dims(F.expand_dims(allowed, axis=0), axis=0)  # (1, 1, T, S)
+        if mask is not None:
+            allowed = F.broadcast_mul(F.reshape(mask, shape=(0, 1, 1, -1)), allowed)
+        return allowed_bias(allowed, self._mask_value)
+
+    def key_padding_bias(self, F, attention_mask=None):
+        """``(B, 1, 1, S)`` key-padding bias (encoder self-attention, cross-attention)."""
+        if attention_mask is None:
+            return None
+        mask = F.cast(attention_mask, dtype=self.dtype)
+        return allowed_bias(F.reshape(mask, shape=(0, 1, 1, -1)), self._mask_value)
+
+    def _head(self, F, outputs: list, x, table) -> None:
+        if self.spec.head == "lm":
+            tied = None
+            if self.spec.tie_embeddings:  # the same Parameter as the token lookup
+                param = table.weight
+                tied = param.var() if isinstance(x, mx.sym.Symbol) else param.data(x.context)
+            outputs.append(self.lm_head(x, tied))
+
+    def _pack(self, outputs: list, presents, use_cache: bool):
+        if use_cache:
+            outputs.append(presents)
+        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+
+class DecoderModel(_CausalModel):
+    """The whole decoder (GPT-like): :class:`Embeddings` -> :class:`Decoder` (causal
+    self-attention) -> (:class:`LMHead`), called with Hugging Face's argument names.
+
+    Canonical names are the Gluon attribute paths (:func:`canonical_parameters`); a tied LM
+    head adds no parameter: it multiplies by ``embeddings.word_embeddings.weight``.
+
+    Args:
+        spec: the model (``spec.architecture == "decoder"``).
+        dtype: ``"float32"`` or ``"float64"``.
+
+    Call (keywords accepted)::
+
+        model(input_ids=None, attention_mask=None, inputs_embeds=None,
+              past_key_values=None, use_cache=False)
+
+    * ``input_ids`` ``(B, T)`` or ``inputs_embeds`` ``(B, T, D)`` (already scaled);
+    * ``attention_mask`` ``(B, past + T)``, 1 = attend, 0 = padding; ``None`` = all ones;
+    * ``past_key_values``: what a previous call with ``use_cache=True`` returned (per layer
+      ``(k, v)`` ``(B, H, past, d_head)``); positions then start at ``past``;
+    * ``use_cache``: also return the new ``past_key_values`` (``past + T`` long).
+
+    Returns, as a tuple (a single NDArray when it is one), the outputs of
+    ``spec.output_names()``: ``last_hidden_state`` ``(B, T, D)``, ``logits``
+    ``(B, T, vocab_size)`` with ``head="lm"``, then ``past_key_values`` with ``use_cache``.
+    Full-sequence calls run through the hybridized graph when the block is hybridized; calls
+    with ``past_key_values`` or ``use_cache`` run imperatively (:func:`imperative`), and the
+    hybridized graph is kept.
+
+    Raises:
+        InputError: neither or both of ``input_ids`` / ``inputs_embeds``; ``past + T >
+            max_len``.
+
+    Example::
+
+        >>> model = DecoderModel(ModelSpec.preset("gpt2-tiny"), dtype="float64")
+        >>> model.initialize(mx.init.Normal(0.02))
+        >>> hidden, logits, cache = model(input_ids=mx.nd.array([[1, 2, 3]]), use_cache=True)
+        >>> hidden, logits, cache = model(input_ids=mx.nd.array([[4]]), past_key_values=cache,
+        ...                               use_cache=True)
+        >>> logits.shape
+        (1, 1, 1000)
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, dtype, "decoder", **kwargs)
+        with self.name_scope():
+            self.embeddings = Embeddings(spec, self.dtype)
+            self.decoder = Decoder(spec, self.dtype)
+            if spec.head == "lm":
+                self.lm_head = LMHead(spec, self.dtype, tied=spec.tie_embeddings)
+
+    def embed_tokens(self, input_ids):
+        """``inputs_embeds`` for ``input_ids`` (the scaled token embeddings)."""
+        return self.embeddings.embed_tokens(input_ids)
+
+    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None,
+                 past_key_values=None, use_cache=False):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("give exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
+        x = input_ids if input_ids is not None else inputs_embeds
+        past = cache_length(past_key_values)
+        self._check_length(x, past)
+        cached = past_key_values is not None or bool(use_cache)
+        if cached and attention_mask is None:
+            attention_mask = mx.nd.ones((x.shape[0], past + x.shape[1]), ctx=x.context,
+                                        dtype=self.dtype)
+        args = (input_ids, attention_mask, inputs_embeds)
+        return self._run(args + (past_key_values, bool(use_cache)) if cached else args, cached)
+
+    def hybrid_forward(self, F, input_ids, attention_mask=None, inputs_embeds=None,
+                       past_key_values=None, use_cache=False):
+        past = cache_length(past_key_values)
+        x = self.embeddings(input_ids, None, inputs_embeds, past)
+        bias = self.self_attention_bias(F, x, attention_mask, past)
+        x, presents = self.decoder(x, bias, None, None, past_key_values, True)
+        outputs = [x]
+        self._head(F, outputs, x, self.embeddings.word_embeddings)
+        return self._pack(outputs, presents, use_cache)
+
+
+class EncoderDecoderModel(_CausalModel):
+    """The encoder-decoder (Vaswani 2017): source :class:`Embeddings` (``embeddings``) ->
+    :class:`Encoder`; target :class:`Embeddings` (``decoder_embeddings``) -> :class:`Decoder`
+    (causal self-attention, cross-attention over the encoder output) -> (:class:`LMHead`).
+
+    With ``share_embeddings`` the target side looks up ``embeddings.word_embeddings`` (and
+    ``decoder_embeddings`` has no token table); a tied LM head multiplies by the target side's
+    table and adds no parameter.
+
+    Args:
+        spec: the model (``spec.architecture == "encoder-decoder"``).
+        dtype: ``"float32"`` or ``"float64"``.
+
+    Call (keywords accepted)::
+
+        model(input_ids=None, attention_mask=None, inputs_embeds=None,
+              decoder_input_ids=None, decoder_attention_mask=None, decoder_inputs_embeds=None,
+              encoder_outputs=None, past_key_values=None, use_cache=False)
+
+    * the source: ``input_ids`` / ``inputs_embeds`` and ``attention_mask`` as
+      :class:`EncoderModel` (the mask is also the cross-attention's key padding);
+    * the target: ``decoder_input_ids`` / ``decoder_inputs_embeds`` and
+      ``decoder_attention_mask`` ``(B, past + T)`` as :class:`DecoderModel`;
+    * ``encoder_outputs`` ``(B, S, D)``: an encoder output to reuse instead of running the
+      encoder;
+    * ``past_key_values``: per decoder layer ``(k, v, cross_k, cross_v)``; with it the encoder
+      is not needed (the cross keys/values are cached), but ``attention_mask`` (the source's)
+      still is if the source has padding; ``use_cache``: also return them.
+
+    Returns, as a tuple: ``last_hidden_state`` ``(B, T, D)`` (the decoder's),
+    ``encoder_last_hidden_state`` ``(B, S, D)`` (``None`` in a cached step that neither ran the
+    encoder nor got ``encoder_outputs``), ``logits`` with ``head="lm"``, then
+    ``past_key_values`` with ``use_cache``. Hybridized and cached calls as
+    :class:`DecoderModel`.
+
+    Raises:
+        InputError: neither or both of ids / embeddings on a side; a sequence over ``max_len``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, dtype, "encoder-decoder", **kwargs)
+        with self.name_scope():
+            self.embeddings = Embeddings(spec, self.dtype)
+            self.decoder_embeddings = Embeddings(spec, self.dtype,
+                                                 word_embeddings=not spec.share_embeddings)
+            self.encoder = Encoder(spec, self.dtype)
+            self.decoder = Decoder(spec, self.dtype, cross=True)
+            if spec.head == "lm":
+                self.lm_head = LMHead(spec, self.dtype, tied=spec.tie_embeddings)
+
+    def _target_table(self) -> Embeddings:
+        """The :class:`Embeddings` whose token table the target side uses."""
+        return self.embeddings if self.spec.share_embeddings else self.decoder_embeddings
+
+    def embed_tokens(self, input_ids):
+        """Source ``inputs_embeds`` for ``input_ids``."""
+        return self.embeddings.embed_tokens(input_ids)
+
+    def embed_decoder_tokens(self, decoder_input_ids):
+        """Target ``decoder_inputs_embeds`` for ``decoder_input_ids``."""
+        return self._target_table().embed_tokens(decoder_input_ids)
+
+    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None,
+                 decoder_input_ids=None, decoder_attention_mask=None,
+                 decoder_inputs_embeds=None, encoder_outputs=None, past_key_values=None,
+                 use_cache=False):
+        if (decoder_input_ids is None) == (decoder_inputs_embeds is None):
+            raise InputError("give exactly one of decoder_input_ids (B, T) and "
+                             "decoder_inputs_embeds (B, T, D)")
+        cached_cross = bool(past_key_values) and len(past_key_values[0]) == 4
+        if encoder_outputs is not None or cached_cross:
+            input_ids = inputs_embeds = None  # the encoder does not run
+        elif (input_ids is None) == (inputs_embeds is None):
+            raise InputError("give exactly one of input_ids (B, S) and inputs_embeds (B, S, D)")
+        else:
+            self._check_length(input_ids if input_ids is not None else inputs_embeds)
+        y = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
+        past = cache_length(past_key_values)
+        self._check_length(y, past)
+        cached = past_key_values is not None or bool(use_cache)
+        if cached and decoder_attention_mask is None:
+            decoder_attention_mask = mx.nd.ones((y.shape[0], past + y.shape[1]),
+                                                ctx=y.context, dtype=self.dtype)
+        args = (input_ids, attention_mask, inputs_embeds, decoder_input_ids,
+                decoder_attention_mask, decoder_inputs_embeds, encoder_outputs)
+        return self._run(args + (past_key_values, bool(use_cache)) if cached else args, cached)
+
+    def hybrid_forward(self, F, input_ids, attention_mask=None, inputs_embeds=None,
+                       decoder_input_ids=None, decoder_attention_mask=None,
+                       decoder_inputs_embeds=None, encoder_outputs=None, past_key_values=None,
+                       use_cache=False):
+        cross_bias = self.key_padding_bias(F, attention_mask)
+        memory = encoder_outputs
+        if memory is None and (input_ids is not None or inputs_embeds is not None):
+            memory = self.encoder(self.embeddings(input_ids, None, inputs_embeds), cross_bias)
+        if decoder_inputs_embeds is None:
+            decoder_inputs_embeds = self.embed_decoder_tokens(decoder_input_ids)
+        past = cache_length(past_key_values)
+        y = self.decoder_embeddings(None, None, decoder_inputs_embeds, past)
+        bias = self.self_attention_bias(F, y, decoder_attention_mask, past)
+        y, presents = self.decoder(y, bias, memory, cross_bias, past_key_values, True)
+        outputs = [y, memory]
+        self._head(F, outputs, y, self._target_table().word_embeddings)
+        return self._pack(outputs, presents, use_cache)
 
 
 def canonical_parameters(model: EncoderModel) -> dict:
