@@ -1,5 +1,6 @@
-"""xformer's TensorFlow backend: the encoder as Keras 3 layers (``modules``) and
-:class:`TensorFlowBackend` (``backend``), found through the ``xformer.backends`` entry point.
+"""xformer's TensorFlow backend: encoder, decoder and encoder-decoder as Keras 3 layers
+(``modules``) and :class:`TensorFlowBackend` (``backend``), found through the
+``xformer.backends`` entry point.
 
 Importing this package does not import TensorFlow; the layers are loaded on first access
 (``xformer_tensorflow.EncoderModel``), the framework in ``TensorFlowBackend()``.
@@ -8,7 +9,9 @@ Importing this package does not import TensorFlow; the layers are loaded on firs
 from .backend import TensorFlowBackend
 
 _MODULE_NAMES = ("gelu", "gelu_tanh", "relu", "ACTIVATIONS", "Embeddings", "MultiHeadAttention",
-                 "FeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel")
+                 "FeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
+                 "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel",
+                 "causal_allowed", "past_length")
 
 __all__ = ["TensorFlowBackend", *_MODULE_NAMES]
 

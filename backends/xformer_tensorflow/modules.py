@@ -1,9 +1,17 @@
-"""Keras 3 layers of the xformer encoder (TensorFlow backend).
+"""Keras 3 layers of the xformer Transformers: encoder, decoder, encoder-decoder (TensorFlow
+backend).
 
 The twin of ``xformer_torch/modules.py`` and ``xformer_mxnet/modules.py``: the same classes, in
 the same order, with the same attribute names (``Embeddings``, ``MultiHeadAttention``,
-``FeedForward``, ``EncoderLayer``, ``Encoder``, ``Pooler``, ``EncoderModel``), so the three files
-diff block by block. The semantics are those of :mod:`xformer.reference` (DESIGN.md §3).
+``FeedForward``, ``EncoderLayer``, ``Encoder``, ``Pooler``, ``EncoderModel``, ``DecoderLayer``,
+``Decoder``, ``LMHead``, ``DecoderModel``, ``EncoderDecoderModel``), so the three files diff block
+by block. The semantics are those of :mod:`xformer.reference` (DESIGN.md §3)::
+
+    Embeddings -> Encoder( EncoderLayer( MultiHeadAttention, FeedForward ) x n_layers ) -> Pooler
+    Embeddings -> Decoder( DecoderLayer( causal MultiHeadAttention, FeedForward ) x n ) -> LMHead
+    embeddings -> Encoder --------------------------------------------.  (memory)
+    decoder_embeddings -> Decoder( DecoderLayer( causal self-attention, cross-attention,
+                                                 FeedForward ) x n_decoder_layers ) -> LMHead
 
 Attribute paths mirror the canonical parameter names of :meth:`xformer.ModelSpec.parameters`:
 ``model.encoder.layers[0].self_attn.q_proj.kernel`` holds
@@ -16,7 +24,16 @@ not reach sub-layers created without one); ``LayerNormalization`` gets ``epsilon
 (the Keras default is 1e-3); GELU is composed from ``erf`` / ``tanh`` (``tf.nn.gelu`` is off by
 ~5e-9 in float64 and ``keras.ops.gelu`` defaults to the tanh form); masked logits get the dtype's
 most negative finite value, never ``-inf``, so a fully padded row attends uniformly instead of
-giving NaN.
+giving NaN. Decoder self-attention multiplies the 0/1 padding mask and the 0/1 causal mask into
+one ``allowed`` mask first and adds ONE bias ``(1 - allowed) * finfo(dtype).min`` (two such biases
+would add up to ``-inf``), so a fully padded row attends uniformly over all keys, as the
+reference.
+
+Incremental decoding: ``DecoderModel`` / ``EncoderDecoderModel`` take ``past_key_values`` and
+``use_cache`` (Hugging Face's legacy cache layout, a plain tuple of tensors that works inside
+``tf.function`` too): per decoder layer ``(k, v)`` of ``(B, H, T_past, d_head)``, plus
+``(cross_k, cross_v)`` ``(B, H, S, d_head)`` for an encoder-decoder (the projected encoder output,
+computed once), and return ``"past_key_values"``.
 
 Example::
 
@@ -41,7 +58,9 @@ from xformer.errors import InputError
 from xformer.spec import ModelSpec, sinusoidal_table
 
 __all__ = ["gelu", "gelu_tanh", "relu", "ACTIVATIONS", "Embeddings", "MultiHeadAttention",
-           "FeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel"]
+           "FeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer",
+           "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel", "causal_allowed",
+           "past_length"]
 
 _PACKAGE = "xformer"
 
@@ -82,6 +101,25 @@ def _dense(spec: ModelSpec, units: int, dtype, name: str, **kwargs) -> keras.lay
     return keras.layers.Dense(units, use_bias=spec.bias, dtype=dtype, name=name, **kwargs)
 
 
+def causal_allowed(t_q, t_k, dtype):
+    """``(t_q, t_k)`` 0/1 in ``dtype``: query ``i`` (absolute position ``t_k - t_q + i``, so
+    cached positions count) may attend to key ``j`` iff ``j <= t_k - t_q + i``
+    (:func:`xformer.reference.causal_allowed`). ``t_q``/``t_k`` may be traced scalars."""
+    keys = ops.arange(t_k, dtype="int32")[None, :]
+    queries = ops.arange(t_q, dtype="int32")[:, None] + (t_k - t_q)
+    return ops.cast(ops.less_equal(keys, queries), dtype)
+
+
+def past_length(past_key_values):
+    """Positions already in a key/value cache (``past_key_values[0][0]`` is ``(B, H, T_past,
+    d_head)``): a Python int when the shape is static, else a scalar tensor; 0 without a
+    cache."""
+    if not past_key_values:
+        return 0
+    k = past_key_values[0][0]
+    return k.shape[2] if k.shape[2] is not None else ops.shape(k)[2]
+
+
 class _SpecLayer(keras.layers.Layer):
     """A layer configured by a :class:`~xformer.spec.ModelSpec` (serialised as a dict)."""
 
@@ -106,19 +144,25 @@ class Embeddings(_SpecLayer):
 
     Args:
         spec: the model spec.
+        word_embeddings: whether to own a token table; ``False`` for the target side of an
+            encoder-decoder with ``share_embeddings``, which looks up the source side's table
+            (passed to :meth:`embed_tokens` as ``weight``; the layer then takes
+            ``inputs_embeds`` only).
         **kwargs: base layer arguments (``name``, ``dtype``: ``"float32"`` or ``"float64"``).
 
     Call args:
         input_ids: ``(B, T)`` integer token ids, or ``None`` with ``inputs_embeds``.
         token_type_ids: ``(B, T)`` integers; ``None`` means all zeros.
         inputs_embeds: ``(B, T, D)`` already scaled token embeddings, in the layer dtype.
+        past_length: positions already decoded (cached decoding): the positions of these
+            tokens are ``past_length .. past_length + T - 1``. An int or a scalar tensor.
         training: dropout on when true.
 
     Returns:
         ``(B, T, D)`` in the layer dtype.
 
     Raises:
-        InputError: ``T > spec.max_len`` (when ``T`` is known while tracing).
+        InputError: ``past_length + T > spec.max_len`` (when both are known while tracing).
 
     Example::
 
@@ -127,11 +171,13 @@ class Embeddings(_SpecLayer):
         (2, 5, 64)
     """
 
-    def __init__(self, spec: ModelSpec, **kwargs):
+    def __init__(self, spec: ModelSpec, word_embeddings: bool = True, **kwargs):
         super().__init__(spec, **kwargs)
         spec, dtype = self.spec, self.dtype_policy
-        self.word_embeddings = keras.layers.Embedding(spec.vocab_size, spec.d_model, dtype=dtype,
-                                                      name="word_embeddings")
+        self.has_word_embeddings = bool(word_embeddings)
+        self.word_embeddings = (keras.layers.Embedding(spec.vocab_size, spec.d_model,
+                                                       dtype=dtype, name="word_embeddings")
+                                if word_embeddings else None)
         self.position_embeddings = None
         if spec.positional == "learned":
             self.position_embeddings = keras.layers.Embedding(
@@ -148,7 +194,8 @@ class Embeddings(_SpecLayer):
                             else None)
 
     def build(self, input_shape=None):
-        self.word_embeddings.build()
+        if self.word_embeddings is not None:
+            self.word_embeddings.build()
         if self.position_embeddings is not None:
             self.position_embeddings.build()
         if self.token_type_embeddings is not None:
@@ -156,27 +203,47 @@ class Embeddings(_SpecLayer):
         if self.norm is not None:
             self.norm.build((None, None, self.spec.d_model))
 
-    def embed_tokens(self, input_ids):
+    def embed_tokens(self, input_ids, weight=None):
         """``word_embeddings[input_ids]``, times ``sqrt(D)`` when ``embed_scale``: the tensor
-        that ``inputs_embeds`` stands for. ``(B, T)`` ints -> ``(B, T, D)``."""
-        x = self.word_embeddings(input_ids)
+        that ``inputs_embeds`` stands for. ``(B, T)`` ints -> ``(B, T, D)``. ``weight``: a
+        shared ``(vocab_size, D)`` table to look up instead of this layer's own
+        (``share_embeddings``)."""
+        if weight is None:
+            if self.word_embeddings is None:
+                raise InputError(f"{self.name} shares the source token table: look tokens up "
+                                 f"with embed_tokens(input_ids, weight=table)")
+            x = self.word_embeddings(input_ids)
+        else:
+            x = ops.take(weight, input_ids, axis=0)  # what keras.layers.Embedding computes
         if self.spec.embed_scale:
             x = x * ops.convert_to_tensor(math.sqrt(self.spec.d_model), dtype=self.compute_dtype)
         return x
 
-    def call(self, input_ids=None, token_type_ids=None, inputs_embeds=None, training=None):
+    def call(self, input_ids=None, token_type_ids=None, inputs_embeds=None, past_length=0,
+             training=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("give exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         t = x.shape[1]
-        if t is not None and t > self.spec.max_len:
-            raise InputError(f"sequence length {t} is longer than max_len={self.spec.max_len}; "
+        if t is not None and isinstance(past_length, int) and (
+                past_length + t > self.spec.max_len):
+            what = (f"sequence length {t}" if not past_length
+                    else f"{past_length} cached + {t} new positions")
+            raise InputError(f"{what} is longer than max_len={self.spec.max_len}; "
                              f"shorten the input (xformer does not truncate silently)")
         t = ops.shape(x)[1]
-        if self.position_embeddings is not None:
-            x = x + self.position_embeddings(ops.arange(t, dtype="int32"))[None]
+        if isinstance(past_length, int) and past_length == 0:  # the plain forward pass
+            if self.position_embeddings is not None:
+                x = x + self.position_embeddings(ops.arange(t, dtype="int32"))[None]
+            else:
+                x = x + ops.convert_to_tensor(self._sinusoidal,
+                                              dtype=self.compute_dtype)[None, :t]
+        elif self.position_embeddings is not None:
+            positions = ops.arange(t, dtype="int32") + ops.cast(past_length, "int32")
+            x = x + self.position_embeddings(positions)[None]
         else:
-            x = x + ops.convert_to_tensor(self._sinusoidal, dtype=self.compute_dtype)[None, :t]
+            table = ops.convert_to_tensor(self._sinusoidal, dtype=self.compute_dtype)
+            x = x + ops.slice(table, (past_length, 0), (t, self.spec.d_model))[None]
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = ops.zeros(ops.shape(x)[:2], dtype="int32")
@@ -188,28 +255,41 @@ class Embeddings(_SpecLayer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:2], self.spec.d_model)
 
+    def get_config(self):
+        return {**super().get_config(), "word_embeddings": self.has_word_embeddings}
+
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class MultiHeadAttention(_SpecLayer):
-    """Multi-head scaled dot-product self-attention (Vaswani 2017 §3.2.1-3.2.2; scaling and
-    additive mask as Hugging Face ``BertSelfAttention``).
+    """Multi-head scaled dot-product attention (Vaswani 2017 §3.2.1-3.2.2; scaling and
+    additive mask as Hugging Face ``BertSelfAttention``). Self-attention by default;
+    cross-attention (queries from ``x``, keys and values from ``key_value_states``) when built
+    with ``cross=True``.
 
-    ``softmax(Q K^T / sqrt(d_head) + (1 - mask) * finfo(dtype).min) V`` per head, heads split as
-    ``(B, T, H, d_head)``, then ``out_proj``. The mask term is the dtype's most negative *finite*
-    value, so a fully padded row gives uniform attention, never NaN. Dropout on the attention
-    probabilities in training.
+    ``softmax(Q K^T / sqrt(d_head) + (1 - allowed) * finfo(dtype).min) V`` per head, heads split
+    as ``(B, T, H, d_head)``, then ``out_proj``. The mask term is the dtype's most negative
+    *finite* value, so a fully padded row gives uniform attention, never NaN. Dropout on the
+    attention probabilities in training.
 
     Args:
         spec: the model spec (``d_model``, ``n_heads``, ``bias``, ``dropout``).
+        cross: cross-attention: cached keys/values (``past_key_value``) are the projected
+            encoder output, reused as they are; self-attention appends the new keys/values to
+            the cached ones.
         **kwargs: base layer arguments (``name``, ``dtype``).
 
     Call args:
         x: ``(B, T, D)``.
-        attention_mask: ``(B, T)``, 1 = attend, 0 = padding; ``None`` attends everywhere.
+        attention_mask: ``(B, S)`` key mask, 1 = attend, 0 = padding, or a 0/1 ``allowed``
+            mask broadcastable to ``(B, H, T, S)`` (padding times causal, see
+            :class:`Decoder`); ``None`` attends everywhere. ``S`` counts cached keys too.
+        key_value_states: ``(B, S, D)`` the encoder output (cross-attention); default ``x``.
+        past_key_value: ``(k, v)``, each ``(B, H, S_past, d_head)``, or ``None``.
+        use_cache: also return the keys/values to cache.
         training: dropout on when true.
 
     Returns:
-        ``(B, T, D)``.
+        ``(B, T, D)``, or ``((B, T, D), (k, v))`` with ``use_cache``.
 
     Example::
 
@@ -218,9 +298,10 @@ class MultiHeadAttention(_SpecLayer):
         (2, 3, 8)
     """
 
-    def __init__(self, spec: ModelSpec, **kwargs):
+    def __init__(self, spec: ModelSpec, cross: bool = False, **kwargs):
         super().__init__(spec, **kwargs)
         d, dtype = self.spec.d_model, self.dtype_policy
+        self.cross = bool(cross)
         self.q_proj = _dense(self.spec, d, dtype, "q_proj")
         self.k_proj = _dense(self.spec, d, dtype, "k_proj")
         self.v_proj = _dense(self.spec, d, dtype, "v_proj")
@@ -231,29 +312,46 @@ class MultiHeadAttention(_SpecLayer):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             proj.build((None, None, self.spec.d_model))
 
-    def call(self, x, attention_mask=None, training=None):
+    def call(self, x, attention_mask=None, key_value_states=None, past_key_value=None,
+             use_cache=False, training=None):
         dtype = self.compute_dtype
         h, dh = self.spec.n_heads, self.spec.d_head
         b, t = ops.shape(x)[0], ops.shape(x)[1]
 
-        def split(y):  # (B, T, D) -> (B, H, T, d_head)
-            return ops.transpose(ops.reshape(y, (b, t, h, dh)), (0, 2, 1, 3))
+        def split(y):  # (B, S, D) -> (B, H, S, d_head)
+            return ops.transpose(ops.reshape(y, (b, ops.shape(y)[1], h, dh)), (0, 2, 1, 3))
 
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        q = split(self.q_proj(x))
+        if self.cross and past_key_value is not None:  # the encoder's, projected once
+            k, v = past_key_value
+        else:
+            kv = x if key_value_states is None else key_value_states
+            k, v = split(self.k_proj(kv)), split(self.v_proj(kv))
+            if past_key_value is not None:  # self-attention: append to the cached positions
+                k = ops.concatenate([past_key_value[0], k], axis=2)
+                v = ops.concatenate([past_key_value[1], v], axis=2)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
         scores = scores / ops.convert_to_tensor(math.sqrt(dh), dtype=dtype)
         if attention_mask is not None:
-            mask = ops.cast(attention_mask, dtype)
+            allowed = ops.cast(attention_mask, dtype)
             neg = ops.convert_to_tensor(np.finfo(dtype).min, dtype=dtype)
-            scores = scores + ((ops.convert_to_tensor(1.0, dtype=dtype) - mask) * neg
-                               )[:, None, None, :]
-        probs = self.dropout(ops.softmax(scores, axis=-1), training=training)
+            bias = (ops.convert_to_tensor(1.0, dtype=dtype) - allowed) * neg
+            scores = scores + (bias[:, None, None, :] if len(allowed.shape) == 2 else bias)
+        if scores.shape[-1] == 1:  # one key (first decoding step): softmax is exactly 1, and
+            probs = ops.ones_like(scores)  # keras.ops.softmax would warn "use a sigmoid"
+        else:
+            probs = ops.softmax(scores, axis=-1)
+        probs = self.dropout(probs, training=training)
         ctx = ops.reshape(ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3)),
                           (b, t, self.spec.d_model))
-        return self.out_proj(ctx)
+        out = self.out_proj(ctx)
+        return (out, (k, v)) if use_cache else out
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "cross": self.cross}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -511,3 +609,417 @@ class EncoderModel(keras.Model):
     def get_config(self):
         return {"spec": self.spec.to_dict(), "dtype": self.dtype_policy.name,
                 "name": self.name, "trainable": self.trainable}
+
+
+# ---------------------------------------------------------------------- decoders
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DecoderLayer(_SpecLayer):
+    """One Transformer decoder layer: causal self-attention, cross-attention over the encoder
+    output (encoder-decoders only), then feed-forward, each with a residual connection and
+    LayerNorm: ``norm1`` (self-attention), ``norm2`` (cross-attention), ``norm3`` (FFN), or
+    ``norm1`` / ``norm2`` without cross-attention (GPT-2's ``ln_1`` / ``ln_2``;
+    ``nn.TransformerDecoderLayer``'s ``norm1..3``).
+
+    * ``norm_position="post"`` (Vaswani 2017 §3.1): ``x = norm_i(x + drop(f_i(x)))``.
+    * ``norm_position="pre"`` (GPT-2): ``x = x + drop(f_i(norm_i(x)))``.
+
+    Args:
+        spec: the model spec.
+        cross_attention: build ``cross_attn`` / ``norm3`` (encoder-decoders).
+        **kwargs: base layer arguments (``name``, ``dtype``).
+
+    Call args:
+        x: ``(B, T, D)``.
+        attention_mask: 0/1 self-attention ``allowed`` mask broadcastable to
+            ``(B, H, T, past + T)`` (padding times causal, from :class:`Decoder`), or ``None``.
+        encoder_hidden_states: ``(B, S, D)`` the encoder output (cross-attention), or ``None``
+            when ``past_key_value`` holds its projected keys/values.
+        encoder_attention_mask: ``(B, S)`` source padding mask, or ``None``.
+        past_key_value: ``(k, v)``, or ``(k, v, cross_k, cross_v)`` with cross-attention.
+        use_cache: also return this layer's new cache entry.
+        training: dropout on when true.
+
+    Returns:
+        ``(B, T, D)``, or ``((B, T, D), past_key_value)`` with ``use_cache``.
+
+    Example::
+
+        >>> spec = ModelSpec(architecture="decoder", d_model=8, n_heads=2, d_ff=32, head="lm")
+        >>> layer = DecoderLayer(spec, dtype="float64")
+        >>> tuple(layer(np.ones((2, 3, 8))).shape)
+        (2, 3, 8)
+    """
+
+    def __init__(self, spec: ModelSpec, cross_attention: bool = False, **kwargs):
+        super().__init__(spec, **kwargs)
+        spec, dtype = self.spec, self.dtype_policy
+        self.has_cross_attention = bool(cross_attention)
+        self.self_attn = MultiHeadAttention(spec, dtype=dtype, name="self_attn")
+        self.norm1 = _layer_norm(spec, dtype, "norm1")
+        self.cross_attn = None
+        if cross_attention:
+            self.cross_attn = MultiHeadAttention(spec, cross=True, dtype=dtype, name="cross_attn")
+            self.norm2 = _layer_norm(spec, dtype, "norm2")
+            self.ffn = FeedForward(spec, dtype=dtype, name="ffn")
+            self.norm3 = _layer_norm(spec, dtype, "norm3")
+        else:
+            self.ffn = FeedForward(spec, dtype=dtype, name="ffn")
+            self.norm2 = _layer_norm(spec, dtype, "norm2")
+            self.norm3 = None
+        self.dropout1 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout1")
+        self.dropout2 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout2")
+        self.dropout3 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout3")
+
+    def build(self, input_shape=None):
+        shape = (None, None, self.spec.d_model)
+        for layer in (self.self_attn, self.norm1, self.cross_attn, self.norm2, self.ffn,
+                      self.norm3):
+            if layer is not None:
+                layer.build(shape)
+
+    def call(self, x, attention_mask=None, encoder_hidden_states=None,
+             encoder_attention_mask=None, past_key_value=None, use_cache=False, training=None):
+        post = self.spec.norm_position == "post"
+
+        def sublayer(x, norm, dropout, fn):
+            if post:
+                return norm(x + dropout(fn(x), training=training))
+            return x + dropout(fn(norm(x)), training=training)
+
+        past = past_key_value or (None, None, None, None)
+        present = []
+
+        def self_attn(y):
+            y, kv = self.self_attn(y, attention_mask=attention_mask,
+                                   past_key_value=None if past[0] is None else past[:2],
+                                   use_cache=True, training=training)
+            present.extend(kv)
+            return y
+
+        def cross_attn(y):
+            y, kv = self.cross_attn(y, attention_mask=encoder_attention_mask,
+                                    key_value_states=encoder_hidden_states,
+                                    past_key_value=None if len(past) < 4 or past[2] is None
+                                    else past[2:], use_cache=True, training=training)
+            present.extend(kv)
+            return y
+
+        x = sublayer(x, self.norm1, self.dropout1, self_attn)
+        if self.cross_attn is not None:
+            x = sublayer(x, self.norm2, self.dropout2, cross_attn)
+            x = sublayer(x, self.norm3, self.dropout3,
+                         lambda y: self.ffn(y, training=training))
+        else:
+            x = sublayer(x, self.norm2, self.dropout2,
+                         lambda y: self.ffn(y, training=training))
+        return (x, tuple(present)) if use_cache else x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "cross_attention": self.has_cross_attention}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Decoder(_SpecLayer):
+    """A stack of ``spec.decoder_layers`` :class:`DecoderLayer` (``layers[i]``), then
+    ``final_norm`` when ``spec.final_norm``.
+
+    Builds the self-attention mask once for all layers: the 0/1 padding mask ``(B, past + T)``
+    times the 0/1 causal mask (query ``i``, at absolute position ``past + i``, sees keys
+    ``j <= past + i``), one ``allowed`` mask that each attention turns into ONE
+    ``finfo(dtype).min`` bias.
+
+    Args:
+        spec: the model spec.
+        cross_attention: layers with cross-attention (encoder-decoders).
+        **kwargs: base layer arguments (``name``, ``dtype``).
+
+    Call args:
+        x: ``(B, T, D)`` embedded target tokens.
+        attention_mask: ``(B, past + T)`` 1/0 padding mask of the target side, or ``None``.
+        encoder_hidden_states: ``(B, S, D)``, or ``None`` (no cross-attention, or its keys and
+            values are cached).
+        encoder_attention_mask: ``(B, S)`` 1/0 source padding mask, or ``None``.
+        past_key_values: one cache entry per layer (see :class:`DecoderLayer`), or ``None``.
+        use_cache: also return the new cache. training: dropout on when true.
+
+    Returns:
+        ``(B, T, D)``, or ``((B, T, D), past_key_values)`` with ``use_cache``.
+
+    Example::
+
+        >>> spec = ModelSpec(architecture="decoder", d_model=8, n_heads=2, d_ff=32, head="lm")
+        >>> dec = Decoder(spec, dtype="float64")
+        >>> len(dec.layers), tuple(dec(np.ones((2, 3, 8))).shape)
+        (2, (2, 3, 8))
+    """
+
+    def __init__(self, spec: ModelSpec, cross_attention: bool = False, **kwargs):
+        super().__init__(spec, **kwargs)
+        spec, dtype = self.spec, self.dtype_policy
+        self.has_cross_attention = bool(cross_attention)
+        self.layers = [DecoderLayer(spec, cross_attention=cross_attention, dtype=dtype,
+                                    name=f"layers_{i}") for i in range(spec.decoder_layers)]
+        self.final_norm = _layer_norm(spec, dtype, "final_norm") if spec.final_norm else None
+
+    def build(self, input_shape=None):
+        for layer in self.layers:
+            layer.build((None, None, self.spec.d_model))
+        if self.final_norm is not None:
+            self.final_norm.build((None, None, self.spec.d_model))
+
+    def call(self, x, attention_mask=None, encoder_hidden_states=None,
+             encoder_attention_mask=None, past_key_values=None, use_cache=False,
+             training=None):
+        t = ops.shape(x)[1]
+        allowed = causal_allowed(t, past_length(past_key_values) + t, self.compute_dtype)
+        allowed = allowed[None, None]  # (1, 1, T, past + T)
+        if attention_mask is not None:  # multiply first: one bias, never two
+            allowed = ops.cast(attention_mask, self.compute_dtype)[:, None, None, :] * allowed
+        present = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attention_mask=allowed, encoder_hidden_states=encoder_hidden_states,
+                      encoder_attention_mask=encoder_attention_mask,
+                      past_key_value=None if past_key_values is None else past_key_values[i],
+                      use_cache=use_cache, training=training)
+            if use_cache:
+                x, kv = x
+                present.append(kv)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return (x, tuple(present)) if use_cache else x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "cross_attention": self.has_cross_attention}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LMHead(_SpecLayer):
+    """Language-model head ``logits = x W^T``, ``W`` ``(vocab_size, D)``, no bias, no scale
+    (GPT-2's ``lm_head``).
+
+    Holds ``kernel`` ``(D, vocab_size)`` (a ``Dense`` kernel: ``lm_head.weight`` transposed)
+    unless ``spec.tie_embeddings``; a tied head holds no variable and is called with the token
+    table, so the table stays one variable and its gradient sums both uses.
+
+    Args:
+        spec: the model spec (``d_model``, ``vocab_size``, ``tie_embeddings``).
+        **kwargs: base layer arguments (``name``, ``dtype``).
+
+    Call args:
+        x: ``(B, T, D)``.
+        weight: ``(vocab_size, D)`` the tied token table (required when tied, else ``None``).
+
+    Returns:
+        ``(B, T, vocab_size)``.
+
+    Example::
+
+        >>> spec = ModelSpec(architecture="decoder", vocab_size=50, d_model=8, n_heads=2,
+        ...                  head="lm")
+        >>> tuple(LMHead(spec, dtype="float64")(np.ones((2, 3, 8))).shape)
+        (2, 3, 50)
+    """
+
+    def __init__(self, spec: ModelSpec, **kwargs):
+        super().__init__(spec, **kwargs)
+        self.tied = self.spec.tie_embeddings
+        self.kernel = None
+
+    def build(self, input_shape=None):
+        if not self.tied and self.kernel is None:
+            self.kernel = self.add_weight(shape=(self.spec.d_model, self.spec.vocab_size),
+                                          initializer="glorot_uniform", name="kernel")
+
+    def call(self, x, weight=None):
+        if self.tied:
+            if weight is None:
+                raise InputError("a tied LM head needs the token table: call it with weight=")
+            return ops.matmul(x, ops.transpose(weight))
+        return ops.matmul(x, self.kernel)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.spec.vocab_size)
+
+
+class _GenerativeModel(keras.Model):
+    """What :class:`DecoderModel` and :class:`EncoderDecoderModel` share: spec, dtype, config,
+    and the LM head over the target-side token table."""
+
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(dtype=dtype or "float32", **kwargs)
+        self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
+
+    def target_word_embeddings(self):
+        """The ``(vocab_size, D)`` token table of the target side (``spec.word_embedding_name(
+        "decoder")``): what target tokens look up and what a tied LM head multiplies by."""
+        return self.embeddings.word_embeddings.embeddings
+
+    def _head(self, out):
+        if self.lm_head is not None:
+            table = self.target_word_embeddings() if self.spec.tie_embeddings else None
+            out["logits"] = self.lm_head(out["last_hidden_state"], weight=table)
+        return out
+
+    def get_config(self):
+        return {"spec": self.spec.to_dict(), "dtype": self.dtype_policy.name,
+                "name": self.name, "trainable": self.trainable}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DecoderModel(_GenerativeModel):
+    """A GPT-like decoder: :class:`Embeddings` -> :class:`Decoder` (causal self-attention) ->
+    optional :class:`LMHead`, float32 or float64 end to end.
+
+    Args:
+        spec: a ``ModelSpec`` with ``architecture="decoder"`` (or its dict).
+        dtype: ``"float32"`` or ``"float64"``; default float32.
+        **kwargs: base model arguments (``name``, ``trainable``).
+
+    Call args (Hugging Face names):
+        input_ids: ``(B, T)`` token ids, or ``inputs_embeds`` ``(B, T, D)`` (already scaled).
+        attention_mask: ``(B, past + T)`` 1/0 padding mask; ``None`` = all ones.
+        past_key_values: per layer ``(k, v)`` ``(B, H, past, d_head)`` from a previous call with
+            ``use_cache=True``; the new tokens get positions ``past ..``.
+        use_cache: also return ``"past_key_values"``.
+        training: dropout on when true (off by default).
+
+    Returns:
+        ``{"last_hidden_state": (B, T, D)}``, ``"logits": (B, T, vocab_size)`` with
+        ``head="lm"``, ``"past_key_values"`` with ``use_cache``.
+
+    Example::
+
+        >>> model = DecoderModel(ModelSpec.preset("gpt2-tiny"), dtype="float64")
+        >>> out = model(input_ids=np.array([[5, 6, 7]]), use_cache=True)
+        >>> step = model(input_ids=np.array([[8]]), past_key_values=out["past_key_values"])
+        >>> tuple(step["logits"].shape)
+        (1, 1, 1000)
+    """
+
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
+        dtype = self.dtype_policy
+        self.embeddings = Embeddings(self.spec, dtype=dtype, name="embeddings")
+        self.decoder = Decoder(self.spec, dtype=dtype, name="decoder")
+        self.lm_head = (LMHead(self.spec, dtype=dtype, name="lm_head")
+                        if self.spec.head == "lm" else None)
+
+    def build(self, input_shape=None):
+        self.embeddings.build()
+        self.decoder.build()
+        if self.lm_head is not None:
+            self.lm_head.build()
+
+    def call(self, input_ids=None, attention_mask=None, inputs_embeds=None,
+             past_key_values=None, use_cache=False, training=None):
+        x = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                            past_length=past_length(past_key_values), training=training)
+        x = self.decoder(x, attention_mask=attention_mask, past_key_values=past_key_values,
+                         use_cache=use_cache, training=training)
+        present = None
+        if use_cache:
+            x, present = x
+        out = self._head({"last_hidden_state": x})
+        if use_cache:
+            out["past_key_values"] = present
+        return out
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class EncoderDecoderModel(_GenerativeModel):
+    """The Transformer of Vaswani et al. 2017: source :class:`Embeddings` (``embeddings``) ->
+    :class:`Encoder`; target embeddings (``decoder_embeddings``, without a token table of their
+    own when ``share_embeddings``) -> :class:`Decoder` with cross-attention over the encoder
+    output -> optional :class:`LMHead`.
+
+    Args:
+        spec: a ``ModelSpec`` with ``architecture="encoder-decoder"`` (or its dict).
+        dtype: ``"float32"`` or ``"float64"``; default float32.
+        **kwargs: base model arguments (``name``, ``trainable``).
+
+    Call args (Hugging Face names):
+        input_ids / inputs_embeds: the source, ``(B, S)`` or ``(B, S, D)``.
+        attention_mask: ``(B, S)`` source padding mask (also the cross-attention key mask).
+        decoder_input_ids / decoder_inputs_embeds: the target, ``(B, T)`` or ``(B, T, D)``.
+        decoder_attention_mask: ``(B, past + T)`` target padding mask.
+        encoder_outputs: ``(B, S, D)`` an encoder output to reuse instead of running the encoder.
+        past_key_values: per layer ``(k, v, cross_k, cross_v)``; the encoder is then skipped
+            (its keys/values are cached), ``attention_mask`` is still the source mask.
+        use_cache: also return ``"past_key_values"``. training: dropout on when true.
+
+    Returns:
+        ``{"last_hidden_state": (B, T, D), "encoder_last_hidden_state": (B, S, D)}`` (the latter
+        not when the encoder was skipped), ``"logits"`` with ``head="lm"``,
+        ``"past_key_values"`` with ``use_cache``.
+
+    Example::
+
+        >>> model = EncoderDecoderModel(ModelSpec.preset("vaswani-tiny"), dtype="float64")
+        >>> out = model(input_ids=np.array([[5, 6, 7]]), decoder_input_ids=np.array([[0, 9]]))
+        >>> tuple(out["logits"].shape), tuple(out["encoder_last_hidden_state"].shape)
+        ((1, 2, 1000), (1, 3, 64))
+    """
+
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
+        spec, dtype = self.spec, self.dtype_policy
+        self.embeddings = Embeddings(spec, dtype=dtype, name="embeddings")
+        self.decoder_embeddings = Embeddings(spec, word_embeddings=not spec.share_embeddings,
+                                             dtype=dtype, name="decoder_embeddings")
+        self.encoder = Encoder(spec, dtype=dtype, name="encoder")
+        self.decoder = Decoder(spec, cross_attention=True, dtype=dtype, name="decoder")
+        self.lm_head = LMHead(spec, dtype=dtype, name="lm_head") if spec.head == "lm" else None
+
+    def build(self, input_shape=None):
+        self.embeddings.build()
+        self.decoder_embeddings.build()
+        self.encoder.build()
+        self.decoder.build()
+        if self.lm_head is not None:
+            self.lm_head.build()
+
+    def target_word_embeddings(self):
+        emb = self.decoder_embeddings.word_embeddings
+        return (emb if emb is not None else self.embeddings.word_embeddings).embeddings
+
+    def embed_decoder_tokens(self, decoder_input_ids):
+        """Target token embeddings (what ``decoder_inputs_embeds`` stands for), from the target
+        table or the shared source one. ``(B, T)`` ints -> ``(B, T, D)``."""
+        shared = None if self.decoder_embeddings.word_embeddings is not None else (
+            self.embeddings.word_embeddings.embeddings)
+        return self.decoder_embeddings.embed_tokens(decoder_input_ids, weight=shared)
+
+    def call(self, input_ids=None, attention_mask=None, inputs_embeds=None,
+             decoder_input_ids=None, decoder_attention_mask=None, decoder_inputs_embeds=None,
+             encoder_outputs=None, past_key_values=None, use_cache=False, training=None):
+        memory = encoder_outputs
+        if memory is None and past_key_values is None:
+            x = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                training=training)
+            memory = self.encoder(x, attention_mask=attention_mask, training=training)
+        if (decoder_input_ids is None) == (decoder_inputs_embeds is None):
+            raise InputError("give exactly one of decoder_input_ids (B, T) and "
+                             "decoder_inputs_embeds (B, T, D)")
+        if decoder_inputs_embeds is None:
+            decoder_inputs_embeds = self.embed_decoder_tokens(decoder_input_ids)
+        y = self.decoder_embeddings(inputs_embeds=decoder_inputs_embeds,
+                                    past_length=past_length(past_key_values), training=training)
+        y = self.decoder(y, attention_mask=decoder_attention_mask, encoder_hidden_states=memory,
+                         encoder_attention_mask=attention_mask, past_key_values=past_key_values,
+                         use_cache=use_cache, training=training)
+        present = None
+        if use_cache:
+            y, present = y
+        out = {"last_hidden_state": y}
+        if memory is not None:
+            out["encoder_last_hidden_state"] = memory
+        out = self._head(out)
+        if use_cache:
+            out["past_key_values"] = present
+        return out
