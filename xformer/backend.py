@@ -111,11 +111,21 @@ class Backend:
                 "decoder_attention_mask"}`` (mask optional) reuse them.
             cache: ``None`` on the first call, then what the previous call returned.
 
+        A step that leaves out the decoded side's mask keeps the cached mask and counts the new
+        positions as attended (what :mod:`xformer.generation` relies on). Positions with no
+        allowed key (left padding, fully padded rows) attend uniformly over *all* keys, so
+        there cached and full decoding legitimately differ (``past + new`` keys against ``T``);
+        every other position matches a full forward pass.
+
         Returns:
             ``(logits, cache)``: ``logits`` ``(B, T_new, vocab_size)`` numpy in the model dtype
             (the same numbers as a full forward pass at those positions), and the new cache,
             a native object: per decoder layer the self-attention keys and values
             ``(B, H, past + T_new, d_head)`` (and the cross-attention ones).
+
+        Raises:
+            InputError: an encoder, ``head != "lm"``, past + new positions over ``max_len``,
+                a batch size that does not match the cache.
         """
         raise NotImplementedError
 

@@ -71,6 +71,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="print one JSON array with one vector per sentence")
     e.add_argument("sentences", nargs="+", metavar="SENTENCE")
 
+    g = sub.add_parser("generate", help="greedy or beam-search generation (decoder, "
+                                        "encoder-decoder)")
+    g.add_argument("--model", metavar="DIR", required=True,
+                   help="a Hugging Face GPT-2 directory or an xformer checkpoint directory")
+    g.add_argument("--backend", help="torch, tensorflow or mxnet (default: $XFORMER_BACKEND, "
+                                     "config file, torch)")
+    g.add_argument("--prompt-ids", metavar="I,J,...", required=True,
+                   help="prompt token ids (decoder) or source token ids (encoder-decoder)")
+    g.add_argument("--max-new-tokens", type=int, default=20)
+    g.add_argument("--num-beams", type=int, default=1, help="1: greedy; K > 1: beam search")
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--eos-token-id", type=int, default=None,
+                   help="default: the spec's eos_token_id")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    g.add_argument("--json", action="store_true",
+                   help="print the generated ids (prompt excluded) as one JSON array")
+
     i = sub.add_parser("init", help="write random canonical weights for a spec")
     i.add_argument("--spec", metavar="FILE", required=True, help="spec file or preset name")
     i.add_argument("--seed", type=int, default=0)
@@ -89,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         return {"compare": cmd_compare, "embed": cmd_embed, "init": cmd_init,
-                "backends": cmd_backends}[args.command](args)
+                "generate": cmd_generate, "backends": cmd_backends}[args.command](args)
     except XformerError as e:
         print(f"xformer: error: {e}", file=sys.stderr)
         return 2
@@ -152,6 +169,33 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import numpy as np
+
+    from .backend import build, get_backend
+    from .weights import from_pretrained
+
+    try:
+        prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--prompt-ids must be comma-separated integers, got "
+                         f"{args.prompt_ids!r}") from None
+    if not prompt:
+        raise InputError("--prompt-ids is empty")
+    spec, weights = from_pretrained(args.model)
+    be = get_backend(args.backend)
+    model = build(spec, backend=be.name, dtype=args.dtype, weights=weights)
+    ids = be.generate(model, np.asarray([prompt], np.int64), max_new_tokens=args.max_new_tokens,
+                      num_beams=args.num_beams, length_penalty=args.length_penalty,
+                      eos_token_id=args.eos_token_id)[0]
+    if args.json:
+        print(json.dumps(ids))
+    else:
+        search = "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams"
+        print(f"{be.name} ({search}, {args.dtype}): {ids}")
+    return 0
+
+
 def _load_model(args):
     """``(spec, weights, inputs or None, model dir or None)`` from the compare arguments."""
     import numpy as np
@@ -204,10 +248,20 @@ def _targets(args):
     return out
 
 
+def _hf_unexpressible(spec) -> str | None:
+    """Why the Hugging Face reference cannot run ``spec`` (``None``: it can)."""
+    from . import hf
+
+    if spec.architecture == "encoder":
+        return hf.bert_expressible(spec)
+    if spec.architecture == "decoder":
+        return hf.gpt2_expressible(spec)
+    return "no Hugging Face reference for encoder-decoders"
+
+
 def _reference(args, spec, from_hf: bool) -> str | None:
     from .backend import is_installed
     from .conformance import available_references
-    from .hf import bert_expressible
 
     if args.reference == "none":
         return None
@@ -216,11 +270,11 @@ def _reference(args, spec, from_hf: bool) -> str | None:
         if args.reference not in refs:
             raise InputError(f"reference {args.reference!r} is not installed here "
                              f"(available: {', '.join(refs)})")
-        if args.reference == "huggingface" and bert_expressible(spec):
+        if args.reference == "huggingface" and _hf_unexpressible(spec):
             raise InputError(f"reference huggingface cannot express this spec: "
-                             f"{bert_expressible(spec)}")
+                             f"{_hf_unexpressible(spec)}")
         return args.reference
-    if from_hf and "huggingface" in refs and bert_expressible(spec) is None:
+    if from_hf and "huggingface" in refs and _hf_unexpressible(spec) is None:
         return "huggingface"
     return "torch.nn" if is_installed("torch") else "numpy"
 

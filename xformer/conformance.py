@@ -69,11 +69,13 @@ class Case:
     def make(cls, spec: ModelSpec, *, seed: int = 0, dtype: str = "float64", batch: int = 3,
              seq_len: int | None = None, weights: Mapping[str, np.ndarray] | None = None,
              input_ids: np.ndarray | None = None, attention_mask: np.ndarray | None = None,
-             fully_padded: bool = True, name: str | None = None) -> "Case":
+             decoder_seq_len: int | None = None, fully_padded: bool = True,
+             name: str | None = None) -> "Case":
         """A case with random inputs (or the given ``input_ids``/``attention_mask``).
 
         Random masks: row 0 attends everywhere, the middle rows are padded at the end, and the
         last row is fully padded (``fully_padded``), the case that gives NaN with ``-inf`` masks.
+        Encoder-decoders get the same kind of mask on both sides.
         """
         dtype = check_dtype(dtype)
         rng = np.random.default_rng(seed)
@@ -81,22 +83,34 @@ class Case:
             weights = random_weights(spec, seed=seed, dtype="float64")
         weights = {k: np.asarray(v).astype(dtype) for k, v in
                    check_weights(spec, weights).items()}
+
+        def mask(b: int, t: int) -> np.ndarray:
+            m = np.ones((b, t), np.int64)
+            for row in range(1, b):
+                m[row, max(1, t - 2 * row):] = 0
+            if fully_padded and b > 1:
+                m[-1] = 0
+            return m
+
         if input_ids is None:
             t = seq_len or min(spec.max_len, 12)
             input_ids = rng.integers(0, spec.vocab_size, size=(batch, t))
         input_ids = np.asarray(input_ids, np.int64)
         b, t = input_ids.shape
         if attention_mask is None:
-            attention_mask = np.ones((b, t), np.int64)
-            for row in range(1, b):
-                attention_mask[row, max(1, t - 2 * row):] = 0
-            if fully_padded and b > 1:
-                attention_mask[-1] = 0
+            attention_mask = mask(b, t)
         inputs = {"input_ids": input_ids, "attention_mask": np.asarray(attention_mask)}
         if spec.type_vocab_size:
             inputs["token_type_ids"] = rng.integers(0, spec.type_vocab_size, size=(b, t))
+        out_t = t
+        if spec.architecture == "encoder-decoder":
+            out_t = decoder_seq_len or max(1, min(spec.max_len, t - 2))
+            inputs["decoder_input_ids"] = rng.integers(0, spec.vocab_size, size=(b, out_t))
+            inputs["decoder_attention_mask"] = mask(b, out_t)
         inputs = check_inputs(spec, inputs, dtype)
-        shapes = {"last_hidden_state": (b, t, spec.d_model), "pooler_output": (b, spec.d_model)}
+        d, v = spec.d_model, spec.vocab_size
+        shapes = {"last_hidden_state": (b, out_t, d), "pooler_output": (b, d),
+                  "encoder_last_hidden_state": (b, t, d), "logits": (b, out_t, v)}
         cot = {k: rng.standard_normal(shapes[k]).astype(dtype) for k in spec.output_names()}
         return cls(spec, weights, inputs, cot, dtype, name or f"seed{seed}-{dtype}")
 
@@ -182,65 +196,88 @@ def run_reference(case: Case, name: str, repeats: int = 0) -> RunResult:
     """Run an independent implementation.
 
     * ``"numpy"``: :mod:`xformer.reference`, forward only.
-    * ``"torch.nn"``: PyTorch's own ``nn.TransformerEncoderLayer`` stack with the same weights
-      (outputs and gradients).
-    * ``"huggingface"``: ``transformers.BertModel`` built from the spec (BERT-expressible specs:
-      post-LN, learned positions, embedding norm, no final norm, no embed scale, biases).
+    * ``"torch.nn"``: PyTorch's own layers with the same weights (outputs and gradients):
+      ``nn.TransformerEncoderLayer`` stacks for encoders and (with a causal mask) decoders,
+      ``nn.Transformer`` for encoder-decoders.
+    * ``"huggingface"``: ``transformers.BertModel`` (BERT-shaped encoders) or
+      ``GPT2LMHeadModel`` / ``GPT2Model`` (GPT-2-shaped decoders), same weights.
     """
+    spec = case.spec
     if name == "numpy":
         from . import reference
 
-        out = reference.forward(case.spec, case.weights, case.inputs, case.dtype)
+        out = reference.forward(spec, case.weights, case.inputs, case.dtype)
         return RunResult("numpy", out, {})
     if name == "torch.nn":
         from xformer_torch.reference_nn import nn_transformer_reference
 
-        model = nn_transformer_reference(case.spec, case.weights, case.dtype)
-        return _run_torch_reference("torch.nn", model, case, model.word_embeddings,
-                                    model.to_canonical, repeats)
-    if name == "huggingface":
-        from .hf import bert_reference, bert_to_canonical
-
-        model = bert_reference(case.spec, case.weights, case.dtype)
-        return _run_torch_reference("huggingface", model, case,
-                                    model.embeddings.word_embeddings.weight, bert_to_canonical,
+        model = nn_transformer_reference(spec, case.weights, case.dtype)
+        tables = {"inputs_embeds": model.word_embeddings}
+        if spec.architecture == "encoder-decoder":
+            tables["decoder_inputs_embeds"] = model.decoder_word_embeddings
+        return _run_torch_reference("torch.nn", model, case, tables, model.to_canonical,
                                     repeats)
+    if name == "huggingface":
+        if spec.architecture == "encoder":
+            from .hf import bert_reference, bert_to_canonical
+
+            model = bert_reference(spec, case.weights, case.dtype)
+            return _run_torch_reference(
+                "huggingface", model, case,
+                {"inputs_embeds": model.embeddings.word_embeddings.weight}, bert_to_canonical,
+                repeats)
+        if spec.architecture == "decoder":
+            from .hf import gpt2_reference, gpt2_to_canonical
+
+            model = gpt2_reference(spec, case.weights, case.dtype)
+            base = getattr(model, "transformer", model)
+            return _run_torch_reference("huggingface", model, case,
+                                        {"inputs_embeds": base.wte.weight}, gpt2_to_canonical,
+                                        repeats)
+        raise BackendError("no Hugging Face reference for encoder-decoders; use torch.nn")
     raise BackendError(f"unknown reference {name!r}; references: numpy, torch.nn, huggingface")
 
 
-def _run_torch_reference(label: str, model, case: Case, word_embeddings, to_canonical,
+_IDS = {"inputs_embeds": "input_ids", "decoder_inputs_embeds": "decoder_input_ids"}
+
+
+def _run_torch_reference(label: str, model, case: Case, tables, to_canonical,
                          repeats: int) -> RunResult:
-    """Run a torch reference module: embeddings looked up outside it (so the gradient w.r.t.
-    ``inputs_embeds`` is taken in the same pass), gradients mapped with ``to_canonical``
-    (``{native name: tensor}`` -> ``{canonical name: tensor}``)."""
+    """Run a torch reference module. Token embeddings are looked up outside it from
+    ``tables`` (``{"inputs_embeds": table, "decoder_inputs_embeds": table}``) and passed in, so
+    their gradients come in the same pass; parameter gradients are mapped with
+    ``to_canonical`` (``{native name: tensor}`` -> ``{canonical name: tensor}``)."""
     import torch
 
     dtype = getattr(torch, case.dtype)
     spec = case.spec
-    ids = torch.as_tensor(case.inputs["input_ids"])
-    kwargs: dict[str, Any] = {"attention_mask": torch.as_tensor(case.inputs["attention_mask"])}
-    if "token_type_ids" in case.inputs:
-        kwargs["token_type_ids"] = torch.as_tensor(case.inputs["token_type_ids"])
     scale = math.sqrt(spec.d_model) if spec.embed_scale else 1.0
+    ids = {k: torch.as_tensor(case.inputs[_IDS[k]]) for k in tables}
+    kwargs: dict[str, Any] = {k: torch.as_tensor(v) for k, v in case.inputs.items()
+                              if k in ("attention_mask", "decoder_attention_mask",
+                                       "token_type_ids")}
     cot = {k: torch.as_tensor(case.cotangents[k], dtype=dtype) for k in spec.output_names()}
+
+    def embeds() -> dict[str, Any]:
+        return {k: torch.nn.functional.embedding(ids[k], t) * scale for k, t in tables.items()}
 
     def forward():
         with torch.no_grad():
-            out = model(inputs_embeds=torch.nn.functional.embedding(ids, word_embeddings)
-                        * scale, **kwargs)
+            out = model(**embeds(), **kwargs)
         return {k: _get(out, k).numpy() for k in spec.output_names()}
 
     def step():
         model.zero_grad(set_to_none=False)
-        emb = torch.nn.functional.embedding(ids, word_embeddings) * scale
-        emb.retain_grad()
-        out = model(inputs_embeds=emb, **kwargs)
+        emb = embeds()
+        for e in emb.values():
+            e.retain_grad()
+        out = model(**emb, **kwargs)
         loss = sum((_get(out, k) * cot[k]).sum() for k in spec.output_names())
         loss.backward()
         native = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
                   for n, p in model.named_parameters()}
         grads = {k: v.detach().numpy() for k, v in to_canonical(native).items()}
-        grads["inputs_embeds"] = emb.grad.numpy()
+        grads.update({k: e.grad.numpy() for k, e in emb.items()})
         return grads
 
     if repeats > 0:
@@ -308,11 +345,11 @@ def diff_tensors(a_label: str, b_label: str, tensor: str, a: np.ndarray, b: np.n
     return Diff(a_label, b_label, tensor, max_abs, max_rel, tol, tuple(int(i) for i in idx))
 
 
-#: Gradients that are zero in exact arithmetic: the key projection's bias adds ``q_i . b_k`` to
+#: Gradients that are zero in exact arithmetic: a key projection's bias adds ``q_i . b_k`` to
 #: every logit of row ``i``, which softmax ignores. What backends return there is rounding noise
 #: with no magnitude of its own, so its error is measured against the largest gradient of the
 #: attention block's projection weights (and so checks that the noise is that small).
-ZERO_GRADIENTS = re.compile(r"^(?P<block>.+\.self_attn)\.k_proj\.bias$")
+ZERO_GRADIENTS = re.compile(r"^(?P<block>.+\.(self|cross)_attn)\.k_proj\.bias$")
 
 
 def _grad_scale(name: str, a: RunResult, b: RunResult) -> float | None:
@@ -417,7 +454,7 @@ def environment() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------- spec generation
-#: Every value of every categorical field the encoder uses (issue #2's coverage list).
+#: Every value of every categorical field, per architecture (issues #2 and #3's coverage lists).
 FIELD_VALUES: dict[str, tuple] = {
     "norm_position": ("post", "pre"),
     "activation": ("relu", "gelu", "gelu_tanh"),
@@ -429,21 +466,89 @@ FIELD_VALUES: dict[str, tuple] = {
     "bias": (True, False),
     "head": ("pooler", "none"),
 }
+DECODER_FIELD_VALUES: dict[str, tuple] = {
+    **{k: v for k, v in FIELD_VALUES.items() if k not in ("type_vocab_size", "head")},
+    "head": ("lm", "none"),
+    "tie_embeddings": (True, False),
+}
+ENCODER_DECODER_FIELD_VALUES: dict[str, tuple] = {
+    **DECODER_FIELD_VALUES, "share_embeddings": (True, False),
+}
 
 
-def covering_specs(n: int = 6, seed: int = 0) -> list[ModelSpec]:
-    """``n`` small random specs (``n >= 3``) in which every value of every field in
-    :data:`FIELD_VALUES` occurs at least once (each field cycles through its values from a
-    random offset); sizes and ``norm_eps`` are drawn at random too."""
+def field_values(architecture: str) -> dict[str, tuple]:
+    return {"encoder": FIELD_VALUES, "decoder": DECODER_FIELD_VALUES,
+            "encoder-decoder": ENCODER_DECODER_FIELD_VALUES}[architecture]
+
+
+def covering_specs(n: int = 6, seed: int = 0, architecture: str = "encoder") -> list[ModelSpec]:
+    """``n`` small random specs (``n >= 3``) of ``architecture`` in which every value of every
+    field in :func:`field_values` occurs at least once (each field cycles through its values
+    from a random offset); sizes and ``norm_eps`` are drawn at random too. ``tie_embeddings``
+    is dropped where ``head`` is not ``"lm"``."""
     rng = np.random.default_rng(seed)
-    offsets = {k: int(rng.integers(len(v))) for k, v in FIELD_VALUES.items()}
+    values = field_values(architecture)
+    offsets = {k: int(rng.integers(len(v))) for k, v in values.items()}
     out = []
     for i in range(n):
-        fields = {k: v[(i + offsets[k]) % len(v)] for k, v in FIELD_VALUES.items()}
+        fields = {k: v[(i + offsets[k]) % len(v)] for k, v in values.items()}
+        if fields.get("head") != "lm":
+            fields["tie_embeddings"] = False
         n_heads = int(rng.choice([1, 2, 4]))
+        extra = {}
+        if architecture == "encoder-decoder":
+            extra["n_decoder_layers"] = int(rng.integers(1, 3))
         out.append(ModelSpec(
+            architecture=architecture,
             vocab_size=int(rng.integers(20, 100)), d_model=n_heads * int(rng.choice([4, 8])),
             n_heads=n_heads, d_ff=int(rng.integers(8, 40)), n_layers=int(rng.integers(1, 3)),
             max_len=int(rng.integers(8, 17)), norm_eps=float(rng.choice([1e-12, 1e-6, 1e-5])),
-            **fields))
+            **extra, **fields))
+    return out
+
+
+# ---------------------------------------------------------------------- generation
+def run_generation(spec: ModelSpec, weights: Mapping[str, np.ndarray], input_ids: np.ndarray,
+                   targets: Sequence[Target], *, dtype: str = "float64", **kwargs: Any
+                   ) -> dict[str, list[list[int]]]:
+    """``{target label: generated ids per row}``: ``Backend.generate`` on every target with the
+    same weights (``kwargs``: see :func:`xformer.generation.generate`)."""
+    out = {}
+    for t in targets:
+        be = get_backend(t.backend)
+        model = be.build(spec, dtype)
+        be.set_weights(model, weights)
+        out[t.label] = be.generate(model, input_ids, **kwargs)
+    return out
+
+
+def greedy_margins(spec: ModelSpec, weights: Mapping[str, np.ndarray], input_ids: np.ndarray,
+                   generated: Sequence[Sequence[int]], attention_mask: np.ndarray | None = None,
+                   decoder_start_token_id: int | None = None) -> list[np.ndarray]:
+    """Per row, at each generated step: ``(top-1 logit - top-2 logit) / max |logits|`` from the
+    float64 numpy reference, teacher-forced on the generated tokens. A float32 argmax can
+    legitimately differ between backends only where this is within float32 noise."""
+    from . import reference
+
+    out = []
+    for row, gen in enumerate(generated):
+        if not gen:
+            out.append(np.zeros(0))
+            continue
+        src = np.asarray(input_ids[row: row + 1], np.int64)
+        if spec.architecture == "decoder":
+            seq = np.concatenate([src, np.asarray([gen], np.int64)], axis=1)
+            inputs = {"input_ids": seq[:, :-1]}
+            first = src.shape[1] - 1
+        else:
+            start = spec.bos_token_id if decoder_start_token_id is None else (
+                decoder_start_token_id)
+            inputs = {"input_ids": src, "decoder_input_ids": np.asarray([[start, *gen[:-1]]])}
+            if attention_mask is not None:
+                inputs["attention_mask"] = np.asarray(attention_mask[row: row + 1])
+            first = 0
+        logits = reference.forward(spec, weights, check_inputs(spec, inputs, "float64"),
+                                   "float64")["logits"][0, first:]
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        out.append((top2[:, 1] - top2[:, 0]) / np.abs(logits).max())
     return out

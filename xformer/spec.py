@@ -476,7 +476,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                  head="none"),
     "gpt2-small": _GPT2,
     "gpt2-tiny": {**_GPT2, "vocab_size": 1000, "d_model": 64, "n_heads": 4, "d_ff": 256,
-                  "n_layers": 2, "max_len": 128, "bos_token_id": 999, "eos_token_id": 999},
+                  "n_layers": 2, "max_len": 128, "bos_token_id": 0, "eos_token_id": 0},
     "vaswani-base": _VASWANI,
     "vaswani-tiny": {**_VASWANI, "vocab_size": 1000, "d_model": 64, "n_heads": 4, "d_ff": 256,
                      "n_layers": 2, "n_decoder_layers": 2, "max_len": 128, "dropout": 0.0},
