@@ -135,3 +135,66 @@ def test_embed_rejects_an_over_long_sentence(capsys):
     line = one_line_error(capsys, "embed", "--model", str(gt.get_model_path()), "--backend",
                           "torch", "word " * 600)
     assert "longer than max_len=512" in line
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=4, bos_token_id=96, eos_token_id=96)
+    path = tmp_path_factory.mktemp("gpt2")
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def test_generate_json_matches_across_backends_and_hf_greedy(gpt2_dir, capsys):
+    import torch
+    import transformers
+
+    outs = {}
+    for backend in [b for b in ("torch", "tensorflow", "mxnet") if xb.is_installed(b)]:
+        code, out, _ = run(capsys, "generate", "--backend", backend, "--model", str(gpt2_dir),
+                           "--prompt-ids", "5,17,3", "--max-new-tokens", "6", "--dtype",
+                           "float64", "--json")
+        assert code == 0
+        outs[backend] = json.loads(out)
+    first = next(iter(outs.values()))
+    assert all(v == first for v in outs.values()) and 1 <= len(first) <= 6
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).double().eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([[5, 17, 3]]), max_new_tokens=6, do_sample=False,
+                          pad_token_id=96)[0, 3:].tolist()
+    assert first == ref[: len(first)]
+    code, out, _ = run(capsys, "generate", "--model", str(gpt2_dir), "--prompt-ids", "5,17,3",
+                       "--num-beams", "3", "--max-new-tokens", "4", "--json")
+    assert code == 0 and 1 <= len(json.loads(out)) <= 4
+
+
+def test_generate_errors(gpt2_dir, capsys, tmp_path):
+    assert "token id 97 is outside" in one_line_error(
+        capsys, "generate", "--model", str(gpt2_dir), "--prompt-ids", "5,97")
+    assert "comma-separated integers" in one_line_error(
+        capsys, "generate", "--model", str(gpt2_dir), "--prompt-ids", "5,x")
+    assert "longer than max_len=32" in one_line_error(
+        capsys, "generate", "--model", str(gpt2_dir), "--prompt-ids", "1,2,3",
+        "--max-new-tokens", "40")
+    bert = tmp_path / "enc"
+    bert.mkdir()
+    xformer_spec = ModelSpec(vocab_size=40, d_model=8, n_heads=2, d_ff=16, n_layers=1)
+    from xformer.weights import save_pretrained
+
+    save_pretrained(bert, xformer_spec, init_weights(xformer_spec))
+    assert "head = 'lm'" in one_line_error(capsys, "generate", "--model", str(bert),
+                                           "--prompt-ids", "1,2")
+
+
+def test_compare_a_gpt2_checkpoint_against_huggingface(gpt2_dir, capsys, tmp_path):
+    code, out, _ = run(capsys, "compare", "--model", str(gpt2_dir), "--backends", "torch",
+                       "--dtype", "float32", "--repeats", "1", "--json", str(tmp_path / "r.json"))
+    assert code == 0, out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["reports"][0]["reference"] == "huggingface"
+    assert {"output:logits", "grad:lm_head.weight"} & {d["tensor"] for d in
+                                                     doc["reports"][0]["diffs"]}
