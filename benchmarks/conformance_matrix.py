@@ -23,14 +23,16 @@ def main() -> None:
     from rich.console import Console
     from rich.progress import track
     from rich.table import Table
-    from test_matrix import SPECS
+    from test_family import SPECS as FAMILY
+    from test_matrix import SPECS as ENCODERS
 
     from xformer.conformance import TOLERANCES, Case, default_targets, run_case
 
     targets = default_targets()
     worst: dict[tuple[str, str], object] = {}
     n_cmp = 0
-    jobs = [(label, spec, dtype) for label, spec in SPECS for dtype in ("float64", "float32")]
+    specs = ENCODERS + FAMILY
+    jobs = [(label, spec, dtype) for label, spec in specs for dtype in ("float64", "float32")]
     for label, spec, dtype in track(jobs, description="conformance matrix"):
         case = Case.make(spec, seed=zlib.crc32(label.encode()) % 1000, dtype=dtype, batch=3)
         report = run_case(case, targets, reference="numpy")
@@ -39,20 +41,21 @@ def main() -> None:
             ref = "numpy" in (d.a, d.b)
             kind = ("outputs vs numpy" if ref else "outputs, pairs") if d.tensor.startswith(
                 "output") else "gradients, pairs"
-            key = (dtype, kind)
+            key = (spec.architecture, dtype, kind)
             if key not in worst or d.max_rel > worst[key].max_rel:
                 worst[key] = d
-    table = Table(title=f"worst max relative error over {len(SPECS)} specs x "
+    table = Table(title=f"worst max relative error over {len(specs)} specs x "
                         f"{len(targets)} targets ({n_cmp} comparisons)")
-    for col in ("dtype", "what", "worst", "bound", "where"):
+    for col in ("architecture", "dtype", "what", "worst", "bound", "where"):
         table.add_column(col)
     out = {}
-    for (dtype, kind), d in sorted(worst.items()):
+    for (arch, dtype, kind), d in sorted(worst.items()):
         tol = TOLERANCES[dtype]
         bound = tol.grad if kind.startswith("grad") else tol.output
-        table.add_row(dtype, kind, f"{d.max_rel:.1e}", f"{bound:.0e}",
+        table.add_row(arch, dtype, kind, f"{d.max_rel:.1e}", f"{bound:.0e}",
                       f"{d.tensor} ({d.a} vs {d.b})")
-        out[f"{dtype} {kind}"] = {"max_rel": d.max_rel, "tensor": d.tensor, "a": d.a, "b": d.b}
+        out[f"{arch} {dtype} {kind}"] = {"max_rel": d.max_rel, "tensor": d.tensor, "a": d.a,
+                                         "b": d.b}
     Console().print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
