@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import zlib
@@ -19,6 +20,7 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "conformance"))
     from rich.console import Console
     from rich.progress import track

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -100,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # tf.function retracing notes are about our many short-lived models, not the user's input
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # usage error (2) or --help (0), already printed
