@@ -9,6 +9,10 @@ head's part, or the other side's lookup with ``share_embeddings``).
 
 Cached decoding (:meth:`MXNetBackend.decode`) runs imperatively whatever the mode
 (:func:`xformer_mxnet.modules.imperative`): the hybridized graph of full-sequence calls is kept.
+
+Divergence localisation (:meth:`MXNetBackend.trace`) also runs imperatively, with a zero
+"probe" added to each node's output for the one pass, so ``mx.autograd.grad`` gives the
+gradient flowing into every node.
 """
 
 from __future__ import annotations
@@ -125,6 +129,81 @@ class MXNetBackend(Backend):
             grads[embeds_key] = args[embeds_key].grad.asnumpy()
         return self._outputs(model, out), grads
 
+    # -- divergence localisation ---------------------------------------------------------
+    def trace(self, model, inputs: Mapping[str, np.ndarray],
+              cotangents: Mapping[str, np.ndarray]
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Every node of ``model.spec.nodes()``: its output and the gradient of the loss
+        ``sum_k sum(outputs[k] * cotangents[k])`` with respect to it (see
+        :meth:`xformer.backend.Backend.trace`).
+
+        One imperative forward pass inside ``autograd.record(train_mode=False)`` (dropout off),
+        whatever the mode: a hybridized model runs block by block
+        (:func:`xformer_mxnet.modules.imperative`) and keeps its cached graph. Gluon's forward
+        hooks cannot change an output, so each node's block gets, for the pass only, an
+        instance-level ``forward`` that records the output (the hidden state of an
+        ``(out, (k, v))`` tuple) and returns ``output + probe``, ``probe`` a zero NDArray
+        marked with ``attach_grad()``: adding an exact zero leaves every value as it was, and
+        ``d loss / d probe`` is the gradient flowing into that output.
+        ``mx.autograd.grad`` returns those gradients as new arrays, so no parameter's
+        ``.grad`` is written. The wrappers are removed afterwards (also on error); the
+        production forward path has no hook.
+
+        Raises:
+            RuntimeError: a node that did not run, or ran twice (a bug).
+        """
+        mx = self._mx
+        spec = model.spec
+        nodes = [name for name, _ in spec.nodes()]
+        checked = check_inputs(spec, inputs, model.dtype)
+        args = {key: mx.nd.array(value, dtype=value.dtype) for key, value in checked.items()}
+        values: dict[str, Any] = {}
+        probes: dict[str, Any] = {}
+
+        def wrap(name: str, block):
+            original = block.forward  # the class's bound method
+
+            def forward(*call_args):
+                output = original(*call_args)
+                if name in values:
+                    raise RuntimeError(f"trace: node {name!r} ran twice in one forward pass")
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                with mx.autograd.pause():
+                    probe = mx.nd.zeros(hidden.shape, ctx=hidden.context, dtype=hidden.dtype)
+                probe.attach_grad()
+                values[name], probes[name] = hidden, probe
+                hidden = hidden + probe
+                return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
+            return forward
+
+        blocks = [self._submodule(model, name) for name in nodes]
+        try:
+            for name, block in zip(nodes, blocks):
+                object.__setattr__(block, "forward", wrap(name, block))
+            with self._modules.imperative(model), mx.autograd.record(train_mode=False), \
+                    _quiet():
+                out = model(**args)
+            missing = [n for n in nodes if n not in probes]
+            if missing:
+                raise RuntimeError(f"trace: nodes {missing} did not run")
+            heads = list(out) if isinstance(out, (tuple, list)) else [out]
+            names = spec.output_names()
+            cots = []
+            for name, head in zip(names, heads):
+                cot = np.asarray(cotangents[name])
+                if cot.shape != head.shape:
+                    raise InputError(f"cotangent {name!r} must have shape {head.shape}, got "
+                                     f"{cot.shape}")
+                cots.append(mx.nd.array(cot, dtype=model.dtype))
+            grads = mx.autograd.grad(heads, [probes[n] for n in nodes], head_grads=cots,
+                                     train_mode=False)
+        finally:
+            for block in blocks:
+                vars(block).pop("forward", None)
+        forward = {n: values[n].asnumpy() for n in nodes}
+        backward = {n: g.asnumpy() for n, g in zip(nodes, grads)}
+        return forward, backward
+
     def decode(self, model, inputs, cache=None):
         mx = self._mx
         spec = model.spec
@@ -165,6 +244,19 @@ class MXNetBackend(Backend):
             model._xformer_mode = mode
         checked = check_inputs(model.spec, inputs, model.dtype)
         return {key: self._mx.nd.array(value, dtype=value.dtype) for key, value in checked.items()}
+
+    @staticmethod
+    def _submodule(model, name: str):
+        """The child block at attribute path ``name`` (``"encoder.layers.0.self_attn"``),
+        through Gluon's registered children (``nn.HybridSequential`` names them ``"0"``,
+        ``"1"``, ...)."""
+        block = model
+        for part in name.split("."):
+            children = block._children
+            if part not in children:
+                raise RuntimeError(f"trace: {type(model).__name__} has no block {name!r}")
+            block = children[part]
+        return block
 
     def _outputs(self, model, out) -> dict[str, np.ndarray]:
         heads = out if isinstance(out, (tuple, list)) else [out]
