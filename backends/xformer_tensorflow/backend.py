@@ -15,7 +15,7 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from xformer.backend import Backend, check_dtype, check_inputs
-from xformer.errors import InputError
+from xformer.errors import BackendError, InputError
 from xformer.spec import ModelSpec
 from xformer.weights import check_weights
 
@@ -89,13 +89,20 @@ class TensorFlowBackend(Backend):
         out = {}
         for p in model.spec.parameters():
             *path, leaf = p.name.split(".")
-            layer = model
-            for part in path:
-                layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+            layer = self.sublayer(model, ".".join(path))
             attr, transposed = next(v for (cls, name), v in leaves.items()
                                     if isinstance(layer, cls) and name == leaf)
             out[p.name] = (getattr(layer, attr), transposed)
         return out
+
+    @staticmethod
+    def sublayer(model: Any, path: str) -> Any:
+        """The layer at a dotted attribute path (``"encoder.layers.0.norm1"`` ->
+        ``model.encoder.layers[0].norm1``); ``""`` is the model itself."""
+        layer = model
+        for part in path.split(".") if path else ():
+            layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+        return layer
 
     def set_weights(self, model: Any, weights: Mapping[str, np.ndarray]) -> None:
         weights = check_weights(model.spec, weights)
@@ -188,6 +195,75 @@ class TensorFlowBackend(Backend):
             g = g.numpy()
             out[name] = np.ascontiguousarray(g.T) if transposed else g
         return {k: v.numpy() for k, v in outputs.items()}, out
+
+    def trace(self, model: Any, inputs: Mapping[str, np.ndarray],
+              cotangents: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                             dict[str, np.ndarray]]:
+        """Every node of ``spec.nodes()`` during one eager forward + backward pass, dropout off:
+        see :meth:`Backend.trace`.
+
+        Each node's layer gets, for the duration of the call only, an instance attribute
+        ``call`` that wraps the class's ``call`` (Keras' ``Layer.__call__`` looks ``self.call``
+        up on the instance) and records the output tensor, watched by one
+        ``tf.GradientTape``; ``tape.gradient(loss, recorded)`` then gives the gradient flowing
+        into each output. The wrappers are removed afterwards (also on errors), so the
+        production path carries no overhead and the model's cached ``tf.function`` steps keep
+        working.
+
+        Raises:
+            InputError: bad inputs or cotangent keys. BackendError: a node layer that was not
+                called exactly once (a model that does not match its spec).
+        """
+        tf = self.tf
+        spec = model.spec
+        checked = check_inputs(spec, inputs, model.dtype)
+        names = spec.output_names()
+        if set(cotangents) != set(names):
+            raise InputError(f"cotangents must have exactly the keys {list(names)}, "
+                             f"got {sorted(cotangents)}")
+        cot = self._tensors({k: np.asarray(cotangents[k], dtype=model.dtype) for k in names})
+        nodes = [name for name, _ in spec.nodes()]
+        recorded: dict[str, Any] = {}
+        calls: dict[str, int] = {}
+        tape = tf.GradientTape()
+
+        def recording(name: str, call):
+            def call_and_record(*args, **kwargs):
+                out = call(*args, **kwargs)
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                tape.watch(hidden)  # so the gradient reaches it even from constant inputs
+                recorded[name] = hidden
+                calls[name] = calls.get(name, 0) + 1
+                return out
+            return call_and_record
+
+        patched = []
+        try:
+            for name in nodes:
+                layer = self.sublayer(model, name)
+                if "call" in vars(layer):
+                    raise BackendError(f"layer {name!r} is already being traced")
+                object.__setattr__(layer, "call", recording(name, layer.call))
+                patched.append(layer)
+            tensors = self._tensors(checked)
+            with tape:
+                for value in tensors.values():
+                    if value.dtype.is_floating:
+                        tape.watch(value)
+                outputs = model(**tensors, training=False)
+                loss = tf.add_n([tf.reduce_sum(outputs[k] * cot[k]) for k in names])
+        finally:
+            for layer in patched:
+                object.__delattr__(layer, "call")
+        wrong = {n: calls.get(n, 0) for n in nodes if calls.get(n, 0) != 1}
+        if wrong:
+            raise BackendError(f"trace: these node layers were not called exactly once: "
+                               f"{wrong}")
+        grads = tape.gradient(loss, [recorded[n] for n in nodes],
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        forward = {n: recorded[n].numpy() for n in nodes}
+        backward = {n: tf.convert_to_tensor(g).numpy() for n, g in zip(nodes, grads)}
+        return forward, backward
 
     def decode(self, model: Any, inputs: Mapping[str, np.ndarray], cache: Any = None,
                mode: str | None = None) -> tuple[np.ndarray, DecodeCache]:
