@@ -78,17 +78,7 @@ class TorchBackend(Backend):
                 else:
                     embeds[key] = x.pop(key).requires_grad_(True)
             out = fn(**embeds, **x)
-            unknown = set(cotangents) - set(out)
-            if unknown:
-                raise InputError(f"cotangents for unknown outputs {sorted(unknown)}; "
-                                 f"outputs: {sorted(out)}")
-            names = [k for k in out if k in cotangents]
-            cots = [torch.as_tensor(np.asarray(cotangents[k], dtype=self._np_dtype(model)))
-                    for k in names]
-            for k, c in zip(names, cots):
-                if c.shape != out[k].shape:
-                    raise InputError(f"cotangent {k!r} has shape {tuple(c.shape)}, the output "
-                                     f"{tuple(out[k].shape)}")
+            names, cots = self._cotangents(model, out, cotangents)
             grads = torch.autograd.grad([out[k] for k in names],
                                         [*embeds.values(), *params.values()],
                                         grad_outputs=cots, allow_unused=True)
@@ -102,6 +92,60 @@ class TorchBackend(Backend):
 
     def framework_version(self) -> str:
         return self.torch.__version__
+
+    # -- divergence localisation ---------------------------------------------------------
+    def trace(self, model, inputs: Mapping[str, np.ndarray],
+              cotangents: Mapping[str, np.ndarray]
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Every node of ``model.spec.nodes()``: its output and the gradient of the loss
+        ``sum_k sum(outputs[k] * cotangents[k])`` with respect to it (see
+        :meth:`xformer.backend.Backend.trace`).
+
+        One eager forward + backward pass of the module itself (never the ``torch.compile``
+        wrapper), dropout off. A forward hook on each node's sub-module
+        (``model.get_submodule(name)``) records its output (the hidden state of an
+        ``(out, (k, v))`` tuple) and returns ``output + probe``, ``probe`` a zero tensor that
+        requires grad: adding an exact zero leaves every value as it was, and
+        ``d loss / d probe`` is the gradient flowing into that output, whether or not the
+        parameters or inputs require grad. The hooks are removed afterwards (also on error);
+        no parameter's ``.grad`` is touched, and the production forward path has no hooks.
+        """
+        torch = self.torch
+        nodes = [name for name, _ in model.spec.nodes()]
+        x = self._tensors(model, inputs)
+        values: dict[str, Any] = {}
+        probes: dict[str, Any] = {}
+
+        def hook_for(name: str):
+            def hook(module, args, output):
+                if name in values:
+                    raise RuntimeError(f"trace: node {name!r} ran twice in one forward pass")
+                hidden = output[0] if isinstance(output, tuple) else output
+                probe = torch.zeros_like(hidden, requires_grad=True)
+                values[name], probes[name] = hidden.detach(), probe
+                return (hidden + probe, *output[1:]) if isinstance(output, tuple) else (
+                    hidden + probe)
+            return hook
+
+        handles = [model.get_submodule(name).register_forward_hook(hook_for(name))
+                   for name in nodes]
+        try:
+            with self._eval(model), torch.enable_grad():
+                out = model(**x)
+                names, cots = self._cotangents(model, out, cotangents)
+                missing = [n for n in nodes if n not in probes]
+                if missing:
+                    raise RuntimeError(f"trace: nodes {missing} did not run")
+                grads = torch.autograd.grad([out[k] for k in names],
+                                            [probes[n] for n in nodes], grad_outputs=cots,
+                                            allow_unused=True) if names else [None] * len(nodes)
+        finally:
+            for handle in handles:
+                handle.remove()
+        forward = {n: values[n].cpu().numpy() for n in nodes}
+        backward = {n: (torch.zeros_like(probes[n]) if g is None else g).detach().cpu().numpy()
+                    for n, g in zip(nodes, grads)}
+        return forward, backward
 
     # -- incremental decoding ------------------------------------------------------------
     def decode(self, model, inputs: Mapping[str, np.ndarray], cache: "DecodingCache | None" = None
@@ -154,6 +198,24 @@ class TorchBackend(Backend):
             cache.attention_mask.device))
 
     # -- helpers -------------------------------------------------------------------------
+    def _cotangents(self, model, out: Mapping[str, Any], cotangents: Mapping[str, np.ndarray]
+                    ) -> tuple[list[str], list[Any]]:
+        """The output names that have a cotangent, and those cotangents as tensors in the model
+        dtype. Raises ``InputError`` for an unknown output name or a shape mismatch."""
+        unknown = set(cotangents) - set(out)
+        if unknown:
+            raise InputError(f"cotangents for unknown outputs {sorted(unknown)}; "
+                             f"outputs: {sorted(out)}")
+        names = [k for k in out if k in cotangents]
+        cots = [self.torch.as_tensor(np.asarray(cotangents[k], dtype=self._np_dtype(model)),
+                                     device=out[k].device)
+                for k in names]
+        for k, c in zip(names, cots):
+            if c.shape != out[k].shape:
+                raise InputError(f"cotangent {k!r} has shape {tuple(c.shape)}, the output "
+                                 f"{tuple(out[k].shape)}")
+        return names, cots
+
     def _np_dtype(self, model) -> np.dtype:
         return np.dtype(str(model.dtype).removeprefix("torch."))
 
