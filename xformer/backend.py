@@ -98,6 +98,20 @@ class Backend:
         """The framework's version string, e.g. ``"2.13.0+cpu"``."""
         raise NotImplementedError
 
+    # -- divergence localisation ---------------------------------------------------------
+    def trace(self, model: Any, inputs: Mapping[str, np.ndarray],
+              cotangents: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                             dict[str, np.ndarray]]:
+        """Record every node of ``spec.nodes()`` during one forward + backward pass (eager /
+        imperative, dropout off; the model is left as it was).
+
+        Returns:
+            ``(forward, backward)``: ``forward[name]`` is the node's output and
+            ``backward[name]`` the gradient of ``sum_k sum(outputs[k] * cotangents[k])`` with
+            respect to that output, both numpy in the model dtype, keyed by node name.
+        """
+        raise NotImplementedError
+
     # -- incremental decoding (decoder, encoder-decoder) ----------------------------------
     def decode(self, model: Any, inputs: Mapping[str, np.ndarray], cache: Any = None
                ) -> tuple[np.ndarray, Any]:

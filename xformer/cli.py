@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=None, help="length of random inputs")
     c.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
     c.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    c.add_argument("--html", metavar="FILE",
+                   help="also write a self-contained HTML report (verdict table, per-node "
+                        "error plots, timings, spec, environment)")
 
     e = sub.add_parser("embed", help="sentence embeddings (mean-pooled, L2-normalised)")
     e.add_argument("--model", metavar="DIR", required=True,
@@ -89,6 +92,23 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print the generated ids (prompt excluded) as one JSON array")
 
+    d = sub.add_parser("diff", help="locate where two runs diverge, node by node")
+    d.add_argument("--spec", metavar="FILE", required=True, help="side A's spec (file or preset)")
+    d.add_argument("--weights", metavar="FILE",
+                   help="side A's weights (default: random from --seed)")
+    d.add_argument("--backends", metavar="A,B", required=True,
+                   help="the backend of side A and of side B (may be the same)")
+    d.add_argument("--spec-b", metavar="FILE", help="side B's spec (default: --spec)")
+    d.add_argument("--weights-b", metavar="FILE", help="side B's weights (default: --weights)")
+    d.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+
+    sh = sub.add_parser("show", help="the torch, Keras and Gluon code of one node class, side "
+                                     "by side")
+    sh.add_argument("node", metavar="NODE", nargs="?",
+                    help="a class such as MultiHeadAttention (omit to list them)")
+
     i = sub.add_parser("init", help="write random canonical weights for a spec")
     i.add_argument("--spec", metavar="FILE", required=True, help="spec file or preset name")
     i.add_argument("--seed", type=int, default=0)
@@ -109,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         return {"compare": cmd_compare, "embed": cmd_embed, "init": cmd_init,
-                "generate": cmd_generate, "backends": cmd_backends}[args.command](args)
+                "generate": cmd_generate, "diff": cmd_diff, "show": cmd_show,
+                "backends": cmd_backends}[args.command](args)
     except XformerError as e:
         print(f"xformer: error: {e}", file=sys.stderr)
         return 2
@@ -169,6 +190,95 @@ def cmd_embed(args) -> int:
     for s, v in zip(args.sentences, emb):
         table.add_row(s, " ".join(f"{x:+.4f}" for x in v[:6]) + " ...")
     Console().print(table)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .conformance import Case, diff_traces, first_divergence, trace_run
+    from .spec import ModelSpec, atomic_write_bytes
+    from .weights import load_weights, random_weights
+
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if len(names) != 2:
+        raise InputError(f"--backends takes two backends A,B (the same twice is fine), got "
+                         f"{args.backends!r}")
+    spec_a = ModelSpec.load(args.spec)
+    spec_b = ModelSpec.load(args.spec_b) if args.spec_b else spec_a
+    if args.weights:
+        spec_a, w_a = load_weights(args.weights, spec_a)
+    else:
+        w_a = random_weights(spec_a, seed=args.seed)
+    if args.weights_b:
+        spec_b, w_b = load_weights(args.weights_b, spec_b)
+    elif spec_b.parameter_shapes() == spec_a.parameter_shapes():
+        w_b = w_a
+    else:
+        raise InputError("side B's spec has other parameters than side A's: give --weights-b")
+    for field in ("architecture", "vocab_size", "d_model", "max_len", "type_vocab_size"):
+        if getattr(spec_a, field) != getattr(spec_b, field):
+            raise InputError(f"the two specs differ in {field!r}, so no input fits both; "
+                             f"diff compares runs on the same inputs")
+    case = Case.make(spec_a, seed=args.seed, dtype=args.dtype, weights=w_a)
+    a = trace_run(spec_a, w_a, case, names[0])
+    b = trace_run(spec_b, w_b, case, names[1])
+    a.label, b.label = f"A:{a.label}", f"B:{b.label}"
+    rows = diff_traces(a, b, args.dtype)
+    first = first_divergence(rows)
+    console = Console() if Console().is_terminal else Console(width=140)
+    table = Table(title=f"xformer diff: A = {names[0]} {Path(args.spec).name}, B = {names[1]} "
+                        f"{Path(args.spec_b or args.spec).name}, {args.dtype}",
+                  title_justify="left")
+    for col in ("", "node", "kind", "max abs", "max rel", "tolerance", ""):
+        table.add_column(col, justify="right" if col.startswith("max") else "left")
+    for r in rows:
+        mark = "[bold red]<- first divergence[/]" if r is first else (
+            "" if r.ok else "[red]diverged[/]")
+        rel = "n/a" if math.isnan(r.max_rel) else f"{r.max_rel:.1e}"
+        absv = "n/a" if math.isnan(r.max_abs) else f"{r.max_abs:.1e}"
+        style = "green" if r.ok else "red"
+        table.add_row("fwd" if r.direction == "forward" else "bwd", r.name, r.kind,
+                      absv, f"[{style}]{rel}[/]", f"{r.tol:.0e}", mark + (
+                          f" ({r.note})" if r.note else ""))
+    console.print(table)
+    if first is None:
+        console.print("[bold green]no divergence[/]: every node agrees within tolerance")
+    else:
+        console.print(f"[bold red]first divergence[/]: {first.name} ({first.kind}, "
+                      f"{first.direction}): max rel {first.max_rel:.2e} > {first.tol:.0e}")
+    if args.json:
+        doc = {"backends": names, "dtype": args.dtype,
+               "rows": [r.to_dict() for r in rows],
+               "first_divergence": first.name if first else None}
+        atomic_write_bytes(Path(args.json), json.dumps(doc, indent=2).encode())
+    return 0 if first is None else 1
+
+
+def cmd_show(args) -> int:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    from .show import TITLES, modules_file, node_classes, sources
+
+    console = Console()
+    if not args.node:
+        console.print("node classes: " + ", ".join(node_classes("torch")))
+        return 0
+    found = sources(args.node)
+    if not console.is_terminal:  # a pipe or a log: room for the columns side by side
+        console = Console(width=100 * len(found))
+    grid = Table.grid(expand=True, padding=(0, 1))
+    for _ in found:
+        grid.add_column(ratio=1)
+    grid.add_row(*[Panel(Syntax(src, "python", line_numbers=True, start_line=line,
+                                word_wrap=True, theme="ansi_dark"),
+                         title=f"{TITLES[be]}: {modules_file(be).parent.name}/modules.py:{line}")
+                   for be, (src, line) in found.items()])
+    console.print(grid)
     return 0
 
 
@@ -306,14 +416,27 @@ def cmd_compare(args) -> int:
                          name=f"{label} {dtype}")
         if inputs is not None and "token_type_ids" in inputs:
             case.inputs["token_type_ids"] = inputs["token_type_ids"]
-        with console.status(f"running {label} ({dtype}) on {len(targets)} targets"):
-            report = run_case(case, targets, reference=reference, repeats=args.repeats)
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn(
+                "{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
+                transient=True) as bar:
+            task = bar.add_task(f"{label} ({dtype})", total=len(targets) + bool(reference))
+            report = run_case(case, targets, reference=reference, repeats=args.repeats,
+                              progress=lambda lab: bar.update(
+                                  task, advance=1, description=f"{label} ({dtype}): {lab} done"))
         reports.append(report)
         console.print(render_report(report))
     ok = all(r.ok for r in reports)
+    doc = {"ok": ok, "model": label, "environment": environment(),
+           "reports": [r.to_dict() for r in reports]}
+    if args.html:
+        from .report import write_html
+
+        doc["nodes"] = _node_errors(reports, console)
+        write_html(Path(args.html), doc)
+        console.print(f"wrote {args.html}")
     if args.json:
-        doc = {"ok": ok, "model": label, "environment": environment(),
-               "reports": [r.to_dict() for r in reports]}
         atomic_write_bytes(Path(args.json), json.dumps(doc, indent=2).encode())
     n = len(targets)
     if ok:
@@ -324,6 +447,26 @@ def cmd_compare(args) -> int:
         console.print(f"[bold red]NOT CONFORMANT[/]: {bad} tensor comparisons out of "
                       f"tolerance (listed above).")
     return 0 if ok else 1
+
+
+def _node_errors(reports, console) -> list[dict]:
+    """Per-node errors between every pair of backends (traced eagerly, one run per backend),
+    for the HTML report's plots."""
+    import itertools
+
+    from .conformance import diff_traces, trace_run
+
+    out = []
+    for report in reports:
+        case = report.case
+        backends = list(dict.fromkeys(r.label.split("/")[0] for r in report.runs))
+        with console.status(f"tracing nodes ({case.dtype})"):
+            traces = [trace_run(case.spec, case.weights, case, b) for b in backends]
+        for a, b in itertools.combinations(traces, 2):
+            rows = diff_traces(a, b, case.dtype)
+            out.append({"dtype": case.dtype, "pair": f"{a.label} vs {b.label}",
+                        "rows": [r.to_dict() for r in rows]})
+    return out
 
 
 # ---------------------------------------------------------------------- rendering

@@ -290,6 +290,50 @@ class ModelSpec:
             out.append(ParamSpec("lm_head.weight", (self.vocab_size, d)))
         return out
 
+    def nodes(self) -> list[tuple[str, str]]:
+        """The named nodes of the forward pass, in execution order: ``(name, kind)``.
+
+        A node's name is the attribute path of the native sub-module whose output it is (the
+        same in all three backends); kinds are ``embeddings``, ``norm``, ``attention``,
+        ``ffn``, ``layer``, ``head``. ``embeddings`` is the summed (and normalised) embedding
+        output, ``embeddings.norm`` its LayerNorm; ``...norm1`` etc. are LayerNorm outputs; a
+        layer node is the layer's output. Used by divergence localisation (``xformer diff``).
+        """
+        out: list[tuple[str, str]] = []
+
+        def embeddings(prefix: str) -> None:
+            if self.embedding_norm:
+                out.append((f"{prefix}.norm", "norm"))
+            out.append((prefix, "embeddings"))
+
+        def stack(name: str, n: int, cross: bool) -> None:
+            for i in range(n):
+                p = f"{name}.layers.{i}"
+                subs = [("self_attn", "attention", "norm1")]
+                if cross:
+                    subs.append(("cross_attn", "attention", "norm2"))
+                subs.append(("ffn", "ffn", "norm3" if cross else "norm2"))
+                for sub, kind, norm in subs:
+                    pair = [(f"{p}.{sub}", kind), (f"{p}.{norm}", "norm")]
+                    out.extend(pair if self.norm_position == "post" else pair[::-1])
+                out.append((p, "layer"))
+            if self.final_norm:
+                out.append((f"{name}.final_norm", "norm"))
+
+        arch = self.architecture
+        embeddings("embeddings")
+        if arch != "decoder":
+            stack("encoder", self.n_layers, cross=False)
+        if arch == "encoder-decoder":
+            embeddings("decoder_embeddings")
+        if arch != "encoder":
+            stack("decoder", self.decoder_layers, cross=arch == "encoder-decoder")
+        if self.head == "pooler":
+            out.append(("pooler", "head"))
+        if self.head == "lm":
+            out.append(("lm_head", "head"))
+        return out
+
     def word_embedding_name(self, side: str = "encoder") -> str:
         """Canonical name of the token table that ``side`` (``"encoder"`` or ``"decoder"``)
         looks up, and that a tied LM head (decoder side) multiplies by."""
