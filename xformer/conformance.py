@@ -406,6 +406,9 @@ class Report:
             "ok": self.ok,
             "tolerance": vars(TOLERANCES[self.case.dtype]),
             "reference": self.reference.label if self.reference else None,
+            "reference_run": ({"forward_ms": _ms(self.reference.forward_s),
+                               "forward_backward_ms": _ms(self.reference.step_s)}
+                              if self.reference else None),
             "runs": [{"label": r.label, "forward_ms": _ms(r.forward_s),
                       "forward_backward_ms": _ms(r.step_s)} for r in self.runs],
             "diffs": [{"a": d.a, "b": d.b, "tensor": d.tensor, "max_abs": _num(d.max_abs),
