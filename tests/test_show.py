@@ -1,0 +1,45 @@
+"""`xformer show`: every node class, the three implementations side by side, straight from the
+installed source."""
+
+import pytest
+
+from xformer.cli import main
+from xformer.show import class_source, node_classes, sources
+
+CLASSES = node_classes("torch")
+
+
+def test_the_three_backends_define_the_same_node_classes_in_the_same_order():
+    assert CLASSES[:7] == ["Embeddings", "MultiHeadAttention", "FeedForward", "EncoderLayer",
+                           "Encoder", "Pooler", "EncoderModel"]
+    for backend in ("tensorflow", "mxnet"):
+        theirs = [c for c in node_classes(backend) if c in CLASSES]
+        assert theirs == CLASSES, backend
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_show_prints_every_implementation(name, capsys):
+    assert main(["show", name]) == 0
+    out = capsys.readouterr().out
+    found = sources(name)
+    assert set(found) == {"torch", "tensorflow", "mxnet"}
+    for backend, (src, line) in found.items():
+        assert src.lstrip().startswith(("class", "@"))
+        assert f"modules.py:{line}" in out
+    assert out.count(f"class {name}") == 3
+
+
+def test_source_is_the_file_on_disk():
+    src, line = class_source("torch", "FeedForward")
+    import xformer_torch.modules as m
+    from pathlib import Path
+
+    lines = Path(m.__file__).read_text().splitlines()
+    assert lines[line - 1].startswith("class FeedForward")
+    assert src.splitlines()[-1] == lines[line - 1 + len(src.splitlines()) - 1]
+
+
+def test_unknown_class_is_a_one_line_error(capsys):
+    assert main(["show", "Transformer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no node class 'Transformer'" in err[0] and "FeedForward" in err[0]
