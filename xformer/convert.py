@@ -45,7 +45,7 @@ import numpy as np
 
 from .errors import CheckpointError, SpecError
 from .spec import ModelSpec
-from .weights import atomic_write_dir, check_weights
+from .weights import atomic_write_dir, check_weights, shape_problems
 
 #: ``model_type`` values of ``config.json`` that :func:`xformer.weights.from_pretrained` imports.
 SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
@@ -515,18 +515,7 @@ def import_gpt2(path: str | os.PathLike, config: Mapping[str, Any] | None = None
     if tied and has_head:
         del raw["lm_head.weight"]  # GPT2LMHeadModel ties it to wte on load
     spec = spec_from_gpt2_config(config, head=head)
-    expected = gpt2_tensor_shapes(spec)
-    missing = [n for n in expected if n not in raw]
-    extra = [n for n in raw if n not in expected]
-    misshaped = [f"{n} {tuple(raw[n].shape)} (expected {expected[n]})"
-                 for n in expected if n in raw and tuple(raw[n].shape) != expected[n]]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {', '.join(missing)}")
-    if extra:
-        problems.append(f"unexpected {len(extra)}: {', '.join(extra)}")
-    if misshaped:
-        problems.append(f"mis-shaped {len(misshaped)}: {', '.join(misshaped)}")
+    problems = shape_problems(gpt2_tensor_shapes(spec), raw, extra_word="unexpected")
     if problems:
         raise CheckpointError(f"tensors in {st} do not match its config.json (GPT-2 names): "
                               + "; ".join(problems))

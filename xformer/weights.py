@@ -24,6 +24,22 @@ SPEC_METADATA_KEY = "xformer_spec"
 
 
 # ---------------------------------------------------------------------- checking
+def shape_problems(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, object],
+                   extra_word: str = "extra") -> list[str]:
+    """The missing, extra (``extra_word``) and mis-shaped tensors of ``found`` against
+    ``expected`` (``{name: shape}``), one phrase per kind, in ``expected``'s order."""
+    missing = [n for n in expected if n not in found]
+    extra = [n for n in found if n not in expected]
+    misshaped = [f"{n} {tuple(np.shape(found[n]))} (expected {tuple(expected[n])})"
+                 for n in expected if n in found and tuple(np.shape(found[n])) != tuple(
+                     expected[n])]
+    problems = []
+    for word, names in (("missing", missing), (extra_word, extra), ("mis-shaped", misshaped)):
+        if names:
+            problems.append(f"{word} {len(names)}: {', '.join(names)}")
+    return problems
+
+
 def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], *, source: str = "weights"
                   ) -> dict[str, np.ndarray]:
     """Check ``weights`` against ``spec.parameters()`` and return them in canonical order.
@@ -33,19 +49,9 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], *, source:
             found shape), and non-floating dtypes.
     """
     expected = spec.parameter_shapes()
-    missing = [n for n in expected if n not in weights]
-    extra = [n for n in weights if n not in expected]
-    misshaped = [f"{n} {tuple(np.shape(weights[n]))} (expected {expected[n]})"
-                 for n in expected if n in weights and tuple(np.shape(weights[n])) != expected[n]]
+    problems = shape_problems(expected, weights)
     bad_dtype = [f"{n} {np.asarray(weights[n]).dtype}" for n in expected
                  if n in weights and not np.issubdtype(np.asarray(weights[n]).dtype, np.floating)]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {', '.join(missing)}")
-    if extra:
-        problems.append(f"extra {len(extra)}: {', '.join(extra)}")
-    if misshaped:
-        problems.append(f"mis-shaped {len(misshaped)}: {', '.join(misshaped)}")
     if bad_dtype:
         problems.append(f"not floating point: {', '.join(bad_dtype)}")
     if problems:
