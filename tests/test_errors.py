@@ -65,3 +65,10 @@ def test_mismatched_weights(built):
 def test_bad_dtype():
     with pytest.raises(InputError, match="float32 or float64"):
         xformer.build(SPEC, backend=BACKENDS[0], dtype="float16")
+
+
+def test_cotangents_for_unknown_or_missing_outputs(built):
+    be, model = built
+    inputs = {"input_ids": np.array([[1, 2, 3]])}
+    with pytest.raises(InputError, match="cotangent"):
+        be.forward_backward(model, inputs, {"logits": np.ones((1, 3, 8))})

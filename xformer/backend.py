@@ -168,6 +168,15 @@ class Backend:
         return f"<xformer backend {self.name!r}>"
 
 
+def check_cotangent_names(spec: ModelSpec, cotangents: Mapping[str, Any]) -> None:
+    """Raise ``InputError`` unless ``cotangents`` has exactly the keys of
+    ``spec.output_names()`` (what every backend accepts)."""
+    names = spec.output_names()
+    if set(cotangents) != set(names):
+        raise InputError(f"cotangents must have exactly the keys {list(names)}, got "
+                         f"{sorted(cotangents)}")
+
+
 def check_dtype(dtype: Any) -> str:
     """``"float32"`` or ``"float64"`` (numpy dtypes accepted); raises ``InputError`` otherwise."""
     try:

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from xformer.backend import Backend, check_dtype, check_inputs
+from xformer.backend import Backend, check_cotangent_names, check_dtype, check_inputs
 from xformer.errors import InputError
 from xformer.weights import check_weights
 
@@ -114,6 +114,7 @@ class MXNetBackend(Backend):
         with mx.autograd.record(train_mode=False), _quiet():  # train_mode=False: dropout off
             out = model(**args)
         heads = list(out) if isinstance(out, (tuple, list)) else [out]
+        check_cotangent_names(spec, cotangents)
         mx.autograd.backward(heads, head_grads=[
             mx.nd.array(cotangents[n], dtype=model.dtype) for n in spec.output_names()])
         grads = {name: param.grad().asnumpy() for name, param in params.items()}
@@ -188,6 +189,7 @@ class MXNetBackend(Backend):
                 raise RuntimeError(f"trace: nodes {missing} did not run")
             heads = list(out) if isinstance(out, (tuple, list)) else [out]
             names = spec.output_names()
+            check_cotangent_names(spec, cotangents)
             cots = []
             for name, head in zip(names, heads):
                 cot = np.asarray(cotangents[name])
