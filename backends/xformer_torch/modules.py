@@ -93,6 +93,12 @@ def gelu_tanh(x: Tensor) -> Tensor:
 ACTIVATIONS = {"relu": F.relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
 
 
+def _check_dtype(dtype: torch.dtype) -> None:
+    """Raise ``InputError`` unless ``dtype`` is ``torch.float32`` or ``torch.float64``."""
+    if dtype not in (torch.float32, torch.float64):
+        raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+
+
 def _layer_norm(spec: ModelSpec, dtype: torch.dtype, device) -> nn.LayerNorm:
     return nn.LayerNorm(spec.d_model, eps=spec.norm_eps, bias=spec.bias, dtype=dtype,
                         device=device)
@@ -366,8 +372,7 @@ class EncoderModel(nn.Module):
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        if dtype not in (torch.float32, torch.float64):
-            raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        _check_dtype(dtype)
         self.spec = spec
         self.embeddings = Embeddings(spec, dtype=dtype, device=device)
         self.encoder = Encoder(spec, dtype=dtype, device=device)
@@ -597,8 +602,7 @@ class DecoderModel(_CausalModel):
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        if dtype not in (torch.float32, torch.float64):
-            raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        _check_dtype(dtype)
         self.spec = spec
         self.embeddings = Embeddings(spec, dtype=dtype, device=device)
         self.decoder = Decoder(spec, dtype=dtype, device=device)
@@ -661,8 +665,7 @@ class EncoderDecoderModel(_CausalModel):
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        if dtype not in (torch.float32, torch.float64):
-            raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        _check_dtype(dtype)
         self.spec = spec
         self.embeddings = Embeddings(spec, dtype=dtype, device=device)
         self.decoder_embeddings = Embeddings(spec, word_embeddings=not spec.share_embeddings,
