@@ -3,7 +3,6 @@ hyper-parameter in one backend is found at the node where it enters (issue #4)."
 
 import json
 
-import numpy as np
 import pytest
 
 from xformer import ModelSpec, random_weights

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import copy
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 
 from xformer import report as rep
 from xformer.backend import is_installed
-from xformer.conformance import Case, Target, default_targets, run_case
+from xformer.conformance import Case, Target, default_targets, environment, run_case
 from xformer.spec import ModelSpec
 
 SPEC = ModelSpec(vocab_size=40, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_len=8,
@@ -65,8 +64,7 @@ def doc() -> dict:
     pairs = (pairs + ["numpy vs torch.nn"])[:3]
     nodes = [n for r in reports for n in _nodes(r["dtype"], pairs, r["tolerance"])]
     return {"ok": all(r["ok"] for r in reports), "model": "small test spec",
-            "environment": {"python": platform.python_version(),
-                            "platform": platform.platform()},
+            "environment": environment(targets, "numpy"),
             "reports": reports, "nodes": nodes}
 
 
@@ -114,10 +112,26 @@ def test_page_has_verdict_table_plots_spec_environment(doc):
     assert '<th scope="row">d_model</th><td><code>16</code></td>' in page
     assert '<th scope="row">parameters</th>' in page
     assert '<th scope="row">python</th>' in page
-    assert '<th scope="row">cpu_count&nbsp;†</th>' in page
+    assert f'<th scope="row">cpu_count</th><td>{os.cpu_count()}</td>' in page
+    backend = targets_of(doc)[0].partition("/")[0]
+    assert f'<th scope="row">{backend}</th>' in page  # the framework version, as recorded
     # self-contained: nothing is fetched from anywhere
     assert _external_refs(page) == []
     assert "<script" not in page and "<link" not in page
+
+
+def targets_of(doc: dict) -> list[str]:
+    return [run["label"] for run in doc["reports"][0]["runs"]]
+
+
+def test_page_shows_only_the_recorded_environment(doc):
+    """Environment facts come from the document (recorded by the run), never from the process
+    that renders the page."""
+    page = rep.render_html({**doc, "environment": {"python": "3.0.1", "torch": "9.9"}})
+    env = page[page.index('<section id="environment">'):]
+    env = env[:env.index("</section>")]
+    assert re.findall(r'<th scope="row">([^<]*)</th>', env) == ["python", "torch"]
+    assert "<td>3.0.1</td>" in env and "cpu_count" not in env and "threads" not in env
 
 
 def test_external_reference_detector_works():

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xformer import ModelSpec, SpecError
-from xformer.spec import PRESETS, sinusoidal_table
+from xformer.conformance import covering_specs, field_values
+from xformer.spec import ARCHITECTURES, CHOICES, PRESETS, choices, sinusoidal_table
 
 
 @st.composite
@@ -142,3 +143,40 @@ def test_sinusoidal_table_follows_vaswani():
     assert table[pos, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / 16)), abs=1e-15)
     assert table[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / 16)), abs=1e-15)
     assert table[0, 0::2].max() == 0 and table[0, 1::2].min() == 1
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_choices_are_what_validation_accepts(arch):
+    """:func:`choices` (the declared values, narrowed per architecture) agrees with
+    validation: every value it lists is accepted, every other declared value refused."""
+    base = ModelSpec(architecture=arch, head="none")
+    allowed = choices(arch)
+    assert set(allowed) == set(CHOICES) - {"architecture"}
+    for field, values in CHOICES.items():
+        if field == "architecture":
+            continue
+        for value in values:
+            changes = {field: value}
+            if field == "tie_embeddings" and "lm" in allowed["head"]:
+                changes["head"] = "lm"
+            try:
+                base.replace(**changes)
+                accepted = True
+            except SpecError:
+                accepted = False
+            assert accepted == (value in allowed[field]), (arch, field, value)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2026])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_covering_specs_cover_every_declared_value(arch, seed):
+    """Every value of every categorical field the spec declares for ``arch`` occurs in the
+    conformance matrix's specs: a value added to ``xformer.spec.CHOICES`` cannot be left out."""
+    specs = covering_specs(6, seed=seed, architecture=arch)
+    assert all(s.architecture == arch for s in specs)
+    for field, values in choices(arch).items():
+        assert {getattr(s, field) for s in specs} == set(values), (arch, field)
+    for field, values in field_values(arch).items():
+        assert {getattr(s, field) for s in specs} == set(values), (arch, field)
+    if arch == "encoder":
+        assert {s.type_vocab_size for s in specs} == {0, 2}

@@ -9,7 +9,8 @@ from safetensors.numpy import save_file
 
 import xformer
 from xformer import CheckpointError, ModelSpec
-from xformer.weights import from_pretrained, init_weights, load_weights, read_spec, save_weights
+from xformer.convert import from_pretrained
+from xformer.weights import init_weights, load_weights, read_spec, save_weights
 
 SPEC = ModelSpec(vocab_size=50, d_model=8, n_heads=2, d_ff=16, n_layers=2, max_len=10,
                  head="pooler")
@@ -80,7 +81,7 @@ def _fake_bert_dir(tmp_path, spec, act="gelu", pooler=True, extra=()):
     """A Hugging Face BERT directory in the upstream naming (as BertModel.save_pretrained)."""
     w = init_weights(spec, seed=5)
     hf = {"embeddings.position_ids": np.arange(spec.max_len)[None]}
-    inv = {v: k for k, v in xformer.weights._BERT_LAYER_MAP.items()}
+    inv = {v: k for k, v in xformer.convert._BERT_LAYER_MAP.items()}
     for name, arr in w.items():
         if name.startswith("encoder.layers."):
             _, _, i, rest = name.split(".", 3)

@@ -11,14 +11,15 @@ Quick start::
 from .backend import Backend, available_backends, build, get_backend, resolve_backend_name
 from .errors import BackendError, CheckpointError, InputError, SpecError, XformerError
 from .spec import PRESETS, ModelSpec, ParamSpec
-from .weights import (check_weights, from_pretrained, init_weights, load_weights,
-                      random_weights, save_pretrained, save_weights)
+from .convert import from_pretrained
+from .weights import (check_weights, init_weights, load_pretrained, load_weights, random_weights,
+                      save_pretrained, save_weights)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "BackendError", "CheckpointError", "InputError", "ModelSpec", "PRESETS",
     "ParamSpec", "SpecError", "XformerError", "available_backends", "build", "check_weights",
-    "from_pretrained", "get_backend", "init_weights", "load_weights", "random_weights",
-    "resolve_backend_name", "save_pretrained", "save_weights", "__version__",
+    "from_pretrained", "get_backend", "init_weights", "load_pretrained", "load_weights",
+    "random_weights", "resolve_backend_name", "save_pretrained", "save_weights", "__version__",
 ]

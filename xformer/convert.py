@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint conversions: BERT import, GPT-2 import and export.
+"""Hugging Face checkpoint conversions: BERT import, GPT-2 import and export, and
+:func:`from_pretrained` (Hugging Face or xformer directory -> spec and canonical weights).
 
 A Hugging Face model directory holds ``config.json`` and ``model.safetensors`` (``pytorch_model.bin``
 is never read: it is a pickle). The conversions map its tensors to and from the canonical layout
@@ -10,6 +11,11 @@ which numpy cannot hold and which is widened exactly to ``float32``.
 * GPT-2 (``model_type: gpt2``, the upstream ``modeling_gpt2`` names, as written by
   ``GPT2LMHeadModel.save_pretrained`` / ``GPT2Model.save_pretrained``): :func:`import_gpt2`
   and :func:`export_gpt2`.
+* Which specs a ``transformers`` class can express, and its config as a plain dict
+  (:func:`bert_expressible`, :func:`bert_config_dict`, :func:`gpt2_expressible`,
+  :func:`gpt2_config_dict`), for the Hugging Face reference of the torch backend
+  (``xformer_torch.reference_hf``). Nothing here imports a framework: files are read and
+  written as numpy (:mod:`xformer.weights`), and the name maps also take torch tensors.
 
 GPT-2 naming (``transformers/models/gpt2/modeling_gpt2.py``), ``D = n_embd``, ``F = n_inner or
 4 D``. GPT-2's ``Conv1D`` stores its weight as ``(in, out)`` and computes ``x W + b``; a canonical
@@ -38,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -45,9 +52,10 @@ import numpy as np
 
 from .errors import CheckpointError, SpecError
 from .spec import ModelSpec
-from .weights import atomic_write_dir, check_weights, shape_problems
+from .weights import (atomic_write_dir, check_weights, load_pretrained, model_safetensors,
+                      read_safetensors, safetensors_bytes, shape_problems)
 
-#: ``model_type`` values of ``config.json`` that :func:`xformer.weights.from_pretrained` imports.
+#: ``model_type`` values of ``config.json`` that :func:`from_pretrained` imports.
 SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
 
 
@@ -70,63 +78,33 @@ def read_hf_config(root: str | os.PathLike) -> dict[str, Any] | None:
     return config
 
 
-def _hf_safetensors(root: Path) -> Path:
-    st = root / "model.safetensors"
-    if not root.is_dir():
-        raise CheckpointError(f"model directory {str(root)!r} does not exist")
-    if not st.is_file():
-        raise CheckpointError(f"{str(root)!r} has no model.safetensors (pytorch_model.bin is "
-                              f"not read: it is a pickle)")
-    return st
+def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """Import a model directory into ``(spec, canonical weights)``.
 
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as numpy, in the stored dtype; ``bfloat16`` (which
-    numpy lacks) is widened exactly to ``float32`` (its bits are the high half of a float32).
+    * Hugging Face directories (``config.json`` + ``model.safetensors``), dispatched on
+      ``config.json``'s ``model_type``: ``bert`` (also when ``model_type`` is absent;
+      :func:`import_bert`: task heads such as ``cls.*`` dropped, a missing pooler gives
+      ``head="none"``) and ``gpt2`` (:func:`import_gpt2`).
+    * xformer directories (no ``config.json``, as :func:`xformer.weights.save_pretrained`
+      writes them): :func:`xformer.weights.load_pretrained`.
 
     Raises:
-        CheckpointError: the file is missing or is not a safetensors file.
+        CheckpointError: the directory or a file is missing, an unsupported ``model_type``
+            (names the supported ones), specs that disagree, or tensors that do not match.
+        SpecError: an unsupported ``config.json`` or a malformed spec file.
     """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    out: dict[str, np.ndarray] = {}
-    try:
-        header = _safetensors_header(path)
-        with safe_open(str(path), framework="np") as fh:
-            for name in fh.keys():
-                if header.get(name, {}).get("dtype") == "BF16":
-                    out[name] = _read_bf16(path, header, name)
-                else:
-                    out[name] = fh.get_tensor(name)
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own SafetensorError
-        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                              ) from None
-    return out
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        if n <= 0 or n > 100_000_000:
-            raise CheckpointError(f"cannot read {str(path)!r} as safetensors: bad header size")
-        header = json.loads(fh.read(n))
-    header["__data_start__"] = 8 + n
-    return header
-
-
-def _read_bf16(path: Path, header: Mapping[str, Any], name: str) -> np.ndarray:
-    info = header[name]
-    start, end = info["data_offsets"]
-    with open(path, "rb") as fh:
-        fh.seek(header["__data_start__"] + start)
-        raw = np.frombuffer(fh.read(end - start), dtype="<u2")
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+    root = Path(path)
+    model_safetensors(root)
+    config = read_hf_config(root)
+    if config is None:
+        return load_pretrained(root)
+    model_type = config.get("model_type", "bert")
+    if model_type == "bert":
+        return import_bert(root, config)
+    if model_type == "gpt2":
+        return import_gpt2(root, config)
+    raise CheckpointError(f"{root / 'config.json'}: model_type {model_type!r} is not supported "
+                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
 
 
 # ---------------------------------------------------------------------- Hugging Face BERT
@@ -188,6 +166,48 @@ def _bert_name(hf_name: str) -> str | None:
     return None  # heads (cls.*) and buffers are not part of the encoder
 
 
+def bert_to_canonical(native: Mapping[str, Any]) -> dict[str, Any]:
+    """``{BertModel parameter name: tensor}`` -> ``{canonical name: tensor}`` (numpy arrays or
+    torch tensors, parameters or their gradients; heads and buffers dropped)."""
+    return {_bert_name(k): v for k, v in native.items() if _bert_name(k) is not None}
+
+
+_BERT_EXPORT_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+
+
+def bert_expressible(spec: ModelSpec) -> str | None:
+    """``None`` if ``transformers.BertModel`` can express ``spec`` exactly, else the reason."""
+    checks = [
+        (spec.architecture == "encoder", "BertModel is an encoder"),
+        (spec.norm_position == "post", "BertModel is post-LN"),
+        (spec.positional == "learned", "BertModel has learned positions"),
+        (spec.embedding_norm, "BertModel always normalises embeddings"),
+        (not spec.final_norm, "BertModel has no final norm"),
+        (not spec.embed_scale, "BertModel does not scale embeddings"),
+        (spec.bias, "BertModel always has biases"),
+        (spec.type_vocab_size > 0, "BertModel needs type_vocab_size >= 1"),
+    ]
+    return next((why for ok, why in checks if not ok), None)
+
+
+def bert_config_dict(spec: ModelSpec) -> dict[str, Any]:
+    """The ``transformers.BertConfig`` keyword arguments of ``spec``: no dropout, eager
+    attention (``BertConfig(**bert_config_dict(spec))``).
+
+    Raises:
+        SpecError: ``spec`` is not BERT-expressible (:func:`bert_expressible`).
+    """
+    why = bert_expressible(spec)
+    if why:
+        raise SpecError(f"cannot express this spec as BERT: {why}")
+    return dict(vocab_size=spec.vocab_size, hidden_size=spec.d_model,
+                num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads,
+                intermediate_size=spec.d_ff, hidden_act=_BERT_EXPORT_ACTIVATION[spec.activation],
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                max_position_embeddings=spec.max_len, type_vocab_size=spec.type_vocab_size,
+                layer_norm_eps=spec.norm_eps, attn_implementation="eager")
+
+
 def import_bert(path: str | os.PathLike, config: Mapping | None = None
                 ) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     """Import a Hugging Face BERT directory (``config.json`` + ``model.safetensors``) into
@@ -199,7 +219,7 @@ def import_bert(path: str | os.PathLike, config: Mapping | None = None
         SpecError: an unsupported ``config.json``.
     """
     root = Path(path)
-    st = _hf_safetensors(root)
+    st = model_safetensors(root)
     config = read_hf_config(root) if config is None else config
     if config is None:
         raise CheckpointError(f"{str(root)!r} has no config.json")
@@ -241,7 +261,7 @@ _GPT2_BUFFER = re.compile(r"^h\.\d+\.(attn|crossattention)\.(bias|masked_bias)$"
 _GPT2_TASK_HEADS = ("score.", "classifier.", "qa_outputs.", "multiple_choice_head.")
 
 
-def gpt2_unsupported(spec: ModelSpec) -> str | None:
+def gpt2_expressible(spec: ModelSpec) -> str | None:
     """``None`` if ``GPT2LMHeadModel`` (``head="lm"``) or ``GPT2Model`` (``head="none"``) can
     express ``spec`` exactly, else the reason, naming the spec field."""
     checks = [
@@ -262,10 +282,18 @@ def gpt2_unsupported(spec: ModelSpec) -> str | None:
         (spec.head in ("lm", "none"), f"spec field 'head' is {spec.head!r}; GPT-2 takes 'lm' "
                                       f"(GPT2LMHeadModel) or 'none' (GPT2Model)"),
     ]
-    for ok, why in checks:
-        if not ok:
-            return why
-    return None
+    return next((why for ok, why in checks if not ok), None)
+
+
+def huggingface_expressible(spec: ModelSpec) -> str | None:
+    """``None`` if a ``transformers`` model class can express ``spec``: ``BertModel`` for
+    encoders (:func:`bert_expressible`), ``GPT2LMHeadModel`` / ``GPT2Model`` for decoders
+    (:func:`gpt2_expressible`); else the reason."""
+    if spec.architecture == "encoder":
+        return bert_expressible(spec)
+    if spec.architecture == "decoder":
+        return gpt2_expressible(spec)
+    return "no Hugging Face model class for encoder-decoders here (use torch.nn)"
 
 
 def spec_from_gpt2_config(config: Mapping[str, Any], head: str = "lm") -> ModelSpec:
@@ -283,7 +311,12 @@ def spec_from_gpt2_config(config: Mapping[str, Any], head: str = "lm") -> ModelS
         SpecError: naming the ``config.json`` key: ``scale_attn_weights`` false (xformer always
             divides scores by ``sqrt(d_head)``), ``scale_attn_by_inverse_layer_idx`` true,
             ``add_cross_attention`` true, an unsupported ``activation_function``, or a
-            ``bos_token_id`` / ``eos_token_id`` outside ``[0, vocab_size)``.
+            ``bos_token_id`` / ``eos_token_id`` that is not an integer or null.
+
+    Warns:
+        UserWarning: a ``bos_token_id`` / ``eos_token_id`` outside ``[0, vocab_size)`` (what
+            ``GPT2Config(vocab_size=...)`` writes by default: 50256), which Hugging Face
+            accepts: the model can never produce it, so it is dropped to ``None``.
     """
     cfg = {**GPT2_CONFIG_DEFAULTS, **{k: v for k, v in config.items()
                                       if k in GPT2_CONFIG_DEFAULTS}}
@@ -303,9 +336,16 @@ def spec_from_gpt2_config(config: Mapping[str, Any], head: str = "lm") -> ModelS
     vocab = int(cfg["vocab_size"])
     for key in ("bos_token_id", "eos_token_id"):
         tok = cfg[key]
-        if tok is not None and not (isinstance(tok, int) and 0 <= tok < vocab):
-            raise SpecError(f"config.json {key} = {tok!r} is outside the vocabulary "
-                            f"[0, vocab_size={vocab}); set it to a token id or null")
+        if tok is not None and not isinstance(tok, int):
+            raise SpecError(f"config.json {key} = {tok!r} is not a token id; set it to one "
+                            f"integer or null")
+        if tok is not None and not 0 <= tok < vocab:
+            # GPT2Config(vocab_size=...) keeps the default 50256; Hugging Face loads it with a
+            # warning. A token the model can never produce cannot stop or start generation.
+            warnings.warn(f"config.json {key} = {tok} is outside the vocabulary [0, "
+                          f"vocab_size={vocab}): the model can never produce it, so it is "
+                          f"dropped ({key} = None)", UserWarning, stacklevel=2)
+            cfg[key] = None
     d = int(cfg["n_embd"])
     return ModelSpec(
         architecture="decoder", vocab_size=vocab, d_model=d, n_heads=int(cfg["n_head"]),
@@ -326,9 +366,9 @@ def gpt2_config_dict(spec: ModelSpec, dtype: str | None = "float32") -> dict[str
     model left to their defaults). Every pdrop is ``spec.dropout``.
 
     Raises:
-        SpecError: ``spec`` is not GPT-2-expressible (:func:`gpt2_unsupported`).
+        SpecError: ``spec`` is not GPT-2-expressible (:func:`gpt2_expressible`).
     """
-    why = gpt2_unsupported(spec)
+    why = gpt2_expressible(spec)
     if why:
         raise SpecError(f"cannot express this spec as GPT-2: {why}")
     config: dict[str, Any] = {
@@ -422,6 +462,31 @@ def gpt2_names_to_canonical(tensors: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def gpt2_to_canonical(native: Mapping[str, Any]) -> dict[str, Any]:
+    """``{GPT-2 parameter name: tensor}`` -> ``{canonical name: tensor}`` for a model's
+    parameters or their gradients (torch tensors or numpy arrays), names with or without
+    ``transformer.`` (:func:`gpt2_names_to_canonical`), and an ``lm_head.weight`` that shares
+    memory with ``wte.weight`` dropped (a tied ``state_dict()``; ``named_parameters()`` lists it
+    once)."""
+    items = dict(native)
+    wte = items.get("transformer.wte.weight", items.get("wte.weight"))
+    head = items.get("lm_head.weight")
+    if head is not None and wte is not None and _same_memory(head, wte):
+        del items["lm_head.weight"]
+    return gpt2_names_to_canonical(items)
+
+
+def _same_memory(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.shares_memory(a, b)
+    try:  # torch tensors, without importing torch
+        return a.data_ptr() == b.data_ptr() and a.shape == b.shape
+    except AttributeError:
+        return False
+
+
 def canonical_to_gpt2(spec: ModelSpec, weights: Mapping[str, np.ndarray], prefix: str = ""
                       ) -> dict[str, np.ndarray]:
     """Canonical numpy weights -> ``{GPT-2 name: array}`` (:func:`gpt2_tensor_shapes` order),
@@ -497,7 +562,7 @@ def import_gpt2(path: str | os.PathLike, config: Mapping[str, Any] | None = None
         SpecError: an unsupported ``config.json`` (names the key).
     """
     root = Path(path)
-    st = _hf_safetensors(root)
+    st = model_safetensors(root)
     config = read_hf_config(root) if config is None else config
     if config is None:
         raise CheckpointError(f"{str(root)!r} has no config.json")
@@ -515,10 +580,12 @@ def import_gpt2(path: str | os.PathLike, config: Mapping[str, Any] | None = None
     if tied and has_head:
         del raw["lm_head.weight"]  # GPT2LMHeadModel ties it to wte on load
     spec = spec_from_gpt2_config(config, head=head)
-    problems = shape_problems(gpt2_tensor_shapes(spec), raw, extra_word="unexpected")
+    details: list[str] = []
+    problems = shape_problems(gpt2_tensor_shapes(spec), raw, extra_word="unexpected",
+                              details=details)
     if problems:
         raise CheckpointError(f"tensors in {st} do not match its config.json (GPT-2 names): "
-                              + "; ".join(problems))
+                              + "; ".join(problems), details=details)
     weights = gpt2_names_to_canonical(raw)
     return spec, check_weights(spec, weights, source=f"tensors in {st}")
 
@@ -541,8 +608,6 @@ def export_gpt2(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[str, 
         CheckpointError: ``weights`` do not match ``spec`` (all problems listed), or ``path``
             exists and is not such a directory.
     """
-    from safetensors.numpy import save
-
     config = gpt2_config_dict(spec, dtype=None)  # raises SpecError first
     weights = check_weights(spec, weights)
     config["dtype"] = str(weights[spec.word_embedding_name()].dtype)
@@ -551,5 +616,5 @@ def export_gpt2(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[str, 
     tensors = canonical_to_gpt2(spec, weights, prefix=prefix)
     atomic_write_dir(Path(path), {
         "config.json": (json.dumps(config, indent=2) + "\n").encode(),
-        "model.safetensors": save(tensors, metadata={"format": "pt"}),
+        "model.safetensors": safetensors_bytes(tensors, {"format": "pt"}),
     })

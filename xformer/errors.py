@@ -6,6 +6,8 @@ and exits with status 2. Catch :class:`XformerError` to handle them all.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 
 class XformerError(Exception):
     """Base class: bad input that the user can fix. The message is one line."""
@@ -16,7 +18,17 @@ class SpecError(XformerError, ValueError):
 
 
 class CheckpointError(XformerError):
-    """A checkpoint that does not match its spec: lists missing, extra and mis-shaped tensors."""
+    """A checkpoint that does not match its spec: counts the missing, extra and mis-shaped
+    tensors and names the first few of each kind.
+
+    Attributes:
+        details: every problem, one line per tensor (``"missing: encoder.layers.0..."``), when
+            the message summarises a list; empty otherwise. ``xformer --verbose`` prints them.
+    """
+
+    def __init__(self, message: str, details: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.details = list(details)
 
 
 class BackendError(XformerError):

@@ -2,7 +2,7 @@
 
 The input is the JSON document ``xformer compare --json`` writes::
 
-    {"ok": bool, "model": str, "environment": {name: version},
+    {"ok": bool, "model": str, "environment": {name: value},   # recorded by the run
      "reports": [Report.to_dict(), ...],              # one per dtype
      "nodes": [{"dtype": str, "pair": "A vs B",        # optional: divergence localisation
                 "tolerance": {"output": .., "grad": ..},   # optional, default: the report's
@@ -12,7 +12,9 @@ The input is the JSON document ``xformer compare --json`` writes::
 The page is one file with no external asset (CSS inline, plots embedded as base64 PNG), so it
 can be mailed, attached to a CI run or opened offline. It shows a verdict banner, the verdict
 table of each dtype (the rows of the ``compare`` table), the per-node error plots (when
-``"nodes"`` is present), timing bars, the spec and the environment.
+``"nodes"`` is present), timing bars, the spec and the environment (exactly what the document
+holds: :func:`xformer.conformance.environment` records it when the run happens; nothing is read
+from the process that renders the page).
 
 matplotlib is imported lazily and only for the plots (Agg canvas, no pyplot state); without it
 the page is written without plots and says so.
@@ -26,8 +28,6 @@ import html
 import io
 import math
 import os
-import platform
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -504,66 +504,12 @@ def _spec_section(spec: Mapping[str, Any]) -> str:
             f'reference for their meaning).</p><div class="columns">{"".join(tables)}</div>')
 
 
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def environment_extras() -> dict[str, str]:
-    """CPU and thread facts of this process, without importing any framework (a framework's
-    thread counts only if it is already imported)."""
-    extra: dict[str, str] = {}
-    cpu = _cpu_model()
-    if cpu:
-        extra["cpu"] = cpu
-    extra["cpu_count"] = str(os.cpu_count())
-    if hasattr(os, "sched_getaffinity"):
-        try:
-            extra["usable cpus"] = str(len(os.sched_getaffinity(0)))
-        except OSError:
-            pass
-    torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "get_num_threads"):
-        try:
-            extra["torch threads"] = (f"{torch.get_num_threads()} intra-op, "
-                                      f"{torch.get_num_interop_threads()} inter-op")
-        except Exception:  # noqa: BLE001
-            pass
-    tf = sys.modules.get("tensorflow")
-    if tf is not None:
-        try:
-            th = tf.config.threading
-            intra, inter = (th.get_intra_op_parallelism_threads(),
-                            th.get_inter_op_parallelism_threads())
-            extra["tensorflow threads"] = (f"{intra or 'default'} intra-op, "
-                                           f"{inter or 'default'} inter-op")
-        except Exception:  # noqa: BLE001
-            pass
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
-                "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS"):
-        if os.environ.get(var):
-            extra[var] = os.environ[var]
-    return extra
-
-
 def _environment_section(env: Mapping[str, Any]) -> str:
-    rows = [(k, _e(v), False) for k, v in env.items()]
-    added = False
-    for k, v in environment_extras().items():
-        if k not in env:
-            rows.append((k, _e(v), True))
-            added = True
-    body = "".join(f'<tr><th scope="row">{_e(k)}{"&nbsp;†" if late else ""}</th>'
-                   f"<td>{v}</td></tr>" for k, v, late in rows)
-    note = ('<p class="note">† recorded by the process that wrote this page (the same process '
-            "as the run for <code>xformer compare --html</code>).</p>") if added else ""
-    return f'<table class="kv"><tbody>{body}</tbody></table>{note}'
+    """The facts the run recorded (:func:`xformer.conformance.environment`), as they are."""
+    body = "".join(f'<tr><th scope="row">{_e(k)}</th><td>{_e(v)}</td></tr>'
+                   for k, v in env.items())
+    return ('<p class="note">Recorded by the process that ran the comparison.</p>'
+            f'<table class="kv"><tbody>{body}</tbody></table>')
 
 
 _CSS = """

@@ -4,7 +4,7 @@ Every numerical choice lives here, never in a framework default: LayerNorm ``nor
 form (``activation``), positional encodings, embedding scale, biases. A spec is a frozen dataclass,
 validated at construction, and round-trips through JSON and YAML. :meth:`ModelSpec.parameters`
 is the single source of canonical parameter names, shapes and initialisers that every backend
-maps to (DESIGN.md §2).
+maps to (docs/design.md §2).
 
 Example::
 
@@ -33,8 +33,36 @@ from .errors import SpecError
 ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
 NORM_POSITIONS = ("post", "pre")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
-POSITIONALS = ("sinusoidal", "learned")
-HEADS = ("none", "lm", "pooler")
+POSITIONALS = ("learned", "sinusoidal")
+HEADS = ("pooler", "lm", "none")
+BOOLEAN = (True, False)
+
+#: The allowed values of every categorical field, declared once: validation checks them, and
+#: conformance covers every value of every field (:func:`choices`,
+#: :func:`xformer.conformance.covering_specs`). A new value added here is a new case there.
+CHOICES: dict[str, tuple] = {
+    "architecture": ARCHITECTURES, "norm_position": NORM_POSITIONS, "activation": ACTIVATIONS,
+    "positional": POSITIONALS, "embedding_norm": BOOLEAN, "final_norm": BOOLEAN,
+    "embed_scale": BOOLEAN, "bias": BOOLEAN, "tie_embeddings": BOOLEAN,
+    "share_embeddings": BOOLEAN, "head": HEADS,
+}
+
+#: The heads each architecture takes.
+ARCHITECTURE_HEADS: dict[str, tuple[str, ...]] = {
+    "encoder": ("pooler", "none"), "decoder": ("lm", "none"), "encoder-decoder": ("lm", "none"),
+}
+
+
+def choices(architecture: str) -> dict[str, tuple]:
+    """The values each categorical field (:data:`CHOICES`, ``architecture`` left out) can take
+    in a valid spec of ``architecture``: its heads (:data:`ARCHITECTURE_HEADS`),
+    ``tie_embeddings`` only where a head is ``"lm"``, ``share_embeddings`` only in an
+    encoder-decoder (``(False,)`` otherwise)."""
+    heads = ARCHITECTURE_HEADS[architecture]
+    narrowed = {"head": heads,
+                "tie_embeddings": BOOLEAN if "lm" in heads else (False,),
+                "share_embeddings": BOOLEAN if architecture == "encoder-decoder" else (False,)}
+    return {k: narrowed.get(k, v) for k, v in CHOICES.items() if k != "architecture"}
 
 
 @dataclass(frozen=True)
@@ -149,18 +177,14 @@ class ModelSpec:
             if value < low or (high is not None and value >= high):
                 allowed = f">= {low}" if high is None else f"in [0, vocab_size={high})"
                 raise SpecError(f"spec field {name!r} must be {allowed}, got {value}")
-        enums = {"architecture": ARCHITECTURES, "norm_position": NORM_POSITIONS,
-                 "activation": ACTIVATIONS, "positional": POSITIONALS, "head": HEADS}
-        for name, allowed in enums.items():
+        for name, allowed in CHOICES.items():
             value = getattr(self, name)
-            if value not in allowed:
+            if allowed is BOOLEAN:
+                if not isinstance(value, bool):
+                    raise SpecError(f"spec field {name!r} must be true or false, got {value!r}")
+            elif not isinstance(value, str) or value not in allowed:
                 raise SpecError(f"spec field {name!r} must be one of {', '.join(allowed)}; "
                                 f"got {value!r}")
-        for name in ("embedding_norm", "final_norm", "embed_scale", "bias", "tie_embeddings",
-                     "share_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise SpecError(f"spec field {name!r} must be true or false, got {value!r}")
         for name in ("norm_eps", "dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -177,12 +201,12 @@ class ModelSpec:
             raise SpecError(f"spec field 'd_model' must be even for sinusoidal positions, "
                             f"got {self.d_model}")
         arch = self.architecture
-        if arch == "encoder" and self.head == "lm":
-            raise SpecError("spec field 'head' = 'lm' needs architecture 'decoder' or "
-                            "'encoder-decoder'; encoders take 'none' or 'pooler'")
-        if arch != "encoder" and self.head == "pooler":
-            raise SpecError(f"spec field 'head' = 'pooler' is for encoders; a {arch} takes "
-                            f"'none' or 'lm'")
+        heads = ARCHITECTURE_HEADS[arch]
+        if self.head not in heads:
+            users = " and ".join(f"{a}s" for a, h in ARCHITECTURE_HEADS.items() if self.head in h)
+            raise SpecError(f"spec field 'head' = {self.head!r} is for {users}; "
+                            f"{'an' if arch[0] in 'aeiou' else 'a'} {arch} takes "
+                            f"{' or '.join(repr(h) for h in heads)}")
         if arch != "encoder" and self.type_vocab_size:
             raise SpecError(f"spec field 'type_vocab_size' must be 0 for a {arch} (segment "
                             f"embeddings are for encoders), got {self.type_vocab_size}")
@@ -409,11 +433,8 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"spec is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        """Parse a JSON spec (:meth:`from_dict`; ``SpecError`` for malformed JSON)."""
+        return cls._from_text(text, "JSON")
 
     def to_yaml(self) -> str:
         import yaml
@@ -422,13 +443,19 @@ class ModelSpec:
 
     @classmethod
     def from_yaml(cls, text: str) -> "ModelSpec":
+        """Parse a YAML spec (an empty document is the default spec; ``SpecError`` for
+        malformed YAML)."""
+        return cls._from_text(text, "YAML")
+
+    @classmethod
+    def _from_text(cls, text: str, fmt: str) -> "ModelSpec":
         import yaml
 
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise SpecError(f"spec is not valid YAML: {str(e).splitlines()[0]}") from None
-        return cls.from_dict(data if data is not None else {})
+            data = json.loads(text) if fmt == "JSON" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise SpecError(f"spec is not valid {fmt}: {str(e).splitlines()[0]}") from None
+        return cls.from_dict({} if data is None and fmt == "YAML" else data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelSpec":

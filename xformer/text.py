@@ -82,7 +82,7 @@ def embed(model_dir: str | os.PathLike, sentences: Sequence[str], backend: str |
         XformerError subclasses for a bad directory, backend or sentence.
     """
     from .backend import build, get_backend
-    from .weights import from_pretrained
+    from .convert import from_pretrained
 
     spec, weights = from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir)

@@ -4,16 +4,19 @@ An xformer checkpoint stores the spec as JSON in the safetensors metadata (key `
 so a single file is self-describing. Saves are atomic; loads check the tensors against the spec
 and list every missing, extra and mis-shaped tensor in one ``CheckpointError``.
 
-A checkpoint *directory* (:func:`save_pretrained`) adds a ``spec.json``. :func:`from_pretrained`
-reads those and Hugging Face directories (``config.json`` + ``model.safetensors``: BERT and GPT-2,
-converted by :mod:`xformer.convert`) into a spec and canonical weights.
+A checkpoint *directory* (:func:`save_pretrained`) adds a ``spec.json``; :func:`load_pretrained`
+reads it back. This is the one module that reads and writes safetensors
+(:func:`read_safetensors` reads any file, ``bfloat16`` included); :mod:`xformer.convert` maps
+Hugging Face names onto these files, and :func:`xformer.convert.from_pretrained` reads both kinds
+of directory. Layering: ``spec`` -> ``weights`` -> ``convert`` (no import goes the other way).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -24,10 +27,17 @@ SPEC_METADATA_KEY = "xformer_spec"
 
 
 # ---------------------------------------------------------------------- checking
+#: How many tensors a checkpoint error names per kind of problem; the rest are counted, and
+#: ``CheckpointError.details`` lists them all (printed by ``xformer --verbose``).
+NAMES_SHOWN = 3
+
+
 def shape_problems(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, object],
-                   extra_word: str = "extra") -> list[str]:
+                   extra_word: str = "extra", details: list[str] | None = None) -> list[str]:
     """The missing, extra (``extra_word``) and mis-shaped tensors of ``found`` against
-    ``expected`` (``{name: shape}``), one phrase per kind, in ``expected``'s order."""
+    ``expected`` (``{name: shape}``), one phrase per kind, in ``expected``'s order, naming the
+    first :data:`NAMES_SHOWN` and counting the rest (``"missing 71: a, b, c and 68 more"``).
+    Every problem, one line per tensor (``"missing: a"``), is appended to ``details``."""
     missing = [n for n in expected if n not in found]
     extra = [n for n in found if n not in expected]
     misshaped = [f"{n} {tuple(np.shape(found[n]))} (expected {tuple(expected[n])})"
@@ -36,8 +46,16 @@ def shape_problems(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, 
     problems = []
     for word, names in (("missing", missing), (extra_word, extra), ("mis-shaped", misshaped)):
         if names:
-            problems.append(f"{word} {len(names)}: {', '.join(names)}")
+            problems.append(summarize(word, names))
+            if details is not None:
+                details += [f"{word}: {n}" for n in names]
     return problems
+
+
+def summarize(word: str, names: list[str]) -> str:
+    """``"word N: first, second, third and N-3 more"`` (:data:`NAMES_SHOWN` names)."""
+    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+    return f"{word} {len(names)}: {', '.join(names[:NAMES_SHOWN])}{more}"
 
 
 def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], *, source: str = "weights"
@@ -45,18 +63,24 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], *, source:
     """Check ``weights`` against ``spec.parameters()`` and return them in canonical order.
 
     Raises:
-        CheckpointError: lists the missing, extra and mis-shaped tensors (name, expected shape,
-            found shape), and non-floating dtypes.
+        CheckpointError: counts the missing, extra and mis-shaped tensors (name, expected
+            shape, found shape) and non-floating dtypes, naming the first few of each kind;
+            its ``details`` list every one.
     """
     expected = spec.parameter_shapes()
-    problems = shape_problems(expected, weights)
+    details: list[str] = []
+    problems = shape_problems(expected, weights, details=details)
     bad_dtype = [f"{n} {np.asarray(weights[n]).dtype}" for n in expected
                  if n in weights and not np.issubdtype(np.asarray(weights[n]).dtype, np.floating)]
     if bad_dtype:
-        problems.append(f"not floating point: {', '.join(bad_dtype)}")
+        problems.append(summarize("not floating point", bad_dtype))
+        details += [f"not floating point: {n}" for n in bad_dtype]
     if problems:
         raise CheckpointError(f"{source} do not match the spec: " + "; ".join(problems)
-                              + " (was it saved for another spec?)")
+                              + " (was it saved for another spec?"
+                              + ("; --verbose lists every tensor)" if any(
+                                  p.endswith(" more") for p in problems) else ")"),
+                              details=details)
     return {n: np.asarray(weights[n]) for n in expected}
 
 
@@ -202,15 +226,23 @@ def atomic_write_dir(path: str | os.PathLike, files: Mapping[str, bytes]) -> Non
         raise
 
 
-def _checkpoint_bytes(weights: Mapping[str, np.ndarray], spec: ModelSpec | None) -> bytes:
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]
+                      ) -> bytes:
+    """The bytes of a safetensors file holding ``tensors`` (any names, each stored
+    contiguous, in its dtype) and the string ``metadata``."""
     from safetensors.numpy import save
 
+    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                metadata=dict(metadata))
+
+
+def _checkpoint_bytes(weights: Mapping[str, np.ndarray], spec: ModelSpec | None) -> bytes:
     if spec is not None:
         weights = check_weights(spec, weights)
     metadata = {"format": "np"}
     if spec is not None:
         metadata[SPEC_METADATA_KEY] = spec.to_json(indent=None)
-    return save({k: np.ascontiguousarray(v) for k, v in weights.items()}, metadata=metadata)
+    return safetensors_bytes(weights, metadata)
 
 
 #: Spec files an xformer checkpoint directory may hold next to ``model.safetensors``.
@@ -219,7 +251,8 @@ SPEC_FILES = ("spec.json", "spec.yaml", "spec.yml")
 
 def save_pretrained(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[str, np.ndarray]
                     ) -> None:
-    """Write an xformer checkpoint directory that :func:`from_pretrained` reads:
+    """Write an xformer checkpoint directory that :func:`load_pretrained` (and
+    :func:`xformer.convert.from_pretrained`) reads:
     ``spec.json`` and ``model.safetensors`` (canonical names and dtypes, the spec also in the
     metadata), atomically (:func:`atomic_write_dir`).
 
@@ -232,7 +265,35 @@ def save_pretrained(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[s
                                   "model.safetensors": data})
 
 
-def _load_xformer_dir(root: Path, st: Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+def model_safetensors(root: str | os.PathLike) -> Path:
+    """``root/model.safetensors`` of a model directory (xformer or Hugging Face).
+
+    Raises:
+        CheckpointError: ``root`` is not a directory or holds no ``model.safetensors``
+            (``pytorch_model.bin`` is never read: it is a pickle).
+    """
+    root = Path(root)
+    st = root / "model.safetensors"
+    if not root.is_dir():
+        raise CheckpointError(f"model directory {str(root)!r} does not exist")
+    if not st.is_file():
+        raise CheckpointError(f"{str(root)!r} has no model.safetensors (pytorch_model.bin is "
+                              f"not read: it is a pickle)")
+    return st
+
+
+def load_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """Read an xformer checkpoint directory (as :func:`save_pretrained` writes it):
+    ``model.safetensors`` with the spec in its metadata and/or a ``spec.json`` / ``spec.yaml``
+    / ``spec.yml`` next to it; every spec present must be the same.
+
+    Raises:
+        CheckpointError: no directory, no ``model.safetensors``, no spec anywhere, specs that
+            disagree (the differing fields named), or tensors that do not match the spec.
+        SpecError: a malformed spec file (its path named).
+    """
+    root = Path(path)
+    st = model_safetensors(root)
     specs = []
     for name in SPEC_FILES:
         f = root / name
@@ -263,46 +324,55 @@ def _load_xformer_dir(root: Path, st: Path) -> tuple[ModelSpec, dict[str, np.nda
     return load_weights(st, spec)
 
 
-def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.ndarray]]:
-    """Import a model directory into ``(spec, canonical weights)``.
-
-    * Hugging Face directories (``config.json`` + ``model.safetensors``), dispatched on
-      ``config.json``'s ``model_type``: ``bert`` (also when ``model_type`` is absent;
-      :func:`xformer.convert.import_bert`: task heads such as ``cls.*`` dropped, a missing
-      pooler gives ``head="none"``) and ``gpt2`` (:func:`xformer.convert.import_gpt2`).
-    * xformer directories (no ``config.json``, as :func:`save_pretrained` writes them):
-      ``model.safetensors`` with the spec in its metadata and/or a ``spec.json`` /
-      ``spec.yaml`` / ``spec.yml`` next to it (all present ones must agree).
+# ---------------------------------------------------------------------- any safetensors file
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file (any naming, e.g. a Hugging Face checkpoint) as
+    numpy, in the stored dtype; ``bfloat16`` (which numpy lacks) is widened exactly to
+    ``float32`` (its bits are the high half of a float32).
 
     Raises:
-        CheckpointError: the directory or a file is missing, an unsupported ``model_type``
-            (names the supported ones), specs that disagree, or tensors that do not match.
-        SpecError: an unsupported ``config.json`` or a malformed spec file.
+        CheckpointError: the file is missing or is not a safetensors file.
     """
-    from .convert import SUPPORTED_MODEL_TYPES, _hf_safetensors, import_bert, import_gpt2
-    from .convert import read_hf_config
+    from safetensors import safe_open
 
-    root = Path(path)
-    st = _hf_safetensors(root)
-    config = read_hf_config(root)
-    if config is None:
-        return _load_xformer_dir(root, st)
-    model_type = config.get("model_type", "bert")
-    if model_type == "bert":
-        return import_bert(root, config)
-    if model_type == "gpt2":
-        return import_gpt2(root, config)
-    raise CheckpointError(f"{root / 'config.json'}: model_type {model_type!r} is not supported "
-                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    out: dict[str, np.ndarray] = {}
+    try:
+        header = _safetensors_header(path)
+        with safe_open(str(path), framework="np") as fh:
+            for name in fh.keys():
+                if header.get(name, {}).get("dtype") == "BF16":
+                    out[name] = _read_bf16(path, header, name)
+                else:
+                    out[name] = fh.get_tensor(name)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                              ) from None
+    return out
 
 
-# The Hugging Face BERT helpers live in xformer.convert; these names stay importable from here.
-_MOVED_TO_CONVERT = ("_HF_ACTIVATIONS", "_BERT_LAYER_MAP", "spec_from_bert_config", "_bert_name")
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, plus ``"__data_start__"`` (the byte offset of
+    the data section: 8 + header length)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n <= 0 or n > 100_000_000:
+            raise CheckpointError(f"cannot read {str(path)!r} as safetensors: bad header size")
+        header = json.loads(fh.read(n))
+    header["__data_start__"] = 8 + n
+    return header
 
 
-def __getattr__(name: str):
-    if name in _MOVED_TO_CONVERT:
-        from . import convert
-
-        return getattr(convert, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _read_bf16(path: Path, header: Mapping[str, Any], name: str) -> np.ndarray:
+    """Tensor ``name`` (stored as little-endian ``BF16``) widened exactly to ``float32``."""
+    info = header[name]
+    start, end = info["data_offsets"]
+    with open(path, "rb") as fh:
+        fh.seek(header["__data_start__"] + start)
+        raw = np.frombuffer(fh.read(end - start), dtype="<u2")
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])

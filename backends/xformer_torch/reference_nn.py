@@ -1,5 +1,5 @@
 """Independent PyTorch references: the xformer models built from PyTorch's own layers
-(DESIGN.md §4), loaded with canonical weights. Used by tests and conformance to check
+(docs/design.md §4), loaded with canonical weights. Used by tests and conformance to check
 :mod:`xformer_torch.modules`.
 
 * encoder: ``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer``
@@ -19,7 +19,7 @@ How it is run, and why (torch 2.13, CPU):
   as ONE 3-D float ``attn_mask`` ``(B * H, T, S)`` (``mask`` / ``tgt_mask`` / ``memory_mask``),
   with no ``*_key_padding_mask``: ``F.multi_head_attention_forward`` *adds* a float key-padding
   mask to the attention mask, and two ``finfo.min`` add up to ``-inf`` (a fully padded row would
-  then be NaN). One mask keeps DESIGN.md §3's semantics, fully padded rows included.
+  then be NaN). One mask keeps docs/design.md §3's semantics, fully padded rows included.
 * ``nn.TransformerEncoderLayer``'s fast path (``torch._transformer_encoder_layer_fwd``, taken in
   eval mode without grad) returns NaN for a fully padded row, with a bool mask *and* with the
   finite float mask. The encoder is therefore kept in training mode (dropout is 0, so this is
