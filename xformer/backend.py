@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 import tomllib
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,40 +40,89 @@ _EXTRAS = {"torch": "torch", "tensorflow": "tensorflow", "mxnet": "mxnet"}
 _FRAMEWORK_MODULES = {"torch": "torch", "tensorflow": "tensorflow", "mxnet": "mxnet"}
 
 
-class Backend:
-    """What every backend provides. Subclasses import their framework lazily (in ``__init__``),
-    so listing backends never imports a framework.
+@dataclass(frozen=True)
+class DecodingCache:
+    """The state of cached (incremental) decoding between :meth:`Backend.decode` calls, the
+    same class with the same meaning of every field on every backend.
 
-    Arrays cross the boundary as numpy, in canonical names and layout (DESIGN.md §2):
+    Attributes:
+        past_key_values: the model's own cache, exactly as its native ``DecoderModel`` /
+            ``EncoderDecoderModel`` returns it with ``use_cache=True`` (framework tensors): per
+            decoder layer ``(k, v)`` ``(B, H, past, d_head)`` of the causal self-attention,
+            plus ``(cross_k, cross_v)`` ``(B, H, S, d_head)`` for an encoder-decoder
+            (projected from the encoder output once, on the first call).
+        attention_mask: ``(B, past)`` numpy in the model dtype: always the *decoded side's*
+            mask so far (the decoder's ``attention_mask``, an encoder-decoder's
+            ``decoder_attention_mask``), 1 = attend, 0 = padding.
+        encoder_attention_mask: ``(B, S)`` numpy in the model dtype: an encoder-decoder's source
+            mask (the cross-attention's key padding), reused by every later step; ``None`` for
+            a decoder.
+    """
+
+    past_key_values: tuple
+    attention_mask: np.ndarray
+    encoder_attention_mask: np.ndarray | None = None
+
+    @property
+    def past_length(self) -> int:
+        """Positions already decoded (``past``)."""
+        return int(self.attention_mask.shape[1])
+
+    @property
+    def batch_size(self) -> int:
+        """Rows ``B`` (changed only by :meth:`Backend.reorder_cache`)."""
+        return int(self.attention_mask.shape[0])
+
+
+class Backend:
+    """What every backend provides: one contract, validated here once, run by framework hooks.
+
+    The public methods (:meth:`forward`, :meth:`forward_backward`, :meth:`trace`,
+    :meth:`decode`, :meth:`reorder_cache`) are template methods: they check the mode, the inputs
+    (:func:`check_inputs`), the cotangents (:func:`check_cotangents`), the cache and
+    ``beam_idx`` with the same rules and the same :class:`~xformer.errors.InputError` messages
+    on every backend, then call the backend's hook (``_forward``, ``_forward_backward``,
+    ``_trace``, ``_decode_step``, ``_reorder_past``) with checked numpy arrays. A backend
+    implements only the hooks and the framework-specific methods (``build``,
+    ``set_weights``, ``get_weights``, ``model_dtype``, ``framework_version``,
+    ``environment``). Subclasses import their framework lazily (in ``__init__``), so listing
+    backends never imports a framework.
+
+    Arrays cross the boundary as numpy, in canonical names and layout (docs/design.md §2):
 
     * **inputs** ``{"input_ids": (B, T) int64, "attention_mask": (B, T) 1 = attend / 0 = padding,
       "token_type_ids": (B, T) int64}``, or ``"inputs_embeds": (B, T, D)`` (the already scaled
       token embeddings) instead of ``input_ids``. ``attention_mask`` and ``token_type_ids`` are
-      optional (all ones / all zeros).
-    * **outputs** ``{"last_hidden_state": (B, T, D), "pooler_output": (B, D)}`` (the latter with
-      ``head="pooler"``), in the model's dtype.
+      optional (all ones / all zeros). An encoder-decoder also takes ``decoder_input_ids`` (or
+      ``decoder_inputs_embeds``) and ``decoder_attention_mask``.
+    * **outputs** ``spec.output_names()`` (:func:`output_shapes`): ``last_hidden_state``
+      ``(B, T, D)`` (the decoder's for an encoder-decoder), ``pooler_output`` ``(B, D)``,
+      ``encoder_last_hidden_state`` ``(B, S, D)``, ``logits`` ``(B, T, vocab_size)``, in the
+      model's dtype.
+    * **cotangents**, one rule: exactly one array per output name, no more and no fewer
+      (a zero array leaves an output out of the loss), each of that output's shape, real
+      numbers, cast to the model dtype (:func:`check_cotangents`).
     * **gradients** of ``sum_k sum(outputs[k] * cotangents[k])`` w.r.t. every canonical parameter
-      (canonical layout) and w.r.t. ``"inputs_embeds"``: the token embeddings after
-      ``embed_scale``, whether they were looked up from ``input_ids`` or given.
+      (canonical layout) and w.r.t. ``spec.input_embeds_names()``: the token embeddings after
+      ``embed_scale``, whether they were looked up from ids or given.
 
     Attributes:
         name: registry name, e.g. ``"torch"``.
-        extra: the pip extra that installs the framework (``pip install 'xformer[torch]'``).
         modes: every execution mode; ``default_modes`` those conformance runs by default.
         preferred_mode: the mode of a call that names none (``xformer embed``, user code): the
-            fast one for the framework (DESIGN.md §7: Keras compiled with ``tf.function``, Gluon
-            hybridized, torch eager).
+            fast one for the framework (docs/design.md §7: Keras compiled with
+            ``tf.function``, Gluon hybridized, torch eager).
     """
 
     name: str = ""
-    extra: str = ""
     modes: tuple[str, ...] = ()
     default_modes: tuple[str, ...] = ()
     preferred_mode: str = ""
 
-    # -- to implement --------------------------------------------------------------------
+    # -- to implement: the model ---------------------------------------------------------
     def build(self, spec: ModelSpec, dtype: str = "float32") -> Any:
-        """The native top-level module for ``spec`` (``EncoderModel``), parameters in ``dtype``."""
+        """The native top-level module for ``spec`` (``EncoderModel``, ``DecoderModel`` or
+        ``EncoderDecoderModel``), parameters in ``dtype``."""
         raise NotImplementedError
 
     def set_weights(self, model: Any, weights: Mapping[str, np.ndarray]) -> None:
@@ -83,22 +133,79 @@ class Backend:
         """The model's parameters as canonical ``{name: array}``."""
         raise NotImplementedError
 
-    def forward(self, model: Any, inputs: Mapping[str, np.ndarray], mode: str | None = None
-                ) -> dict[str, np.ndarray]:
-        """Outputs for ``inputs`` with dropout off, in ``mode`` (default: ``preferred_mode``)."""
+    def model_dtype(self, model: Any) -> str:
+        """The dtype of ``model``'s parameters and activations: ``"float32"`` or ``"float64"``."""
         raise NotImplementedError
 
-    def forward_backward(self, model: Any, inputs: Mapping[str, np.ndarray],
-                         cotangents: Mapping[str, np.ndarray], mode: str | None = None
-                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """``(outputs, gradients)``: see the class docstring for the loss and the names."""
+    # -- to implement: the hooks (called with checked numpy inputs) ----------------------
+    def _forward(self, model: Any, inputs: dict[str, np.ndarray], mode: str
+                 ) -> dict[str, np.ndarray]:
+        """Outputs ``{name: numpy}`` for checked ``inputs``, dropout off, in ``mode``."""
+        raise NotImplementedError
+
+    def _forward_backward(self, model: Any, inputs: dict[str, np.ndarray],
+                          cotangents: dict[str, np.ndarray], mode: str
+                          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``(outputs, gradients)`` for checked inputs and cotangents (one per output, in the
+        model dtype)."""
+        raise NotImplementedError
+
+    def _trace(self, model: Any, inputs: dict[str, np.ndarray],
+               cotangents: dict[str, np.ndarray]
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``(forward, backward)`` per node (see :meth:`trace`), for checked arguments."""
+        raise NotImplementedError
+
+    def _decode_step(self, model: Any, inputs: dict[str, np.ndarray],
+                     past_key_values: Any, mode: str) -> tuple[np.ndarray, Any]:
+        """One cached step: the model called with checked ``inputs`` (every mask filled in:
+        the decoded side's ``(B, past + T)``, an encoder-decoder's source mask ``(B, S)``),
+        ``past_key_values`` (``None`` on the first step) and ``use_cache=True``, dropout off.
+        Returns ``(logits numpy (B, T, vocab_size), the model's new past_key_values)``."""
+        raise NotImplementedError
+
+    def _reorder_past(self, past_key_values: Any, beam_idx: np.ndarray) -> Any:
+        """``past_key_values`` with every tensor's batch rows gathered by the checked int64
+        ``beam_idx`` ``(N,)``."""
         raise NotImplementedError
 
     def framework_version(self) -> str:
         """The framework's version string, e.g. ``"2.13.0+cpu"``."""
         raise NotImplementedError
 
-    # -- divergence localisation ---------------------------------------------------------
+    def environment(self) -> dict[str, str]:
+        """Facts about the framework in this process, recorded when a run happens: its
+        version(s) and thread settings, e.g. ``{"torch": "2.13.0+cpu", "torch threads":
+        "2 intra-op, 2 inter-op"}``."""
+        raise NotImplementedError
+
+    # -- the contract --------------------------------------------------------------------
+    def forward(self, model: Any, inputs: Mapping[str, np.ndarray], mode: str | None = None
+                ) -> dict[str, np.ndarray]:
+        """Outputs for ``inputs`` with dropout off, in ``mode`` (default: ``preferred_mode``).
+
+        Raises:
+            BackendError: an unknown mode. InputError: bad inputs (:func:`check_inputs`).
+        """
+        mode = self.check_mode(mode)
+        checked = check_inputs(model.spec, inputs, self.model_dtype(model))
+        return self._forward(model, checked, mode)
+
+    def forward_backward(self, model: Any, inputs: Mapping[str, np.ndarray],
+                         cotangents: Mapping[str, np.ndarray], mode: str | None = None
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``(outputs, gradients)``: see the class docstring for the loss and the names.
+
+        Raises:
+            BackendError: an unknown mode. InputError: bad inputs or cotangents
+                (:func:`check_inputs`, :func:`check_cotangents`).
+        """
+        mode = self.check_mode(mode)
+        dtype = self.model_dtype(model)
+        checked = check_inputs(model.spec, inputs, dtype)
+        cots = check_cotangents(model.spec, checked, cotangents, dtype)
+        return self._forward_backward(model, checked, cots, mode)
+
     def trace(self, model: Any, inputs: Mapping[str, np.ndarray],
               cotangents: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
                                                              dict[str, np.ndarray]]:
@@ -109,44 +216,112 @@ class Backend:
             ``(forward, backward)``: ``forward[name]`` is the node's output and
             ``backward[name]`` the gradient of ``sum_k sum(outputs[k] * cotangents[k])`` with
             respect to that output, both numpy in the model dtype, keyed by node name.
-        """
-        raise NotImplementedError
 
-    # -- incremental decoding (decoder, encoder-decoder) ----------------------------------
-    def decode(self, model: Any, inputs: Mapping[str, np.ndarray], cache: Any = None
-               ) -> tuple[np.ndarray, Any]:
+        Raises:
+            InputError: bad inputs or cotangents, as :meth:`forward_backward`.
+        """
+        dtype = self.model_dtype(model)
+        checked = check_inputs(model.spec, inputs, dtype)
+        cots = check_cotangents(model.spec, checked, cotangents, dtype)
+        return self._trace(model, checked, cots)
+
+    def decode(self, model: Any, inputs: Mapping[str, np.ndarray],
+               cache: DecodingCache | None = None, mode: str | None = None
+               ) -> tuple[np.ndarray, DecodingCache]:
         """One step of cached (incremental) decoding, dropout off.
 
         Args:
             inputs: decoder: ``{"input_ids": (B, T_new), "attention_mask": (B, past + T_new)}``
                 (mask optional). Encoder-decoder: the first call ``{"input_ids",
                 "attention_mask", "decoder_input_ids"}`` runs the encoder and caches the
-                cross-attention keys/values; later calls ``{"decoder_input_ids",
-                "decoder_attention_mask"}`` (mask optional) reuse them.
-            cache: ``None`` on the first call, then what the previous call returned.
+                cross-attention keys/values and the source mask; later calls take only
+                ``{"decoder_input_ids", "decoder_attention_mask"}`` (mask optional) and reuse
+                them. ``inputs_embeds`` / ``decoder_inputs_embeds`` may replace the ids.
+            cache: ``None`` on the first call, then the :class:`DecodingCache` the previous
+                call (or :meth:`reorder_cache`) returned.
+            mode: as :meth:`forward`; a backend may decode every mode the same way (its
+                ``_decode_step`` says which).
 
         A step that leaves out the decoded side's mask keeps the cached mask and counts the new
-        positions as attended (what :mod:`xformer.generation` relies on). Positions with no
-        allowed key (left padding, fully padded rows) attend uniformly over *all* keys, so
-        there cached and full decoding legitimately differ (``past + new`` keys against ``T``);
-        every other position matches a full forward pass.
+        positions as attended (what :mod:`xformer.generation` relies on); a step that gives it
+        gives all ``past + T_new`` columns. Positions with no allowed key (left padding, fully
+        padded rows) attend uniformly over *all* keys, so there cached and full decoding
+        legitimately differ (``past + new`` keys against ``T``); every other position matches a
+        full forward pass.
 
         Returns:
             ``(logits, cache)``: ``logits`` ``(B, T_new, vocab_size)`` numpy in the model dtype
-            (the same numbers as a full forward pass at those positions), and the new cache,
-            a native object: per decoder layer the self-attention keys and values
-            ``(B, H, past + T_new, d_head)`` (and the cross-attention ones).
+            (the same numbers as a full forward pass at those positions), and the new
+            :class:`DecodingCache` (``past + T_new`` positions).
 
         Raises:
-            InputError: an encoder, ``head != "lm"``, past + new positions over ``max_len``,
-                a batch size that does not match the cache.
+            InputError: an encoder or ``head != "lm"``; a cache that is not a
+                :class:`DecodingCache`; encoder inputs on a later encoder-decoder step; a batch
+                size that does not match the cache's; past + new positions over ``max_len``;
+                bad inputs (:func:`check_inputs`).
         """
-        raise NotImplementedError
+        spec = model.spec
+        if spec.architecture == "encoder" or spec.head != "lm":
+            raise InputError(f"decode needs a decoder or an encoder-decoder with head='lm'; "
+                             f"this spec is architecture={spec.architecture!r} with "
+                             f"head={spec.head!r}")
+        if cache is not None and not isinstance(cache, DecodingCache):
+            raise InputError(f"cache must be None (first step) or the DecodingCache that "
+                             f"decode or reorder_cache returned, got {type(cache).__name__}")
+        enc_dec = spec.architecture == "encoder-decoder"
+        mask_key = "decoder_attention_mask" if enc_dec else "attention_mask"
+        past = 0 if cache is None else cache.past_length
+        if cache is not None and enc_dec:
+            given = sorted(k for k in ("input_ids", "inputs_embeds", "attention_mask")
+                           if inputs.get(k) is not None)
+            if given:
+                raise InputError(f"decode: {given} were given on a later step of an "
+                                 f"encoder-decoder; the cache already holds the encoder's "
+                                 f"keys/values and source mask: give only decoder_input_ids "
+                                 f"(and decoder_attention_mask)")
+        mode = self.check_mode(mode)
+        checked = check_inputs(spec, inputs, self.model_dtype(model), past_length=past,
+                               encoder=cache is None or not enc_dec)
+        if cache is not None:
+            b = checked[mask_key].shape[0]
+            if b != cache.batch_size:
+                raise InputError(f"decode: batch size {b}, but the cache holds "
+                                 f"{cache.batch_size} rows; give one row per cached row "
+                                 f"(reorder_cache changes the row count)")
+            if inputs.get(mask_key) is None:  # the cached mask, the new positions attended
+                checked[mask_key] = np.concatenate(
+                    [cache.attention_mask, checked[mask_key][:, past:]], axis=1)
+            if enc_dec:
+                checked["attention_mask"] = cache.encoder_attention_mask
+        logits, past_key_values = self._decode_step(
+            model, checked, None if cache is None else cache.past_key_values, mode)
+        return logits, DecodingCache(past_key_values, checked[mask_key],
+                                     checked["attention_mask"] if enc_dec else None)
 
-    def reorder_cache(self, model: Any, cache: Any, beam_idx: np.ndarray) -> Any:
-        """The cache with its batch rows gathered by ``beam_idx`` ``(N,)`` int64 (beam search
-        keeps, duplicates and drops hypotheses)."""
-        raise NotImplementedError
+    def reorder_cache(self, model: Any, cache: DecodingCache, beam_idx: np.ndarray
+                      ) -> DecodingCache:
+        """The cache with its batch rows gathered by ``beam_idx`` ``(N,)`` integers in
+        ``[0, B)`` (beam search keeps, duplicates and drops hypotheses; ``N`` may differ from
+        ``B``): the native keys/values, the decoded side's mask and the source mask alike.
+
+        Raises:
+            InputError: a cache that is not a :class:`DecodingCache`; ``beam_idx`` not a 1-D
+                integer array of rows in ``[0, B)``.
+        """
+        if not isinstance(cache, DecodingCache):
+            raise InputError(f"cache must be the DecodingCache that decode returned, got "
+                             f"{type(cache).__name__}")
+        idx = np.asarray(beam_idx)
+        b = cache.batch_size
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (
+                idx.size and (idx.min() < 0 or idx.max() >= b)):
+            raise InputError(f"beam_idx must be a 1-D integer array of rows in [0, {b}), got "
+                             f"{idx.dtype} {idx.shape} "
+                             f"{np.array2string(idx, threshold=8, separator=', ')}")
+        idx = idx.astype(np.int64)
+        enc = cache.encoder_attention_mask
+        return DecodingCache(self._reorder_past(cache.past_key_values, idx),
+                             cache.attention_mask[idx], None if enc is None else enc[idx])
 
     def generate(self, model: Any, input_ids: np.ndarray, **kwargs: Any) -> list[list[int]]:
         """Greedy or beam-search generation with the key/value cache: see
@@ -158,6 +333,7 @@ class Backend:
 
     # -- shared -------------------------------------------------------------------------
     def check_mode(self, mode: str | None) -> str:
+        """``mode`` or the preferred one; raises ``BackendError`` for an unknown mode."""
         mode = mode or self.preferred_mode or self.modes[0]
         if mode not in self.modes:
             raise BackendError(f"backend {self.name!r} has no mode {mode!r}; "
@@ -168,13 +344,59 @@ class Backend:
         return f"<xformer backend {self.name!r}>"
 
 
-def check_cotangent_names(spec: ModelSpec, cotangents: Mapping[str, Any]) -> None:
-    """Raise ``InputError`` unless ``cotangents`` has exactly the keys of
-    ``spec.output_names()`` (what every backend accepts)."""
+def output_shapes(spec: ModelSpec, inputs: Mapping[str, np.ndarray]
+                  ) -> dict[str, tuple[int, ...]]:
+    """``{output name: shape}`` of a full forward pass over checked ``inputs``
+    (:func:`check_inputs`), in ``spec.output_names()`` order: ``last_hidden_state`` ``(B, T, D)``
+    (``T`` the decoder side's for an encoder-decoder), ``pooler_output`` ``(B, D)``,
+    ``encoder_last_hidden_state`` ``(B, S, D)``, ``logits`` ``(B, T, vocab_size)``."""
+    d = spec.d_model
+    side = "decoder_" if spec.architecture == "encoder-decoder" else ""
+    b, t = inputs[f"{side}attention_mask"].shape
+    shapes = {"last_hidden_state": (b, t, d), "pooler_output": (b, d),
+              "logits": (b, t, spec.vocab_size)}
+    if side:
+        shapes["encoder_last_hidden_state"] = (b, inputs["attention_mask"].shape[1], d)
+    return {name: shapes[name] for name in spec.output_names()}
+
+
+def check_cotangents(spec: ModelSpec, inputs: Mapping[str, np.ndarray],
+                     cotangents: Mapping[str, Any], dtype: str = "float32"
+                     ) -> dict[str, np.ndarray]:
+    """Validate the cotangents of :meth:`Backend.forward_backward` and :meth:`Backend.trace`:
+    the one rule every backend follows.
+
+    Args:
+        spec: the model.
+        inputs: the checked inputs (:func:`check_inputs`), which fix the output shapes.
+        cotangents: exactly the keys of ``spec.output_names()`` (no subset: give zeros to leave
+            an output out of the loss; no extra key), each an array of real numbers with the
+            shape of that output (:func:`output_shapes`).
+        dtype: the model dtype.
+
+    Returns:
+        ``{name: array}`` in ``spec.output_names()`` order, cast to ``dtype``.
+
+    Raises:
+        InputError: missing or extra keys, a wrong shape, or values that are not real numbers.
+    """
     names = spec.output_names()
     if set(cotangents) != set(names):
-        raise InputError(f"cotangents must have exactly the keys {list(names)}, got "
-                         f"{sorted(cotangents)}")
+        missing = [n for n in names if n not in cotangents]
+        extra = sorted(set(cotangents) - set(names))
+        raise InputError(f"cotangents must have exactly the keys {list(names)} (one per "
+                         f"output; zeros leave an output out of the loss), got "
+                         f"{sorted(cotangents)}: missing {missing}, extra {extra}")
+    out = {}
+    for name, shape in output_shapes(spec, inputs).items():
+        cot = np.asarray(cotangents[name])
+        if not (np.issubdtype(cot.dtype, np.integer) or np.issubdtype(cot.dtype, np.floating)):
+            raise InputError(f"cotangent {name!r} must hold real numbers, got {cot.dtype}")
+        if cot.shape != shape:
+            raise InputError(f"cotangent {name!r} must have the shape of the output, {shape}, "
+                             f"got {cot.shape}")
+        out[name] = cot.astype(dtype)
+    return out
 
 
 def check_dtype(dtype: Any) -> str:
@@ -335,21 +557,40 @@ def get_backend(name: str | None = None) -> Backend:
     return backend
 
 
-def _config_backend() -> str | None:
+def _config_backend() -> tuple[str, str] | None:
+    """``(backend, file shown as ./xformer.toml or ~/...)`` of the first config file that sets
+    ``backend``, or ``None``."""
     for path in (Path.cwd() / "xformer.toml", Path.home() / ".config" / "xformer" / "config.toml"):
         if path.is_file():
             try:
                 data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as e:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise BackendError(f"config file {path} is not valid TOML: {e}") from None
             if "backend" in data:
-                return str(data["backend"])
+                shown = ("./xformer.toml" if path.parent == Path.cwd()
+                         else str(path).replace(str(Path.home()), "~", 1))
+                return str(data["backend"]), shown
     return None
 
 
+def resolve_backend(name: str | None = None) -> tuple[str, str]:
+    """``(backend name, where it came from)``, most specific first: the argument
+    (``"--backend"``) > ``$XFORMER_BACKEND`` > the ``backend`` of ``./xformer.toml`` or
+    ``~/.config/xformer/config.toml`` (the file) > ``"default"``.
+
+    Raises:
+        BackendError: a config file that is not valid TOML.
+    """
+    if name:
+        return name, "--backend"
+    if os.environ.get("XFORMER_BACKEND"):
+        return os.environ["XFORMER_BACKEND"], "$XFORMER_BACKEND"
+    return _config_backend() or (DEFAULT_BACKEND, "default")
+
+
 def resolve_backend_name(name: str | None = None) -> str:
-    """``name`` > ``$XFORMER_BACKEND`` > config file ``backend`` > ``"torch"``."""
-    return name or os.environ.get("XFORMER_BACKEND") or _config_backend() or DEFAULT_BACKEND
+    """The backend name of :func:`resolve_backend`."""
+    return resolve_backend(name)[0]
 
 
 def build(spec: ModelSpec, backend: str | None = None, dtype: str = "float32",

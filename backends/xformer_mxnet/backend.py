@@ -1,31 +1,33 @@
-"""``MXNetBackend``: xformer's Backend protocol on Apache MXNet 1.9.1 Gluon (imports MXNet lazily).
+"""The MXNet backend: Apache MXNet 1.9.1 Gluon blocks behind the
+:class:`xformer.backend.Backend` contract (imports MXNet lazily).
 
 Modes: ``"imperative"`` (plain Gluon blocks) and ``"hybridize"`` (one cached graph,
-``hybridize(static_alloc=True, static_shape=True)``). The gradient w.r.t. ``inputs_embeds``
-(and ``decoder_inputs_embeds``) splits the chain rule: the looked-up (scaled) token embeddings
-enter the model as a leaf with ``attach_grad()``, and their gradient is then backpropagated
-through the lookup into the token table and added to what the model gave it (the tied LM
-head's part, or the other side's lookup with ``share_embeddings``).
+``hybridize(static_alloc=True, static_shape=True)``). Only the framework-specific hooks live
+here; :class:`~xformer.backend.Backend` validates the inputs, cotangents, caches and beam
+indices once for every backend.
 
-Cached decoding (:meth:`MXNetBackend.decode`) runs imperatively whatever the mode
-(:func:`xformer_mxnet.modules.imperative`): the hybridized graph of full-sequence calls is kept.
+The gradient w.r.t. ``inputs_embeds`` (and ``decoder_inputs_embeds``) splits the chain rule:
+the looked-up (scaled) token embeddings enter the model as a leaf with ``attach_grad()``, and
+their gradient is then backpropagated through the lookup into the token table and added to what
+the model gave it (the tied LM head's part, or the other side's lookup with
+``share_embeddings``).
 
-Divergence localisation (:meth:`MXNetBackend.trace`) also runs imperatively, with a zero
-"probe" added to each node's output for the one pass, so ``mx.autograd.grad`` gives the
-gradient flowing into every node.
+Cached decoding runs imperatively whatever the mode (:func:`xformer_mxnet.modules.imperative`):
+the hybridized graph of full-sequence calls is kept. Divergence localisation (:meth:`trace`)
+also runs imperatively, with a zero "probe" added to each node's output for the one pass, so
+``mx.autograd.grad`` gives the gradient flowing into every node.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
-from xformer.backend import Backend, check_cotangent_names, check_dtype, check_inputs
-from xformer.errors import InputError
+from xformer.backend import Backend, check_dtype
 from xformer.weights import check_weights
 
 
@@ -37,30 +39,13 @@ def _quiet():
         yield
 
 
-@dataclass(frozen=True)
-class DecodingCache:
-    """The state of cached decoding between :meth:`MXNetBackend.decode` calls.
-
-    Attributes:
-        past_key_values: the model's native cache: per decoder layer ``(k, v)`` NDArrays
-            ``(B, H, past, d_head)``, plus ``(cross_k, cross_v)`` ``(B, H, S, d_head)`` for an
-            encoder-decoder (computed once, on the first call).
-        attention_mask: an encoder-decoder's source mask ``(B, S)`` NDArray (the
-            cross-attention's key padding), ``None`` for a decoder.
-    """
-
-    past_key_values: tuple
-    attention_mask: Any = None
-
-    @property
-    def length(self) -> int:
-        """Positions already decoded (``past``)."""
-        return int(self.past_key_values[0][0].shape[2])
-
-
 class MXNetBackend(Backend):
+    """Builds :class:`xformer_mxnet.modules.EncoderModel`, ``DecoderModel`` or
+    ``EncoderDecoderModel`` (Gluon ``HybridBlock`` s) from ``spec.architecture`` and runs them.
+    Canonical names map to Gluon parameters through
+    :func:`xformer_mxnet.modules.canonical_parameters`."""
+
     name = "mxnet"
-    extra = "mxnet"
     modes = ("imperative", "hybridize")
     default_modes = ("imperative", "hybridize")
     preferred_mode = "hybridize"
@@ -71,10 +56,11 @@ class MXNetBackend(Backend):
         self._modules = modules
         self._mx = modules.mx
 
+    # -- the model -----------------------------------------------------------------------
     def build(self, spec, dtype: str = "float32") -> Any:
-        cls = {"encoder": "EncoderModel", "decoder": "DecoderModel",
-               "encoder-decoder": "EncoderDecoderModel"}[spec.architecture]
-        model = getattr(self._modules, cls)(spec, check_dtype(dtype))
+        cls = {"encoder": self._modules.EncoderModel, "decoder": self._modules.DecoderModel,
+               "encoder-decoder": self._modules.EncoderDecoderModel}[spec.architecture]
+        model = cls(spec, check_dtype(dtype))
         model.initialize(self._mx.init.Normal(0.02))  # LayerNorm and bias inits: ones / zeros
         return model
 
@@ -87,13 +73,20 @@ class MXNetBackend(Backend):
         return {name: param.data().asnumpy()
                 for name, param in self._modules.canonical_parameters(model).items()}
 
-    def forward(self, model, inputs, mode=None) -> dict[str, np.ndarray]:
+    def model_dtype(self, model) -> str:
+        return np.dtype(model.dtype).name
+
+    # -- the hooks -----------------------------------------------------------------------
+    def _forward(self, model, inputs: dict[str, np.ndarray], mode: str
+                 ) -> dict[str, np.ndarray]:
         args = self._call_args(model, inputs, mode)
         with self._mx.autograd.predict_mode(), _quiet():  # predict_mode: dropout off
             out = model(**args)
         return self._outputs(model, out)
 
-    def forward_backward(self, model, inputs, cotangents, mode=None):
+    def _forward_backward(self, model, inputs: dict[str, np.ndarray],
+                          cotangents: dict[str, np.ndarray], mode: str
+                          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         mx = self._mx
         spec = model.spec
         args = self._call_args(model, inputs, mode)
@@ -114,7 +107,6 @@ class MXNetBackend(Backend):
         with mx.autograd.record(train_mode=False), _quiet():  # train_mode=False: dropout off
             out = model(**args)
         heads = list(out) if isinstance(out, (tuple, list)) else [out]
-        check_cotangent_names(spec, cotangents)
         mx.autograd.backward(heads, head_grads=[
             mx.nd.array(cotangents[n], dtype=model.dtype) for n in spec.output_names()])
         grads = {name: param.grad().asnumpy() for name, param in params.items()}
@@ -130,10 +122,8 @@ class MXNetBackend(Backend):
             grads[embeds_key] = args[embeds_key].grad.asnumpy()
         return self._outputs(model, out), grads
 
-    # -- divergence localisation ---------------------------------------------------------
-    def trace(self, model, inputs: Mapping[str, np.ndarray],
-              cotangents: Mapping[str, np.ndarray]
-              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _trace(self, model, inputs: dict[str, np.ndarray], cotangents: dict[str, np.ndarray]
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Every node of ``model.spec.nodes()``: its output and the gradient of the loss
         ``sum_k sum(outputs[k] * cotangents[k])`` with respect to it (see
         :meth:`xformer.backend.Backend.trace`).
@@ -156,8 +146,7 @@ class MXNetBackend(Backend):
         mx = self._mx
         spec = model.spec
         nodes = [name for name, _ in spec.nodes()]
-        checked = check_inputs(spec, inputs, model.dtype)
-        args = {key: mx.nd.array(value, dtype=value.dtype) for key, value in checked.items()}
+        args = self._ndarrays(inputs)
         values: dict[str, Any] = {}
         probes: dict[str, Any] = {}
 
@@ -188,15 +177,7 @@ class MXNetBackend(Backend):
             if missing:
                 raise RuntimeError(f"trace: nodes {missing} did not run")
             heads = list(out) if isinstance(out, (tuple, list)) else [out]
-            names = spec.output_names()
-            check_cotangent_names(spec, cotangents)
-            cots = []
-            for name, head in zip(names, heads):
-                cot = np.asarray(cotangents[name])
-                if cot.shape != head.shape:
-                    raise InputError(f"cotangent {name!r} must have shape {head.shape}, got "
-                                     f"{cot.shape}")
-                cots.append(mx.nd.array(cot, dtype=model.dtype))
+            cots = [mx.nd.array(cotangents[n], dtype=model.dtype) for n in spec.output_names()]
             grads = mx.autograd.grad(heads, [probes[n] for n in nodes], head_grads=cots,
                                      train_mode=False)
         finally:
@@ -206,46 +187,41 @@ class MXNetBackend(Backend):
         backward = {n: g.asnumpy() for n, g in zip(nodes, grads)}
         return forward, backward
 
-    def decode(self, model, inputs, cache=None):
-        mx = self._mx
-        spec = model.spec
-        if spec.architecture == "encoder":
-            raise InputError("decode needs a decoder or an encoder-decoder; this spec is an "
-                             "encoder")
-        if spec.head != "lm":
-            raise InputError(f"decode returns logits: it needs head='lm', got {spec.head!r}")
-        past = 0 if cache is None else cache.length
-        first = cache is None
-        checked = check_inputs(spec, inputs, model.dtype, past_length=past, encoder=first)
-        args = {key: mx.nd.array(value, dtype=value.dtype) for key, value in checked.items()}
-        if spec.architecture == "encoder-decoder" and not first:
-            args["attention_mask"] = cache.attention_mask
-        with mx.autograd.predict_mode():  # dropout off; runs imperatively (the native model)
-            out = model(**args, past_key_values=None if first else cache.past_key_values,
-                        use_cache=True)
-        logits, past_key_values = out[-2], out[-1]
-        enc_dec = spec.architecture == "encoder-decoder"
-        source_mask = args["attention_mask"] if enc_dec else None
-        return logits.asnumpy(), DecodingCache(past_key_values, source_mask)
+    def _decode_step(self, model, inputs: dict[str, np.ndarray], past_key_values, mode: str
+                     ) -> tuple[np.ndarray, tuple]:
+        """Imperative whatever ``mode`` (the models run cached calls block by block and keep
+        their hybridized graph), dropout off."""
+        args = self._ndarrays(inputs)
+        with self._mx.autograd.predict_mode():
+            out = model(**args, past_key_values=past_key_values, use_cache=True)
+        return out[-2].asnumpy(), out[-1]  # (..., logits, past_key_values)
 
-    def reorder_cache(self, model, cache, beam_idx):
-        idx = self._mx.nd.array(np.asarray(beam_idx, np.int64), dtype="int64")
-        mask = cache.attention_mask
-        return DecodingCache(self._modules.reorder_cache(cache.past_key_values, idx),
-                             None if mask is None else self._mx.nd.take(mask, idx, axis=0))
+    def _reorder_past(self, past_key_values: tuple, beam_idx: np.ndarray) -> tuple:
+        return self._modules.reorder_cache(past_key_values,
+                                           self._mx.nd.array(beam_idx, dtype="int64"))
 
+    # -- the environment -----------------------------------------------------------------
     def framework_version(self) -> str:
         return self._mx.__version__
 
-    # -- helpers ------------------------------------------------------------------------
-    def _call_args(self, model, inputs, mode) -> dict:
+    def environment(self) -> dict[str, str]:
+        # MXNet 1.9 has no getter for its thread pools: these variables set them at start-up
+        workers = os.environ.get("MXNET_CPU_WORKER_NTHREADS") or "1"
+        omp = os.environ.get("OMP_NUM_THREADS") or "default"
+        return {"mxnet": self._mx.__version__,
+                "mxnet threads": f"{workers} engine CPU workers, OpenMP {omp}"}
+
+    # -- helpers -------------------------------------------------------------------------
+    def _call_args(self, model, checked: Mapping[str, np.ndarray], mode: str) -> dict:
         """Checked inputs as NDArrays, and the model (un)hybridized for ``mode``."""
-        mode = self.check_mode(mode)
         if getattr(model, "_xformer_mode", None) != mode:
             model.hybridize(active=mode == "hybridize", static_alloc=True, static_shape=True)
             model._xformer_mode = mode
-        checked = check_inputs(model.spec, inputs, model.dtype)
-        return {key: self._mx.nd.array(value, dtype=value.dtype) for key, value in checked.items()}
+        return self._ndarrays(checked)
+
+    def _ndarrays(self, checked: Mapping[str, np.ndarray]) -> dict:
+        return {key: self._mx.nd.array(value, dtype=value.dtype)
+                for key, value in checked.items()}
 
     @staticmethod
     def _submodule(model, name: str):

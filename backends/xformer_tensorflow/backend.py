@@ -1,45 +1,23 @@
-"""The ``tensorflow`` backend: Keras 3 layers (TensorFlow backend) behind the ``Backend`` protocol.
+"""The TensorFlow backend: Keras 3 layers (TensorFlow backend) behind the
+:class:`xformer.backend.Backend` contract.
 
 Modes: ``eager`` (plain calls), ``function`` (``tf.function(reduce_retracing=True)``) and ``xla``
-(``tf.function(jit_compile=True)``). TensorFlow and Keras are imported in ``__init__``, so
-listing backends stays cheap (the pattern of einops' ``_backends.py``).
-
-Cached decoding (:meth:`TensorFlowBackend.decode`) runs eagerly; its cache is a
-:class:`DecodeCache` of TensorFlow tensors (a named tuple, so ``tf.nest`` walks it).
+(``tf.function(jit_compile=True)``). Only the framework-specific hooks live here;
+:class:`~xformer.backend.Backend` validates the inputs, cotangents, caches and beam indices once
+for every backend. TensorFlow and Keras are imported in ``__init__``, so listing backends stays
+cheap (the pattern of einops' ``_backends.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import numpy as np
 
-from xformer.backend import Backend, check_dtype, check_inputs
-from xformer.errors import BackendError, InputError
+from xformer.backend import Backend, check_dtype
+from xformer.errors import BackendError
 from xformer.spec import ModelSpec
 from xformer.weights import check_weights
-
-
-class DecodeCache(NamedTuple):
-    """The state of cached decoding between :meth:`TensorFlowBackend.decode` calls.
-
-    Attributes:
-        past_key_values: per decoder layer ``(k, v)`` of ``(B, H, past, d_head)`` tensors, plus
-            ``(cross_k, cross_v)`` ``(B, H, S, d_head)`` for an encoder-decoder.
-        encoder_attention_mask: ``(B, S)`` the source mask (encoder-decoder), else ``None``.
-    """
-
-    past_key_values: tuple
-    encoder_attention_mask: Any = None
-
-    @property
-    def past_length(self) -> int:
-        """Positions decoded so far."""
-        return int(self.past_key_values[0][0].shape[2])
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.past_key_values[0][0].shape[0])
 
 
 class TensorFlowBackend(Backend):
@@ -55,19 +33,21 @@ class TensorFlowBackend(Backend):
     """
 
     name = "tensorflow"
-    extra = "tensorflow"
     modes = ("eager", "function", "xla")
     default_modes = ("eager", "function")
     preferred_mode = "function"
 
     def __init__(self) -> None:
+        from . import import_tensorflow
+
+        tf = import_tensorflow()  # first: its C++ start-up log honours TF_CPP_MIN_LOG_LEVEL
         import keras
-        import tensorflow as tf
 
         from . import modules
 
         self.tf, self.keras, self.modules = tf, keras, modules
 
+    # -- the model -----------------------------------------------------------------------
     def build(self, spec: ModelSpec, dtype: str = "float32") -> Any:
         cls = {"encoder": self.modules.EncoderModel, "decoder": self.modules.DecoderModel,
                "encoder-decoder": self.modules.EncoderDecoderModel}[spec.architecture]
@@ -75,6 +55,136 @@ class TensorFlowBackend(Backend):
         model.build()
         return model
 
+    def set_weights(self, model: Any, weights: Mapping[str, np.ndarray]) -> None:
+        weights = check_weights(model.spec, weights)
+        for name, (var, transposed) in self.variables(model).items():
+            value = np.asarray(weights[name], dtype=model.dtype)
+            var.assign(value.T if transposed else value)
+
+    def get_weights(self, model: Any) -> dict[str, np.ndarray]:
+        return {name: np.array(var.numpy().T if transposed else var.numpy())
+                for name, (var, transposed) in self.variables(model).items()}
+
+    def model_dtype(self, model: Any) -> str:
+        return np.dtype(model.dtype).name
+
+    # -- the hooks -----------------------------------------------------------------------
+    def _forward(self, model: Any, inputs: dict[str, np.ndarray], mode: str
+                 ) -> dict[str, np.ndarray]:
+        outputs = self._compiled(model, "forward", mode)(self._tensors(inputs))
+        return {k: v.numpy() for k, v in outputs.items()}
+
+    def _forward_backward(self, model: Any, inputs: dict[str, np.ndarray],
+                          cotangents: dict[str, np.ndarray], mode: str
+                          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        outputs, grads = self._compiled(model, "backward", mode)(
+            self._tensors(inputs), self._tensors(cotangents))
+        table = self.variables(model)
+        embeds = list(self._embedders(model))
+        out = {k: g.numpy() for k, g in zip(embeds, grads)}
+        for (name, (_, transposed)), g in zip(table.items(), grads[len(embeds):]):
+            g = g.numpy()
+            out[name] = np.ascontiguousarray(g.T) if transposed else g
+        return {k: v.numpy() for k, v in outputs.items()}, out
+
+    def _trace(self, model: Any, inputs: dict[str, np.ndarray],
+               cotangents: dict[str, np.ndarray]
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Every node of ``spec.nodes()`` during one eager forward + backward pass, dropout off:
+        see :meth:`Backend.trace`.
+
+        Each node's layer gets, for the duration of the call only, an instance attribute
+        ``call`` that wraps the class's ``call`` (Keras' ``Layer.__call__`` looks ``self.call``
+        up on the instance) and records the output tensor, watched by one
+        ``tf.GradientTape``; ``tape.gradient(loss, recorded)`` then gives the gradient flowing
+        into each output. The wrappers are removed afterwards (also on errors), so the
+        production path carries no overhead and the model's cached ``tf.function`` steps keep
+        working.
+
+        Raises:
+            BackendError: a node layer that was not called exactly once (a model that does not
+                match its spec), or one already being traced.
+        """
+        tf = self.tf
+        spec = model.spec
+        names = spec.output_names()
+        cot = self._tensors(cotangents)
+        nodes = [name for name, _ in spec.nodes()]
+        recorded: dict[str, Any] = {}
+        calls: dict[str, int] = {}
+        tape = tf.GradientTape()
+
+        def recording(name: str, call):
+            def call_and_record(*args, **kwargs):
+                out = call(*args, **kwargs)
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                tape.watch(hidden)  # so the gradient reaches it even from constant inputs
+                recorded[name] = hidden
+                calls[name] = calls.get(name, 0) + 1
+                return out
+            return call_and_record
+
+        patched = []
+        try:
+            for name in nodes:
+                layer = self.sublayer(model, name)
+                if "call" in vars(layer):
+                    raise BackendError(f"layer {name!r} is already being traced")
+                object.__setattr__(layer, "call", recording(name, layer.call))
+                patched.append(layer)
+            tensors = self._tensors(inputs)
+            with tape:
+                for value in tensors.values():
+                    if value.dtype.is_floating:
+                        tape.watch(value)
+                outputs = model(**tensors, training=False)
+                loss = tf.add_n([tf.reduce_sum(outputs[k] * cot[k]) for k in names])
+        finally:
+            for layer in patched:
+                object.__delattr__(layer, "call")
+        wrong = {n: calls.get(n, 0) for n in nodes if calls.get(n, 0) != 1}
+        if wrong:
+            raise BackendError(f"trace: these node layers were not called exactly once: "
+                               f"{wrong}")
+        grads = tape.gradient(loss, [recorded[n] for n in nodes],
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        forward = {n: recorded[n].numpy() for n in nodes}
+        backward = {n: tf.convert_to_tensor(g).numpy() for n, g in zip(nodes, grads)}
+        return forward, backward
+
+    def _decode_step(self, model: Any, inputs: dict[str, np.ndarray], past_key_values,
+                     mode: str) -> tuple[np.ndarray, tuple]:
+        """``"function"`` (the default, :attr:`preferred_mode`) traces the step with
+        ``tf.function(reduce_retracing=True)``: one trace for the prompt, then the growing cache
+        length becomes a dynamic dimension after two steps; ``"eager"`` calls the layers
+        directly; ``"xla"`` would recompile at every new cache length, so it decodes as
+        ``"function"``. The numbers are the same either way, and it does not matter in which
+        mode the model ran before."""
+        tensors = self._tensors(inputs)
+        if past_key_values is not None:
+            tensors["past_key_values"] = past_key_values
+        out = self._compiled(model, "decode", "eager" if mode == "eager" else "function")(
+            tensors)
+        return out["logits"].numpy(), out["past_key_values"]
+
+    def _reorder_past(self, past_key_values: tuple, beam_idx: np.ndarray) -> tuple:
+        tf = self.tf
+        idx = tf.constant(beam_idx)
+        return tf.nest.map_structure(lambda t: tf.gather(t, idx, axis=0), past_key_values)
+
+    # -- the environment -----------------------------------------------------------------
+    def framework_version(self) -> str:
+        return f"{self.tf.__version__} (keras {self.keras.__version__})"
+
+    def environment(self) -> dict[str, str]:
+        threading = self.tf.config.threading
+        intra, inter = (threading.get_intra_op_parallelism_threads(),
+                        threading.get_inter_op_parallelism_threads())
+        return {"tensorflow": self.tf.__version__, "keras": self.keras.__version__,
+                "tensorflow threads": (f"{intra or 'default'} intra-op, "
+                                       f"{inter or 'default'} inter-op")}
+
+    # -- helpers -------------------------------------------------------------------------
     def variables(self, model: Any) -> dict[str, tuple[Any, bool]]:
         """``{canonical name: (keras.Variable, transposed)}``, by walking the attribute path of
         each name (``encoder.layers.0.ffn.linear1.weight`` -> ``model.encoder.layers[0].ffn
@@ -103,16 +213,6 @@ class TensorFlowBackend(Backend):
         for part in path.split(".") if path else ():
             layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
         return layer
-
-    def set_weights(self, model: Any, weights: Mapping[str, np.ndarray]) -> None:
-        weights = check_weights(model.spec, weights)
-        for name, (var, transposed) in self.variables(model).items():
-            value = np.asarray(weights[name], dtype=model.dtype)
-            var.assign(value.T if transposed else value)
-
-    def get_weights(self, model: Any) -> dict[str, np.ndarray]:
-        return {name: np.array(var.numpy().T if transposed else var.numpy())
-                for name, (var, transposed) in self.variables(model).items()}
 
     def _compiled(self, model: Any, kind: str, mode: str):
         """The forward, forward+backward or cached-decoding step for ``mode``, cached on the
@@ -168,156 +268,3 @@ class TensorFlowBackend(Backend):
 
     def _tensors(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         return {k: self.tf.convert_to_tensor(v) for k, v in arrays.items()}
-
-    def forward(self, model: Any, inputs: Mapping[str, np.ndarray], mode: str | None = None
-                ) -> dict[str, np.ndarray]:
-        mode = self.check_mode(mode)
-        inputs = check_inputs(model.spec, inputs, model.dtype)
-        outputs = self._compiled(model, "forward", mode)(self._tensors(inputs))
-        return {k: v.numpy() for k, v in outputs.items()}
-
-    def forward_backward(self, model: Any, inputs: Mapping[str, np.ndarray],
-                         cotangents: Mapping[str, np.ndarray], mode: str | None = None
-                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        mode = self.check_mode(mode)
-        inputs = check_inputs(model.spec, inputs, model.dtype)
-        names = model.spec.output_names()
-        if set(cotangents) != set(names):
-            raise InputError(f"cotangents must have exactly the keys {list(names)}, "
-                             f"got {sorted(cotangents)}")
-        cot = {k: np.asarray(cotangents[k], dtype=model.dtype) for k in names}
-        outputs, grads = self._compiled(model, "backward", mode)(
-            self._tensors(inputs), self._tensors(cot))
-        table = self.variables(model)
-        embeds = list(self._embedders(model))
-        out = {k: g.numpy() for k, g in zip(embeds, grads)}
-        for (name, (_, transposed)), g in zip(table.items(), grads[len(embeds):]):
-            g = g.numpy()
-            out[name] = np.ascontiguousarray(g.T) if transposed else g
-        return {k: v.numpy() for k, v in outputs.items()}, out
-
-    def trace(self, model: Any, inputs: Mapping[str, np.ndarray],
-              cotangents: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
-                                                             dict[str, np.ndarray]]:
-        """Every node of ``spec.nodes()`` during one eager forward + backward pass, dropout off:
-        see :meth:`Backend.trace`.
-
-        Each node's layer gets, for the duration of the call only, an instance attribute
-        ``call`` that wraps the class's ``call`` (Keras' ``Layer.__call__`` looks ``self.call``
-        up on the instance) and records the output tensor, watched by one
-        ``tf.GradientTape``; ``tape.gradient(loss, recorded)`` then gives the gradient flowing
-        into each output. The wrappers are removed afterwards (also on errors), so the
-        production path carries no overhead and the model's cached ``tf.function`` steps keep
-        working.
-
-        Raises:
-            InputError: bad inputs or cotangent keys. BackendError: a node layer that was not
-                called exactly once (a model that does not match its spec).
-        """
-        tf = self.tf
-        spec = model.spec
-        checked = check_inputs(spec, inputs, model.dtype)
-        names = spec.output_names()
-        if set(cotangents) != set(names):
-            raise InputError(f"cotangents must have exactly the keys {list(names)}, "
-                             f"got {sorted(cotangents)}")
-        cot = self._tensors({k: np.asarray(cotangents[k], dtype=model.dtype) for k in names})
-        nodes = [name for name, _ in spec.nodes()]
-        recorded: dict[str, Any] = {}
-        calls: dict[str, int] = {}
-        tape = tf.GradientTape()
-
-        def recording(name: str, call):
-            def call_and_record(*args, **kwargs):
-                out = call(*args, **kwargs)
-                hidden = out[0] if isinstance(out, (tuple, list)) else out
-                tape.watch(hidden)  # so the gradient reaches it even from constant inputs
-                recorded[name] = hidden
-                calls[name] = calls.get(name, 0) + 1
-                return out
-            return call_and_record
-
-        patched = []
-        try:
-            for name in nodes:
-                layer = self.sublayer(model, name)
-                if "call" in vars(layer):
-                    raise BackendError(f"layer {name!r} is already being traced")
-                object.__setattr__(layer, "call", recording(name, layer.call))
-                patched.append(layer)
-            tensors = self._tensors(checked)
-            with tape:
-                for value in tensors.values():
-                    if value.dtype.is_floating:
-                        tape.watch(value)
-                outputs = model(**tensors, training=False)
-                loss = tf.add_n([tf.reduce_sum(outputs[k] * cot[k]) for k in names])
-        finally:
-            for layer in patched:
-                object.__delattr__(layer, "call")
-        wrong = {n: calls.get(n, 0) for n in nodes if calls.get(n, 0) != 1}
-        if wrong:
-            raise BackendError(f"trace: these node layers were not called exactly once: "
-                               f"{wrong}")
-        grads = tape.gradient(loss, [recorded[n] for n in nodes],
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        forward = {n: recorded[n].numpy() for n in nodes}
-        backward = {n: tf.convert_to_tensor(g).numpy() for n, g in zip(nodes, grads)}
-        return forward, backward
-
-    def decode(self, model: Any, inputs: Mapping[str, np.ndarray], cache: Any = None,
-               mode: str | None = None) -> tuple[np.ndarray, DecodeCache]:
-        """One step of cached decoding, dropout off: see :meth:`Backend.decode`.
-
-        ``mode``: ``"function"`` (default, :attr:`preferred_mode`) traces the step with
-        ``tf.function(reduce_retracing=True)``: one trace for the prompt, then the growing cache
-        length becomes a dynamic dimension after two steps; ``"eager"`` calls the layers
-        directly; ``"xla"`` would recompile at every new cache length, so it decodes as
-        ``"function"``. The numbers are the same either way, and it does not matter in which
-        mode the model ran before.
-        """
-        spec = model.spec
-        if spec.architecture == "encoder" or spec.head != "lm":
-            raise InputError(f"decode needs a decoder or an encoder-decoder with head='lm'; "
-                             f"this is a {spec.architecture} with head={spec.head!r}")
-        if cache is not None and not isinstance(cache, DecodeCache):
-            raise InputError(f"cache must be None or what decode returned, got "
-                             f"{type(cache).__name__}")
-        past = 0 if cache is None else cache.past_length
-        first = cache is None
-        arch = spec.architecture
-        checked = check_inputs(spec, inputs, model.dtype, past_length=past,
-                               encoder=first or arch != "encoder-decoder")
-        tensors = self._tensors(checked)
-        if cache is not None:
-            side = "decoder_" if arch == "encoder-decoder" else ""
-            b = checked[f"{side}attention_mask"].shape[0]
-            if b != cache.batch_size:
-                raise InputError(f"batch size {b} does not match the cache's "
-                                 f"{cache.batch_size}; reorder_cache when the batch changes")
-            tensors["past_key_values"] = cache.past_key_values
-            if arch == "encoder-decoder":
-                tensors["attention_mask"] = cache.encoder_attention_mask
-        mode = self.check_mode(mode)
-        out = self._compiled(model, "decode", "eager" if mode == "eager" else "function")(
-            tensors)
-        source_mask = None
-        if arch == "encoder-decoder":
-            source_mask = tensors["attention_mask"]
-        return out["logits"].numpy(), DecodeCache(out["past_key_values"], source_mask)
-
-    def reorder_cache(self, model: Any, cache: DecodeCache, beam_idx: np.ndarray
-                      ) -> DecodeCache:
-        """Every cached tensor's batch rows gathered by ``beam_idx`` ``(N,)``."""
-        tf = self.tf
-        idx = np.asarray(beam_idx, np.int64)
-        if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= cache.batch_size)):
-            raise InputError(f"beam_idx must be a 1-D array of rows in [0, {cache.batch_size}), "
-                             f"got {idx!r}")
-        idx = tf.constant(idx)
-        gather = lambda t: None if t is None else tf.gather(t, idx, axis=0)  # noqa: E731
-        return DecodeCache(tf.nest.map_structure(gather, cache.past_key_values),
-                           gather(cache.encoder_attention_mask))
-
-    def framework_version(self) -> str:
-        return f"{self.tf.__version__} (keras {self.keras.__version__})"
