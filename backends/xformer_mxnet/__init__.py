@@ -13,7 +13,7 @@ The native classes live in :mod:`xformer_mxnet.modules` (twin of ``xformer_torch
 
 MXNet 1.9.1 still refers to ``np.bool``, which numpy >= 1.24 removed; this package restores the
 alias (``np.bool = np.bool_``, only where it is missing) before anything imports ``mxnet``
-(DESIGN.md §5).
+(docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from .backend import MXNetBackend  # noqa: E402  (imports no framework)
 
 _NATIVE = ("Embeddings", "MultiHeadAttention", "FeedForward", "EncoderLayer", "Encoder",
            "Pooler", "EncoderModel", "DecoderLayer", "Decoder", "LMHead", "DecoderModel",
-           "EncoderDecoderModel", "LayerNorm", "gelu", "gelu_tanh", "relu", "erf_exact_grad",
-           "causal_allowed", "allowed_bias", "imperative", "cache_length", "reorder_cache",
-           "canonical_parameters")
+           "EncoderDecoderModel", "LayerNorm", "gelu", "gelu_tanh", "relu", "ACTIVATIONS",
+           "erf_exact_grad", "causal_allowed", "allowed_bias", "imperative", "cache_length",
+           "reorder_cache", "canonical_parameters")
 
 __all__ = ["MXNetBackend", *_NATIVE]
 

@@ -1,43 +1,32 @@
 """The xformer Transformers (encoder, decoder, encoder-decoder) as Gluon ``HybridBlock``s
-(Apache MXNet 1.9.1), twin of ``xformer_torch.modules`` and ``xformer_tensorflow.modules``::
+(Apache MXNet 1.9.1).
 
-    Embeddings -> Encoder( EncoderLayer( MultiHeadAttention, FeedForward ) x n_layers ) -> Pooler
-    \\______________________________ EncoderModel ______________________________________/
+The Gluon twin of ``xformer_torch.modules`` (where the block diagram is) and
+``xformer_tensorflow.modules``: the same classes in the same order, with the same constructor
+and call parameters (``tests/test_twins.py``) and attribute paths, so the files diff block by
+block (the pattern of Sockeye's ``layers.py`` / ``layers_pt.py``). The blocks follow GluonNLP's
+``BERTEncoder`` / ``MultiHeadAttentionCell``: children made inside ``with self.name_scope():``,
+``hybrid_forward(self, F, ...)`` so that the same code runs imperatively and, after
+``hybridize()``, as one cached graph; Gluon passes a block's own parameters to
+``hybrid_forward`` as keyword arguments (``position_table``, ``weight``), and child blocks are
+called positionally.
 
-    Embeddings -> Decoder( DecoderLayer( causal MultiHeadAttention, FeedForward ) x n ) -> LMHead
-    \\______________________________ DecoderModel ______________________________________/
+Gluon specifics:
 
-    Embeddings -> Encoder ----------------------------------.  (memory: keys/values)
-    decoder_embeddings -> Decoder( DecoderLayer( causal self-attention, cross-attention,
-                                                 FeedForward ) x n_decoder_layers ) -> LMHead
-    \\____________________________ EncoderDecoderModel _________________________________/
-
-Same class names, same order, same attribute paths as the other two backends, so a reader can
-diff the files block by block (the pattern of Sockeye's ``layers.py`` / ``layers_pt.py``). The
-blocks follow GluonNLP's ``BERTEncoder`` / ``MultiHeadAttentionCell``: children made inside
-``with self.name_scope():``, ``hybrid_forward(self, F, ...)`` so that the same code runs
-imperatively and, after ``hybridize()``, as one cached graph.
-
-Decoders: self-attention multiplies the 0/1 padding and causal masks into one ``allowed`` mask
-and adds ONE bias ``(1 - allowed) * finfo(dtype).min`` (:func:`allowed_bias`; two such biases
-would add up to ``-inf``), built with ``F.contrib.arange_like`` so it hybridizes. A tied LM head
-holds no parameter: it multiplies by the token table's own ``Parameter`` (``var()`` in the
-graph, ``data()`` imperatively), so the table's gradient sums the lookup and the head. Cached
-(incremental) decoding takes ``past_key_values`` / ``use_cache`` (Hugging Face's legacy layout:
-per decoder layer ``(k, v)`` ``(B, H, T, d_head)``, plus ``(cross_k, cross_v)`` for an
-encoder-decoder) and runs imperatively (:func:`imperative`) even in a hybridized model, whose
-graph is kept for full-sequence calls.
-
-Numerics are those of ``xformer.reference`` (DESIGN.md §3), op for op:
-
+* masks are built with ``F.contrib.arange_like`` so they hybridize; a tied LM head multiplies
+  by the token table's own ``Parameter`` (``var()`` in the graph, ``data()`` imperatively), so
+  the table's gradient sums the lookup and the head;
+* cached (incremental) decoding (``past_key_values`` / ``use_cache``, Hugging Face's legacy
+  layout) runs imperatively (:func:`imperative`) even in a hybridized model, whose graph is kept
+  for full-sequence calls;
 * every ``nn.Dense`` has ``flatten=False`` (the Gluon default flattens ``(B, T, D)`` to
   ``(B, T * D)``) and its weight is ``(out_features, in_features)``, the canonical layout;
-* :class:`LayerNorm` is Gluon's ``nn.LayerNorm(epsilon=spec.norm_eps)`` (never the Gluon
+* LayerNorm is :class:`LayerNorm`: Gluon's, with ``epsilon=spec.norm_eps`` (never the Gluon
   default ``1e-5``), composed from ``F.mean`` / ``F.sqrt`` in float64 because the fused
   operator takes ``eps`` as a C++ ``float``; with ``spec.bias=False`` its ``beta`` stays a
   frozen zero (``grad_req="null"``) and is no canonical parameter;
 * GELU is composed from ``F.erf`` / ``F.tanh``: ``LeakyReLU(act_type="gelu")`` is off by ~3e-7
-  even in float64 (DESIGN.md §5); in float64 ``erf``'s gradient is recomputed
+  even in float64 (docs/design.md §5); in float64 ``erf``'s gradient is recomputed
   (:func:`erf_exact_grad`): MXNet's own is off by 3e-8;
 * the dtype is explicit everywhere: ``Dense`` and ``Embedding`` get ``dtype=``, ``LayerNorm``
   (which has no ``dtype`` argument) is ``cast``, the sinusoidal table is a ``Constant`` of the
@@ -65,7 +54,8 @@ import warnings
 
 import numpy as np
 
-with warnings.catch_warnings():  # MXNet 1.9.1 uses np.bool, gone in numpy >= 1.24 (DESIGN.md §5)
+# MXNet 1.9.1 uses np.bool, gone in numpy >= 1.24 (docs/design.md §5)
+with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     if not hasattr(np, "bool"):
         np.bool = np.bool_
@@ -77,8 +67,8 @@ from mxnet.gluon.parameter import Constant  # noqa: E402
 from xformer.errors import InputError  # noqa: E402
 from xformer.spec import ModelSpec, sinusoidal_table  # noqa: E402
 
-__all__ = ["erf_exact_grad", "gelu", "gelu_tanh", "relu", "LayerNorm", "Embeddings",
-           "MultiHeadAttention", "FeedForward", "EncoderLayer", "Encoder", "Pooler",
+__all__ = ["erf_exact_grad", "gelu", "gelu_tanh", "relu", "ACTIVATIONS", "LayerNorm",
+           "Embeddings", "MultiHeadAttention", "FeedForward", "EncoderLayer", "Encoder", "Pooler",
            "EncoderModel", "DecoderLayer", "Decoder", "LMHead", "DecoderModel",
            "EncoderDecoderModel", "causal_allowed", "allowed_bias", "imperative",
            "cache_length", "reorder_cache", "canonical_parameters"]
@@ -119,14 +109,16 @@ def relu(F, x, exact_grad: bool = False):
     return F.relu(x)
 
 
-_ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
+#: ``spec.activation`` -> function ``(F, x, exact_grad)``.
+ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
 
 
+# ---------------------------------------------------------------------- helpers
 def _dense(spec: ModelSpec, units: int, in_units: int, dtype: str) -> nn.Dense:
     return nn.Dense(units, in_units=in_units, use_bias=spec.bias, flatten=False, dtype=dtype)
 
 
-class LayerNorm(nn.LayerNorm):
+class _LayerNorm(nn.LayerNorm):
     """Gluon's ``nn.LayerNorm`` (same ``gamma`` / ``beta`` parameters) over the last axis, with
     ``epsilon=spec.norm_eps``, ``center=spec.bias`` and the model dtype; Ba et al. 2016:
     ``(x - mean) / sqrt(var + eps) * gamma + beta``, biased variance.
@@ -136,6 +128,7 @@ class LayerNorm(nn.LayerNorm):
     ``eps`` is a C++ ``float`` (``eps=1e-5`` becomes ``1e-5 - 2.5e-14``: ~1e-13 relative error
     in the output, ~7e-10 with ``eps=0.1``) and it computes the variance in one pass (1.9e-13 for
     inputs with mean 1000). float32 uses the fused operator. ``(B, T, D)`` -> ``(B, T, D)``.
+    Private (not a node class of the twins); public as :data:`LayerNorm`.
     """
 
     def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
@@ -153,332 +146,47 @@ class LayerNorm(nn.LayerNorm):
         return F.broadcast_add(y, beta)  # a frozen zero when not center, as the fused op does
 
 
-# ---------------------------------------------------------------------- blocks
-class Embeddings(HybridBlock):
-    """Token + position (+ segment) embeddings, then LayerNorm (BERT, Devlin et al. 2019 §3.2)
-    and dropout.
-
-    ``x = word_embeddings[input_ids] * s + positions[:T] (+ token_type_embeddings[ids])``, with
-    ``s = sqrt(d_model)`` if ``spec.embed_scale`` (Vaswani 2017 §3.4) else 1; positions are the
-    learned table ``position_embeddings`` or the fixed ``sinusoidal_table`` (Vaswani 2017 §3.5),
-    held as a non-trainable ``Constant`` ``position_table`` in the compute dtype.
-
-    Args:
-        spec: the model; uses ``vocab_size, d_model, max_len, positional, type_vocab_size,
-            embedding_norm, embed_scale, norm_eps, bias, dropout``.
-        dtype: ``"float32"`` or ``"float64"``.
-        word_embeddings: own a token table; ``False`` for the target side of an
-            encoder-decoder with ``share_embeddings`` (it is then called with
-            ``inputs_embeds`` looked up in the source side's table).
-
-    Call ``(input_ids, token_type_ids=None, inputs_embeds=None, past_length=0)``:
-    ``input_ids`` ``(B, T)`` integers, or ``None`` with ``inputs_embeds`` ``(B, T, D)``
-    (already scaled, ``dtype``); ``token_type_ids`` ``(B, T)`` integers or ``None`` (all
-    zeros); ``past_length`` (a Python int, imperative calls only) the positions already in a
-    key/value cache: positions then run from ``past_length``. Returns ``(B, T, D)``.
-    Token ids out of range are clipped by MXNet's ``Embedding`` (check them first:
-    ``xformer.backend.check_inputs``).
-    """
-
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", word_embeddings: bool = True,
-                 **kwargs):
-        super().__init__(**kwargs)
-        self._spec = spec
-        self._has_table = word_embeddings
-        d = spec.d_model
-        with self.name_scope():
-            if word_embeddings:
-                self.word_embeddings = nn.Embedding(spec.vocab_size, d, dtype=dtype)
-            if spec.positional == "learned":
-                self.position_embeddings = nn.Embedding(spec.max_len, d, dtype=dtype)
-            else:
-                table = sinusoidal_table(spec.max_len, d).astype(dtype)
-                self.position_table = self.params.get_constant(
-                    "position_table", mx.nd.array(table, dtype=dtype))
-            if spec.type_vocab_size:
-                self.token_type_embeddings = nn.Embedding(spec.type_vocab_size, d, dtype=dtype)
-            if spec.embedding_norm:
-                self.norm = LayerNorm(spec, dtype)
-            self.dropout = nn.Dropout(spec.dropout)
-
-    def embed_tokens(self, input_ids):
-        """``word_embeddings[input_ids]`` times ``sqrt(d_model)`` if ``embed_scale``: what the
-        model's ``inputs_embeds`` stands for. ``(B, T)`` ints -> ``(B, T, D)``."""
-        x = self.word_embeddings(input_ids)
-        return x * math.sqrt(self._spec.d_model) if self._spec.embed_scale else x
-
-    def hybrid_forward(self, F, input_ids, token_type_ids=None, inputs_embeds=None,
-                       past_length=0, position_table=None):
-        if inputs_embeds is None and not self._has_table:
-            raise InputError("these embeddings have no token table (share_embeddings): give "
-                             "inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        positions = F.contrib.arange_like(x, axis=1, start=past_length)  # (T,) past .. past+T-1
-        if self._spec.positional == "learned":
-            pos = self.position_embeddings(positions)                    # (T, D)
-        else:
-            pos = F.take(position_table, positions)
-        x = F.broadcast_add(x, F.expand_dims(pos, axis=0))
-        if self._spec.type_vocab_size:
-            if token_type_ids is None:  # all segment 0: one (T, D) block, broadcast over B
-                tt = self.token_type_embeddings(F.zeros_like(positions))
-                x = F.broadcast_add(x, F.expand_dims(tt, axis=0))
-            else:
-                x = x + self.token_type_embeddings(token_type_ids)
-        if self._spec.embedding_norm:
-            x = self.norm(x)
-        return self.dropout(x)
+#: The float64-exact LayerNorm, ``LayerNorm(spec, dtype)``.
+LayerNorm = _LayerNorm
 
 
-class MultiHeadAttention(HybridBlock):
-    """Multi-head attention (Vaswani 2017 §3.2.2; scaling and mask as Hugging Face
-    ``BertSelfAttention``; layout as GluonNLP's ``DotProductAttentionCell``). Self-attention by
-    default; cross-attention (queries from ``x``, keys and values from ``key_value_states``)
-    when built with ``cross=True``.
-
-    ``softmax(Q K^T / sqrt(d_head) + mask_bias) V``, heads split as ``(B, T, H, d_head)``, then
-    ``out_proj``. ``mask_bias`` is additive and finite (``finfo(dtype).min`` where masked, see
-    :func:`allowed_bias`), so a fully masked row gives uniform attention, never NaN. Dropout on
-    the attention probabilities (training only).
-
-    Args:
-        spec: uses ``d_model, n_heads, bias, dropout``.
-        dtype: ``"float32"`` or ``"float64"``.
-        cross: cross-attention: cached keys/values (``past_key_value``) are the projected
-            encoder output, reused as they are; self-attention appends the new keys/values to
-            the cached ones.
-
-    Children ``q_proj, k_proj, v_proj, out_proj``: ``nn.Dense(d_model, flatten=False)``.
-
-    Call ``(x, mask_bias=None, key_value_states=None, past_key_value=None, use_cache=False)``:
-    ``x`` ``(B, T, D)``; ``mask_bias`` broadcastable to ``(B, H, T, S)`` (``(B, 1, 1, S)`` key
-    padding, ``(B or 1, 1, T, past + T)`` causal) or ``None``; ``key_value_states``
-    ``(B, S, D)`` (cross-attention); ``past_key_value`` ``(k, v)`` each ``(B, H, S_past,
-    d_head)`` or ``None`` (imperative calls only). Returns ``(B, T, D)``, or
-    ``((B, T, D), (k, v))`` with ``use_cache`` (the keys/values to cache).
-    """
-
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", cross: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self._heads, self._d_head = spec.n_heads, spec.d_head
-        self._cross = cross
-        d = spec.d_model
-        with self.name_scope():
-            self.q_proj = _dense(spec, d, d, dtype)
-            self.k_proj = _dense(spec, d, d, dtype)
-            self.v_proj = _dense(spec, d, d, dtype)
-            self.out_proj = _dense(spec, d, d, dtype)
-            self.dropout = nn.Dropout(spec.dropout)
-
-    def _split_heads(self, F, x):
-        # (B, T, D) -> (B, T, H, dh) -> (B, H, T, dh)
-        return F.transpose(F.reshape(x, shape=(0, 0, self._heads, -1)), axes=(0, 2, 1, 3))
-
-    @staticmethod
-    def _fold(F, x):
-        # (B, H, T, dh) -> (B * H, T, dh), the layout of batch_dot
-        return F.reshape(x, shape=(-1, 0, 0), reverse=True)
-
-    def hybrid_forward(self, F, x, mask_bias=None, key_value_states=None, past_key_value=None,
-                       use_cache=False):
-        q = self._split_heads(F, self.q_proj(x))
-        if self._cross and past_key_value is not None:  # the encoder output, projected once
-            k, v = past_key_value
-        else:
-            kv = key_value_states if self._cross else x
-            if kv is None:
-                raise ValueError("cross-attention needs key_value_states or a cached "
-                                 "past_key_value")
-            k, v = self._split_heads(F, self.k_proj(kv)), self._split_heads(F, self.v_proj(kv))
-            if past_key_value is not None:  # self-attention: append to the cached positions
-                k = F.concat(past_key_value[0], k, dim=2)
-                v = F.concat(past_key_value[1], v, dim=2)
-        scores = F.batch_dot(self._fold(F, q), self._fold(F, k), transpose_b=True)
-        scores = scores / math.sqrt(self._d_head)                               # (B*H, T, S)
-        if mask_bias is not None:
-            scores = F.reshape(scores, shape=(-1, self._heads, 0, 0), reverse=True)
-            scores = F.broadcast_add(scores, mask_bias)                          # (B, H, T, S)
-            scores = F.reshape(scores, shape=(-1, 0, 0), reverse=True)
-        probs = self.dropout(F.softmax(scores, axis=-1))
-        ctx = F.batch_dot(probs, self._fold(F, v))                              # (B*H, T, dh)
-        ctx = F.reshape(ctx, shape=(-1, self._heads, 0, 0), reverse=True)       # (B, H, T, dh)
-        ctx = F.reshape(F.transpose(ctx, axes=(0, 2, 1, 3)), shape=(0, 0, -1))  # (B, T, D)
-        out = self.out_proj(ctx)
-        return (out, (k, v)) if use_cache else out
+def _residual(x, sublayer, norm, dropout, norm_first: bool):
+    """Residual wrapper of every sub-layer (attention, FFN) of :class:`EncoderLayer` and
+    :class:`DecoderLayer`; ``x`` an NDArray or a Symbol. Pre-LN (``norm_first``):
+    ``x + dropout(sublayer(norm(x)))``; post-LN: ``norm(x + dropout(sublayer(x)))``."""
+    if norm_first:
+        return x + dropout(sublayer(norm(x)))
+    return norm(x + dropout(sublayer(x)))
 
 
-class FeedForward(HybridBlock):
-    """Position-wise feed-forward network (Vaswani 2017 §3.3):
-    ``linear2(dropout(act(linear1(x))))``, ``act`` = ``spec.activation``.
-
-    Children ``linear1`` (``d_model -> d_ff``) and ``linear2`` (``d_ff -> d_model``).
-    Call ``(x)``: ``(B, T, D)`` -> ``(B, T, D)``.
-    """
-
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
-        super().__init__(**kwargs)
-        self._act = _ACTIVATIONS[spec.activation]
-        self._exact_grad = np.dtype(dtype) == np.float64
-        with self.name_scope():
-            self.linear1 = _dense(spec, spec.d_ff, spec.d_model, dtype)
-            self.linear2 = _dense(spec, spec.d_model, spec.d_ff, dtype)
-            self.dropout = nn.Dropout(spec.dropout)
-
-    def hybrid_forward(self, F, x):
-        hidden = self._act(F, self.linear1(x), exact_grad=self._exact_grad)
-        return self.linear2(self.dropout(hidden))
+def _sequential(make, n: int) -> nn.HybridSequential:
+    """``n`` blocks ``make()`` in an ``nn.HybridSequential`` (made in its name scope), so the
+    attribute paths are ``layers.0``, ``layers.1``, ..."""
+    blocks = nn.HybridSequential()
+    with blocks.name_scope():
+        for _ in range(n):
+            blocks.add(make())
+    return blocks
 
 
-class EncoderLayer(HybridBlock):
-    """One encoder layer: self-attention and feed-forward sub-layers with residuals.
-
-    post-LN (Vaswani 2017 §3.1, BERT): ``x = norm1(x + drop(attn(x)))``,
-    ``x = norm2(x + drop(ffn(x)))``; pre-LN (GPT-2, Xiong et al. 2020):
-    ``x = x + drop(attn(norm1(x)))``, ``x = x + drop(ffn(norm2(x)))``.
-
-    Children ``self_attn`` (:class:`MultiHeadAttention`), ``norm1``, ``ffn``
-    (:class:`FeedForward`), ``norm2``. Call ``(x, mask_bias=None)``: ``(B, T, D)`` ->
-    ``(B, T, D)``.
-    """
-
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
-        super().__init__(**kwargs)
-        self._pre = spec.norm_position == "pre"
-        with self.name_scope():
-            self.self_attn = MultiHeadAttention(spec, dtype)
-            self.norm1 = LayerNorm(spec, dtype)
-            self.ffn = FeedForward(spec, dtype)
-            self.norm2 = LayerNorm(spec, dtype)
-            self.dropout1 = nn.Dropout(spec.dropout)
-            self.dropout2 = nn.Dropout(spec.dropout)
-
-    def hybrid_forward(self, F, x, mask_bias=None):
-        if self._pre:
-            x = x + self.dropout1(self.self_attn(self.norm1(x), mask_bias))
-            return x + self.dropout2(self.ffn(self.norm2(x)))
-        x = self.norm1(x + self.dropout1(self.self_attn(x, mask_bias)))
-        return self.norm2(x + self.dropout2(self.ffn(x)))
+def causal_allowed(F, queries, keys, past_length: int = 0):
+    """``(T, S)`` 0/1 in ``queries``' dtype: query ``i`` (absolute position ``past_length + i``)
+    may attend to key ``j`` iff ``j <= past_length + i``. ``queries`` ``(B, T, ...)`` and
+    ``keys`` ``(B, S, ...)`` give only the lengths (``F.contrib.arange_like``, so the same code
+    runs in a hybridized graph, where ``past_length`` is 0)."""
+    q_pos = F.contrib.arange_like(queries, axis=1, start=past_length)            # (T,)
+    k_pos = F.contrib.arange_like(keys, axis=1)                                  # (S,)
+    return F.broadcast_lesser_equal(F.reshape(k_pos, shape=(1, -1)),
+                                    F.reshape(q_pos, shape=(-1, 1)))
 
 
-class Encoder(HybridBlock):
-    """``n_layers`` :class:`EncoderLayer` s in ``layers`` (an ``nn.HybridSequential``, so the
-    paths are ``layers.0``, ``layers.1``, ...), then ``final_norm`` if ``spec.final_norm``.
-
-    Call ``(x, mask_bias=None)``: ``(B, T, D)`` -> ``(B, T, D)``.
-    """
-
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
-        super().__init__(**kwargs)
-        self._final_norm = spec.final_norm
-        with self.name_scope():
-            self.layers = nn.HybridSequential()
-            with self.layers.name_scope():
-                for _ in range(spec.n_layers):
-                    self.layers.add(EncoderLayer(spec, dtype))
-            if spec.final_norm:
-                self.final_norm = LayerNorm(spec, dtype)
-
-    def hybrid_forward(self, F, x, mask_bias=None):
-        for layer in self.layers:
-            x = layer(x, mask_bias)
-        return self.final_norm(x) if self._final_norm else x
+def allowed_bias(allowed, mask_value: float):
+    """``(1 - allowed) * finfo(dtype).min``: ONE additive bias from a 0/1 mask that is already
+    the product of padding and causality (docs/design.md §3; two ``finfo.min`` biases would add up
+    to ``-inf``). ``mask_value`` is ``float(finfo(dtype).min)``."""
+    return (1.0 - allowed) * mask_value
 
 
-class Pooler(HybridBlock):
-    """BERT's pooler (Devlin et al. 2019; HF ``BertPooler``): ``tanh(dense(x[:, 0]))``.
-
-    Call ``(x)``: ``(B, T, D)`` -> ``(B, D)``.
-    """
-
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
-        super().__init__(**kwargs)
-        with self.name_scope():
-            self.dense = _dense(spec, spec.d_model, spec.d_model, dtype)
-
-    def hybrid_forward(self, F, x):
-        first = F.reshape(F.slice_axis(x, axis=1, begin=0, end=1), shape=(0, -1))  # (B, D)
-        return F.tanh(self.dense(first))
-
-
-class EncoderModel(HybridBlock):
-    """The BERT-like encoder of a :class:`~xformer.spec.ModelSpec`: :class:`Embeddings`,
-    :class:`Encoder` and, with ``head="pooler"``, :class:`Pooler`.
-
-    Args:
-        spec: the model (``spec.architecture == "encoder"``).
-        dtype: ``"float32"`` or ``"float64"`` for every parameter, constant and activation.
-
-    Call (Hugging Face argument names; keywords accepted, unlike plain Gluon blocks)::
-
-        model(input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None)
-
-    * ``input_ids`` ``(B, T)`` integers in ``[0, vocab_size)``, or ``inputs_embeds``
-      ``(B, T, D)`` in ``dtype``: the token embeddings *after* ``embed_scale``;
-    * ``attention_mask`` ``(B, T)``, 1 = attend, 0 = padding; ``None`` = all ones;
-    * ``token_type_ids`` ``(B, T)`` integers; ``None`` = all zeros (only with
-      ``type_vocab_size > 0``).
-
-    Returns ``last_hidden_state`` ``(B, T, D)``, or the tuple ``(last_hidden_state,
-    pooler_output (B, D))`` with ``head="pooler"`` (a tuple, as GluonNLP's ``BERTModel``, so the
-    block hybridizes). Dropout is active only in ``autograd.train_mode()``.
-
-    Raises:
-        InputError: neither or both of ``input_ids`` and ``inputs_embeds``; a sequence longer
-            than ``spec.max_len`` (checked when called on NDArrays, whose length is known).
-
-    A hybridized Gluon block traces its graph for one argument structure (which inputs are
-    ``None``); this one retraces when that structure changes (e.g. ``input_ids`` then
-    ``inputs_embeds``), so keep it fixed in a loop for speed.
-    """
-
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
-        super().__init__(**kwargs)
-        self.spec, self.dtype = spec, np.dtype(dtype).name
-        self._mask_value = float(np.finfo(self.dtype).min)
-        self._structure = None  # which of the inputs the cached graph was traced with
-        with self.name_scope():
-            self.embeddings = Embeddings(spec, self.dtype)
-            self.encoder = Encoder(spec, self.dtype)
-            if spec.head == "pooler":
-                self.pooler = Pooler(spec, self.dtype)
-
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None,
-                 inputs_embeds=None):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InputError("give exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
-        x = input_ids if input_ids is not None else inputs_embeds
-        if isinstance(x, mx.nd.NDArray) and x.shape[1] > self.spec.max_len:
-            raise InputError(f"sequence length {x.shape[1]} is longer than "
-                             f"max_len={self.spec.max_len}; shorten the input (xformer does "
-                             f"not truncate silently)")
-        args = (input_ids, attention_mask, token_type_ids, inputs_embeds)
-        structure = tuple(a is None for a in args)
-        if structure != self._structure:  # Gluon traces one graph per argument structure
-            self._clear_cached_op()
-            self._structure = structure
-        return super().__call__(*args)
-
-    def embed_tokens(self, input_ids):
-        """``inputs_embeds`` for ``input_ids`` (the scaled token embeddings)."""
-        return self.embeddings.embed_tokens(input_ids)
-
-    def mask_bias(self, F, attention_mask):
-        """``(1 - attention_mask) * finfo(dtype).min`` as ``(B, 1, 1, T)`` in the compute dtype:
-        the dtype's most negative *finite* number, never ``-inf`` (DESIGN.md §3)."""
-        mask = F.cast(attention_mask, dtype=self.dtype)
-        return F.reshape((1.0 - mask) * self._mask_value, shape=(0, 1, 1, -1))
-
-    def hybrid_forward(self, F, input_ids, attention_mask=None, token_type_ids=None,
-                       inputs_embeds=None):
-        x = self.embeddings(input_ids, token_type_ids, inputs_embeds)
-        bias = None if attention_mask is None else self.mask_bias(F, attention_mask)
-        x = self.encoder(x, bias)
-        if self.spec.head == "pooler":
-            return x, self.pooler(x)
-        return x
-
-
-# ---------------------------------------------------------------------- decoders
 @contextlib.contextmanager
 def imperative(block: HybridBlock):
     """Run ``block`` (and every child) imperatively inside the ``with``, hybridized or not.
@@ -503,24 +211,6 @@ def imperative(block: HybridBlock):
             b._active = active
 
 
-def causal_allowed(F, queries, keys, past_length: int = 0):
-    """``(T, S)`` 0/1 in ``queries``' dtype: query ``i`` (absolute position ``past_length + i``)
-    may attend to key ``j`` iff ``j <= past_length + i``. ``queries`` ``(B, T, ...)`` and
-    ``keys`` ``(B, S, ...)`` give only the lengths (``F.contrib.arange_like``, so the same code
-    runs in a hybridized graph, where ``past_length`` is 0)."""
-    q_pos = F.contrib.arange_like(queries, axis=1, start=past_length)            # (T,)
-    k_pos = F.contrib.arange_like(keys, axis=1)                                  # (S,)
-    return F.broadcast_lesser_equal(F.reshape(k_pos, shape=(1, -1)),
-                                    F.reshape(q_pos, shape=(-1, 1)))
-
-
-def allowed_bias(allowed, mask_value: float):
-    """``(1 - allowed) * finfo(dtype).min``: ONE additive bias from a 0/1 mask that is already
-    the product of padding and causality (DESIGN.md §3; two ``finfo.min`` biases would add up
-    to ``-inf``). ``mask_value`` is ``float(finfo(dtype).min)``."""
-    return (1.0 - allowed) * mask_value
-
-
 def cache_length(past_key_values) -> int:
     """Positions in a ``past_key_values`` cache (0 for ``None``): the length of its keys."""
     return 0 if not past_key_values else int(past_key_values[0][0].shape[2])
@@ -534,138 +224,282 @@ def reorder_cache(past_key_values, beam_idx):
                  for layer in past_key_values)
 
 
-class DecoderLayer(HybridBlock):
-    """One decoder layer: causal self-attention (``self_attn``, ``norm1``), cross-attention over
-    the encoder output (``cross_attn``, ``norm2``; encoder-decoders only) and the feed-forward
-    network (``ffn``, ``norm2``, or ``norm3`` after cross-attention), each sub-layer with a
-    residual connection and a LayerNorm, post- or pre-LN as :class:`EncoderLayer`
-    (``nn.TransformerDecoderLayer``'s order and names, Vaswani 2017 §3.1).
+class _SpecLayer(HybridBlock):
+    """A block configured by a :class:`~xformer.ModelSpec` (kept as ``.spec``)."""
+
+    def __init__(self, spec: ModelSpec, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = spec
+
+
+# ---------------------------------------------------------------------- blocks
+class Embeddings(_SpecLayer):
+    """Token + position (+ segment) embeddings, then LayerNorm (BERT, Devlin et al. 2019 §3.2)
+    and dropout.
+
+    ``x = word_embeddings[input_ids] * s + positions[:T] (+ token_type_embeddings[ids])``, with
+    ``s = sqrt(d_model)`` if ``spec.embed_scale`` (Vaswani 2017 §3.4) else 1; positions are the
+    learned table ``position_embeddings`` or the fixed ``sinusoidal_table`` (Vaswani 2017 §3.5),
+    held as a non-trainable ``Constant`` ``position_table`` in the compute dtype.
 
     Args:
-        spec: as :class:`EncoderLayer`.
+        spec: the model; uses ``vocab_size, d_model, max_len, positional, type_vocab_size,
+            embedding_norm, embed_scale, norm_eps, bias, dropout``.
+        word_embeddings: own a token table; ``False`` for the target side of an
+            encoder-decoder with ``share_embeddings`` (it is then called with
+            ``inputs_embeds`` looked up in the source side's table).
         dtype: ``"float32"`` or ``"float64"``.
-        cross: with a cross-attention sub-layer (the decoder of an encoder-decoder).
 
-    Call ``(x, self_bias=None, memory=None, cross_bias=None, past_key_value=None,
-    use_cache=False)``: ``x`` ``(B, T, D)``; ``self_bias`` ``(B or 1, 1, T, past + T)`` (causal
-    and padding, :func:`allowed_bias`); ``memory`` ``(B, S, D)`` and ``cross_bias``
-    ``(B, 1, 1, S)`` (cross-attention); ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k,
-    cross_v)`` (imperative calls only). Returns ``(B, T, D)``, or ``((B, T, D), present)``
-    with ``use_cache``.
+    Call ``(input_ids, token_type_ids=None, inputs_embeds=None, past_length=0)``:
+    ``input_ids`` ``(B, T)`` integers, or ``None`` with ``inputs_embeds`` ``(B, T, D)``
+    (already scaled, ``dtype``); ``token_type_ids`` ``(B, T)`` integers or ``None`` (all
+    zeros); ``past_length`` (a Python int, imperative calls only) the positions already in a
+    key/value cache: positions then run from ``past_length``. Returns ``(B, T, D)``.
+    Token ids out of range are clipped by MXNet's ``Embedding`` (check them first:
+    ``xformer.backend.check_inputs``). Raises ``InputError`` for ``token_type_ids`` without
+    segment embeddings, or for no ``inputs_embeds`` without a token table.
     """
 
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", cross: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self._pre = spec.norm_position == "pre"
-        self._cross = cross
+    def __init__(self, spec: ModelSpec, word_embeddings: bool = True, dtype: str = "float32",
+                 **kwargs):
+        super().__init__(spec, **kwargs)
+        self._has_table = word_embeddings
+        d = spec.d_model
         with self.name_scope():
-            self.self_attn = MultiHeadAttention(spec, dtype)
-            self.norm1 = LayerNorm(spec, dtype)
-            if cross:
-                self.cross_attn = MultiHeadAttention(spec, dtype, cross=True)
-                self.norm2 = LayerNorm(spec, dtype)
-            self.ffn = FeedForward(spec, dtype)
-            if cross:
-                self.norm3 = LayerNorm(spec, dtype)
+            if word_embeddings:
+                self.word_embeddings = nn.Embedding(spec.vocab_size, d, dtype=dtype)
+            if spec.positional == "learned":
+                self.position_embeddings = nn.Embedding(spec.max_len, d, dtype=dtype)
             else:
-                self.norm2 = LayerNorm(spec, dtype)
+                table = sinusoidal_table(spec.max_len, d).astype(dtype)
+                self.position_table = self.params.get_constant(
+                    "position_table", mx.nd.array(table, dtype=dtype))
+            if spec.type_vocab_size:
+                self.token_type_embeddings = nn.Embedding(spec.type_vocab_size, d, dtype=dtype)
+            if spec.embedding_norm:
+                self.norm = _LayerNorm(spec, dtype)
             self.dropout = nn.Dropout(spec.dropout)
 
-    def _sublayer(self, x, norm, fn):
-        """Residual + ``norm`` around ``fn`` (which returns ``(y, cached)``)."""
-        if self._pre:
-            y, cached = fn(norm(x))
-            return x + self.dropout(y), cached
-        y, cached = fn(x)
-        return norm(x + self.dropout(y)), cached
+    def embed_tokens(self, input_ids):
+        """``word_embeddings[input_ids]`` times ``sqrt(d_model)`` if ``embed_scale``: what the
+        model's ``inputs_embeds`` stands for. ``(B, T)`` ints -> ``(B, T, D)``."""
+        x = self.word_embeddings(input_ids)
+        return x * math.sqrt(self.spec.d_model) if self.spec.embed_scale else x
 
-    def hybrid_forward(self, F, x, self_bias=None, memory=None, cross_bias=None,
-                       past_key_value=None, use_cache=False):
-        past = tuple(past_key_value or ())
-        x, present = self._sublayer(x, self.norm1, lambda y: self.self_attn(
-            y, self_bias, None, past[:2] or None, True))
-        if self._cross:
-            x, cross = self._sublayer(x, self.norm2, lambda y: self.cross_attn(
-                y, cross_bias, memory, past[2:] or None, True))
-            present = present + cross
-        x, _ = self._sublayer(x, self.norm3 if self._cross else self.norm2,
-                              lambda y: (self.ffn(y), ()))
-        return (x, present) if use_cache else x
-
-
-class Decoder(HybridBlock):
-    """``spec.decoder_layers`` :class:`DecoderLayer` s in ``layers`` (``layers.0``, ...), then
-    ``final_norm`` if ``spec.final_norm``.
-
-    Call ``(x, self_bias=None, memory=None, cross_bias=None, past_key_values=None,
-    use_cache=False)`` as :class:`DecoderLayer`, ``past_key_values`` one entry per layer.
-    Returns ``(B, T, D)``, or ``((B, T, D), past_key_values)`` with ``use_cache``.
-    """
-
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", cross: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self._final_norm = spec.final_norm
-        with self.name_scope():
-            self.layers = nn.HybridSequential()
-            with self.layers.name_scope():
-                for _ in range(spec.decoder_layers):
-                    self.layers.add(DecoderLayer(spec, dtype, cross=cross))
-            if spec.final_norm:
-                self.final_norm = LayerNorm(spec, dtype)
-
-    def hybrid_forward(self, F, x, self_bias=None, memory=None, cross_bias=None,
-                       past_key_values=None, use_cache=False):
-        presents = []
-        for i, layer in enumerate(self.layers):
-            past = None if past_key_values is None else past_key_values[i]
-            x, present = layer(x, self_bias, memory, cross_bias, past, True)
-            presents.append(present)
-        x = self.final_norm(x) if self._final_norm else x
-        return (x, tuple(presents)) if use_cache else x
+    def hybrid_forward(self, F, input_ids, token_type_ids=None, inputs_embeds=None,
+                       past_length=0, position_table=None):
+        if inputs_embeds is None and not self._has_table:
+            raise InputError("these embeddings have no token table (share_embeddings): give "
+                             "inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        positions = F.contrib.arange_like(x, axis=1, start=past_length)  # (T,) past .. past+T-1
+        if self.spec.positional == "learned":
+            pos = self.position_embeddings(positions)                    # (T, D)
+        else:
+            pos = F.take(position_table, positions)
+        x = F.broadcast_add(x, F.expand_dims(pos, axis=0))
+        if self.spec.type_vocab_size:
+            if token_type_ids is None:  # all segment 0: one (T, D) block, broadcast over B
+                tt = self.token_type_embeddings(F.zeros_like(positions))
+                x = F.broadcast_add(x, F.expand_dims(tt, axis=0))
+            else:
+                x = x + self.token_type_embeddings(token_type_ids)
+        elif token_type_ids is not None:
+            raise InputError("token_type_ids given but the spec has type_vocab_size = 0")
+        if self.spec.embedding_norm:
+            x = self.norm(x)
+        return self.dropout(x)
 
 
-class LMHead(HybridBlock):
-    """Language-model head (GPT-2's ``lm_head``): ``logits = x W^T``, no bias, no scale
-    (``F.FullyConnected(no_bias=True)``, the op of ``nn.Dense``).
+class MultiHeadAttention(_SpecLayer):
+    """Multi-head attention (Vaswani 2017 §3.2.2; scaling and mask as Hugging Face
+    ``BertSelfAttention``; layout as GluonNLP's ``DotProductAttentionCell``, heads folded into
+    the batch for ``F.batch_dot``). Self-attention by default; cross-attention (queries from
+    ``x``, keys and values from ``key_value_states``) when built with ``cross_attention=True``.
+
+    ``softmax(Q K^T / sqrt(d_head) + attention_bias) V``, then ``out_proj``; ``attention_bias``
+    is additive and finite (:func:`allowed_bias`). Dropout on the attention probabilities
+    (training only).
 
     Args:
-        spec: uses ``vocab_size, d_model``.
+        spec: uses ``d_model, n_heads, bias, dropout``.
+        cross_attention: cached keys/values (``past_key_value``) are the projected encoder
+            output, reused as they are; self-attention appends the new keys/values to them.
         dtype: ``"float32"`` or ``"float64"``.
-        tied: hold no parameter: the caller passes the (target-side) token table as
-            ``tied_weight`` (``tie_embeddings``), so the tied table is one Gluon ``Parameter``
-            whose gradient sums both uses.
 
-    Call ``(x, tied_weight=None)``: ``(B, T, D)`` -> ``(B, T, vocab_size)``.
+    Children ``q_proj, k_proj, v_proj, out_proj``: ``nn.Dense(d_model, flatten=False)``.
+
+    Call ``(x, attention_bias=None, key_value_states=None, past_key_value=None,
+    use_cache=False)``: ``x`` ``(B, T, D)``; ``attention_bias`` broadcastable to
+    ``(B, H, T, S)`` (``(B, 1, 1, S)`` key padding, ``(B or 1, 1, T, past + T)`` causal) or
+    ``None``; ``key_value_states`` ``(B, S, D)`` (cross-attention); ``past_key_value``
+    ``(k, v)`` each ``(B, H, S_past, d_head)`` or ``None`` (imperative calls only). Returns
+    ``(B, T, D)``, or ``((B, T, D), (k, v))`` with ``use_cache`` (the keys/values to cache).
     """
 
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", tied: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self._vocab = spec.vocab_size
-        if not tied:
-            with self.name_scope():
-                self.weight = self.params.get("weight", shape=(spec.vocab_size, spec.d_model),
-                                              dtype=dtype, init=mx.init.Normal(0.02))
+    def __init__(self, spec: ModelSpec, cross_attention: bool = False, dtype: str = "float32",
+                 **kwargs):
+        super().__init__(spec, **kwargs)
+        self._heads, self._d_head = spec.n_heads, spec.d_head
+        self.cross_attention = cross_attention
+        d = spec.d_model
+        with self.name_scope():
+            self.q_proj = _dense(spec, d, d, dtype)
+            self.k_proj = _dense(spec, d, d, dtype)
+            self.v_proj = _dense(spec, d, d, dtype)
+            self.out_proj = _dense(spec, d, d, dtype)
+            self.dropout = nn.Dropout(spec.dropout)
 
-    def hybrid_forward(self, F, x, tied_weight=None, weight=None):
-        w = weight if tied_weight is None else tied_weight
-        return F.FullyConnected(x, w, no_bias=True, num_hidden=self._vocab, flatten=False)
+    def _split_heads(self, F, x):
+        # (B, T, D) -> (B, T, H, dh) -> (B, H, T, dh)
+        return F.transpose(F.reshape(x, shape=(0, 0, self._heads, -1)), axes=(0, 2, 1, 3))
+
+    @staticmethod
+    def _fold(F, x):
+        # (B, H, T, dh) -> (B * H, T, dh), the layout of batch_dot
+        return F.reshape(x, shape=(-1, 0, 0), reverse=True)
+
+    def _keys_values(self, F, x, key_value_states, past_key_value):
+        """``(k, v)`` ``(B, H, S, dh)``: the cached encoder projections (cross-attention with a
+        cache), or this call's projections, after the cached ones in self-attention."""
+        if self.cross_attention and past_key_value is not None:  # projected once
+            return past_key_value
+        source = key_value_states if self.cross_attention else x
+        if source is None:
+            raise ValueError("cross-attention needs key_value_states or a cached "
+                             "past_key_value")
+        new = [self._split_heads(F, proj(source)) for proj in (self.k_proj, self.v_proj)]
+        if past_key_value is None:
+            return tuple(new)
+        return tuple(F.concat(old, fresh, dim=2) for old, fresh in zip(past_key_value, new))
+
+    def hybrid_forward(self, F, x, attention_bias=None, key_value_states=None,
+                       past_key_value=None, use_cache=False):
+        q = self._split_heads(F, self.q_proj(x))
+        k, v = self._keys_values(F, x, key_value_states, past_key_value)
+        scores = F.batch_dot(self._fold(F, q), self._fold(F, k), transpose_b=True)
+        scores = scores / math.sqrt(self._d_head)                               # (B*H, T, S)
+        if attention_bias is not None:
+            scores = F.reshape(scores, shape=(-1, self._heads, 0, 0), reverse=True)
+            scores = F.broadcast_add(scores, attention_bias)                     # (B, H, T, S)
+            scores = F.reshape(scores, shape=(-1, 0, 0), reverse=True)
+        probs = self.dropout(F.softmax(scores, axis=-1))
+        ctx = F.batch_dot(probs, self._fold(F, v))                              # (B*H, T, dh)
+        ctx = F.reshape(ctx, shape=(-1, self._heads, 0, 0), reverse=True)       # (B, H, T, dh)
+        ctx = F.reshape(F.transpose(ctx, axes=(0, 2, 1, 3)), shape=(0, 0, -1))  # (B, T, D)
+        out = self.out_proj(ctx)
+        return (out, (k, v)) if use_cache else out
 
 
-class _CausalModel(HybridBlock):
-    """What :class:`DecoderModel` and :class:`EncoderDecoderModel` share: masks, the tied
-    table, the graph-structure bookkeeping of hybridized calls and the imperative cached path.
+class FeedForward(_SpecLayer):
+    """Position-wise feed-forward network (Vaswani 2017 §3.3):
+    ``linear2(dropout(act(linear1(x))))``, ``act`` = ``spec.activation``.
+
+    Children ``linear1`` (``d_model -> d_ff``) and ``linear2`` (``d_ff -> d_model``).
+    Call ``(x)``: ``(B, T, D)`` -> ``(B, T, D)``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, **kwargs)
+        self._act = ACTIVATIONS[spec.activation]
+        self._exact_grad = np.dtype(dtype) == np.float64
+        with self.name_scope():
+            self.linear1 = _dense(spec, spec.d_ff, spec.d_model, dtype)
+            self.linear2 = _dense(spec, spec.d_model, spec.d_ff, dtype)
+            self.dropout = nn.Dropout(spec.dropout)
+
+    def hybrid_forward(self, F, x):
+        hidden = self._act(F, self.linear1(x), exact_grad=self._exact_grad)
+        return self.linear2(self.dropout(hidden))
+
+
+class EncoderLayer(_SpecLayer):
+    """One encoder layer: self-attention and feed-forward sub-layers, each through
+    :func:`_residual` (post-LN as Vaswani 2017 §3.1 and BERT, pre-LN as GPT-2 and Xiong et al.
+    2020).
+
+    Children ``self_attn`` (:class:`MultiHeadAttention`), ``norm1``, ``ffn``
+    (:class:`FeedForward`), ``norm2``, ``dropout1`` / ``dropout2`` (on the residual branches).
+    Call ``(x, attention_bias=None)``: ``(B, T, D)`` -> ``(B, T, D)``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, **kwargs)
+        self._pre = spec.norm_position == "pre"
+        with self.name_scope():
+            self.self_attn = MultiHeadAttention(spec, dtype=dtype)
+            self.norm1 = _LayerNorm(spec, dtype)
+            self.ffn = FeedForward(spec, dtype=dtype)
+            self.norm2 = _LayerNorm(spec, dtype)
+            self.dropout1 = nn.Dropout(spec.dropout)
+            self.dropout2 = nn.Dropout(spec.dropout)
+
+    def hybrid_forward(self, F, x, attention_bias=None):
+        x = _residual(x, lambda y: self.self_attn(y, attention_bias), self.norm1,
+                      self.dropout1, self._pre)
+        return _residual(x, self.ffn, self.norm2, self.dropout2, self._pre)
+
+
+class Encoder(_SpecLayer):
+    """``n_layers`` :class:`EncoderLayer` s in ``layers`` (an ``nn.HybridSequential``, so the
+    paths are ``layers.0``, ``layers.1``, ...), then ``final_norm`` if ``spec.final_norm``.
+
+    Call ``(x, attention_bias=None)``: ``(B, T, D)`` -> ``(B, T, D)``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, **kwargs)
+        with self.name_scope():
+            self.layers = _sequential(lambda: EncoderLayer(spec, dtype=dtype), spec.n_layers)
+            if spec.final_norm:
+                self.final_norm = _LayerNorm(spec, dtype)
+
+    def hybrid_forward(self, F, x, attention_bias=None):
+        for layer in self.layers:
+            x = layer(x, attention_bias)
+        return self.final_norm(x) if self.spec.final_norm else x
+
+
+class Pooler(_SpecLayer):
+    """BERT's pooler (Devlin et al. 2019; HF ``BertPooler``): ``tanh(dense(x[:, 0]))``.
+
+    Call ``(x)``: ``(B, T, D)`` -> ``(B, D)``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, **kwargs)
+        with self.name_scope():
+            self.dense = _dense(spec, spec.d_model, spec.d_model, dtype)
+
+    def hybrid_forward(self, F, x):
+        first = F.reshape(F.slice_axis(x, axis=1, begin=0, end=1), shape=(0, -1))  # (B, D)
+        return F.tanh(self.dense(first))
+
+
+class _SpecModel(HybridBlock):
+    """What the three top-level models share: ``.spec``, ``.dtype``, the ``embeddings`` (the
+    source side's), the key-padding bias, the length check and the graph-structure bookkeeping
+    of hybridized calls.
+
+    A hybridized Gluon block traces its graph for one argument structure (which inputs are
+    ``None``); these models retrace when that structure changes (e.g. ``input_ids`` then
+    ``inputs_embeds``), so keep it fixed in a loop for speed.
     """
 
     spec: ModelSpec
+    #: The ``spec.architecture`` the model needs (``None``: not checked).
+    _architecture: str | None = None
 
-    def __init__(self, spec: ModelSpec, dtype: str, architecture: str, **kwargs):
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        if self._architecture and spec.architecture != self._architecture:
+            raise ValueError(f"{type(self).__name__} needs architecture="
+                             f"{self._architecture!r}, got {spec.architecture!r}")
         super().__init__(**kwargs)
-        if spec.architecture != architecture:
-            raise ValueError(f"{type(self).__name__} needs architecture={architecture!r}, got "
-                             f"{spec.architecture!r}")
         self.spec, self.dtype = spec, np.dtype(dtype).name
         self._mask_value = float(np.finfo(self.dtype).min)
         self._structure = None  # which of the inputs the cached graph was traced with
+        with self.name_scope():  # every model's first child: the (source) embeddings
+            self.embeddings = Embeddings(spec, dtype=self.dtype)
 
     def _check_length(self, x, past: int = 0) -> None:
         if isinstance(x, mx.nd.NDArray) and past + x.shape[1] > self.spec.max_len:
@@ -674,7 +508,7 @@ class _CausalModel(HybridBlock):
             raise InputError(f"{what} is longer than max_len={self.spec.max_len}; shorten the "
                              f"input (xformer does not truncate silently)")
 
-    def _run(self, args, cached: bool):
+    def _run(self, args, cached: bool = False):
         """Run ``hybrid_forward``: through the hybridized graph (retraced when the ``None``
         structure of ``args`` changes) or, for cached decoding, imperatively."""
         if cached:
@@ -686,6 +520,199 @@ class _CausalModel(HybridBlock):
             self._structure = structure
         return super().__call__(*args)
 
+    def key_padding_bias(self, F, attention_mask=None):
+        """``(B, 1, 1, S)`` key-padding bias (encoder self-attention, cross-attention) of a
+        ``(B, S)`` 0/1 mask, in the compute dtype: the dtype's most negative *finite* number
+        where masked, never ``-inf`` (docs/design.md §3); ``None`` for ``None``."""
+        if attention_mask is None:
+            return None
+        mask = F.cast(attention_mask, dtype=self.dtype)
+        return allowed_bias(F.reshape(mask, shape=(0, 1, 1, -1)), self._mask_value)
+
+
+class EncoderModel(_SpecModel):
+    """The BERT-like encoder of a :class:`~xformer.spec.ModelSpec`: :class:`Embeddings`,
+    :class:`Encoder` and, with ``head="pooler"``, :class:`Pooler`.
+
+    Args:
+        spec: the model (``spec.architecture == "encoder"``).
+        dtype: ``"float32"`` or ``"float64"`` for every parameter, constant and activation.
+
+    Call (Hugging Face argument names; keywords accepted, unlike plain Gluon blocks)::
+
+        model(input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None)
+
+    * ``input_ids`` ``(B, T)`` integers in ``[0, vocab_size)``, or ``inputs_embeds``
+      ``(B, T, D)`` in ``dtype``: the token embeddings *after* ``embed_scale``;
+    * ``attention_mask`` ``(B, T)``, 1 = attend, 0 = padding; ``None`` = all ones;
+    * ``token_type_ids`` ``(B, T)`` integers; ``None`` = all zeros (only with
+      ``type_vocab_size > 0``).
+
+    Returns ``last_hidden_state`` ``(B, T, D)``, or the tuple ``(last_hidden_state,
+    pooler_output (B, D))`` with ``head="pooler"`` (a tuple, as GluonNLP's ``BERTModel``, so the
+    block hybridizes). Dropout is active only in ``autograd.train_mode()``.
+
+    Raises:
+        InputError: neither or both of ``input_ids`` and ``inputs_embeds``; a sequence longer
+            than ``spec.max_len`` (checked when called on NDArrays, whose length is known).
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, dtype, **kwargs)
+        with self.name_scope():
+            self.encoder = Encoder(spec, dtype=self.dtype)
+            if spec.head == "pooler":
+                self.pooler = Pooler(spec, dtype=self.dtype)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None,
+                 inputs_embeds=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("give exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
+        self._check_length(input_ids if input_ids is not None else inputs_embeds)
+        return self._run((input_ids, attention_mask, token_type_ids, inputs_embeds))
+
+    def embed_tokens(self, input_ids):
+        """``inputs_embeds`` for ``input_ids`` (the scaled token embeddings)."""
+        return self.embeddings.embed_tokens(input_ids)
+
+    def hybrid_forward(self, F, input_ids, attention_mask=None, token_type_ids=None,
+                       inputs_embeds=None):
+        x = self.embeddings(input_ids, token_type_ids, inputs_embeds)
+        x = self.encoder(x, self.key_padding_bias(F, attention_mask))
+        return (x, self.pooler(x)) if self.spec.head == "pooler" else x
+
+
+# ---------------------------------------------------------------------- decoders
+class DecoderLayer(_SpecLayer):
+    """One decoder layer: causal self-attention (``self_attn``, ``norm1``), cross-attention over
+    the encoder output (``cross_attn``, ``norm2``; encoder-decoders only) and the feed-forward
+    network (``ffn``, ``norm2``, or ``norm3`` after cross-attention), each sub-layer through
+    :func:`_residual` as in :class:`EncoderLayer` (``nn.TransformerDecoderLayer``'s names).
+
+    Args:
+        spec: as :class:`EncoderLayer`.
+        cross_attention: with a cross-attention sub-layer (the decoder of an encoder-decoder).
+        dtype: ``"float32"`` or ``"float64"``.
+
+    Call ``(x, attention_bias=None, encoder_hidden_states=None, encoder_attention_bias=None,
+    past_key_value=None, use_cache=False)``: ``x`` ``(B, T, D)``; ``attention_bias``
+    ``(B or 1, 1, T, past + T)`` (causal and padding, :func:`allowed_bias`);
+    ``encoder_hidden_states`` ``(B, S, D)`` and ``encoder_attention_bias`` ``(B, 1, 1, S)``
+    (cross-attention); ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k, cross_v)``
+    (imperative calls only). Returns ``(B, T, D)``, or ``((B, T, D), present)`` with
+    ``use_cache``.
+    """
+
+    def __init__(self, spec: ModelSpec, cross_attention: bool = False, dtype: str = "float32",
+                 **kwargs):
+        super().__init__(spec, **kwargs)
+        self._pre = spec.norm_position == "pre"
+        self.cross_attention = cross_attention
+        with self.name_scope():
+            self.self_attn = MultiHeadAttention(spec, dtype=dtype)
+            self.norm1 = _LayerNorm(spec, dtype)
+            if cross_attention:
+                self.cross_attn = MultiHeadAttention(spec, cross_attention=True, dtype=dtype)
+                self.norm2 = _LayerNorm(spec, dtype)
+            self.ffn = FeedForward(spec, dtype=dtype)
+            if cross_attention:
+                self.norm3 = _LayerNorm(spec, dtype)
+            else:
+                self.norm2 = _LayerNorm(spec, dtype)
+            self.dropout1 = nn.Dropout(spec.dropout)
+            self.dropout2 = nn.Dropout(spec.dropout)
+            self.dropout3 = nn.Dropout(spec.dropout)
+
+    def hybrid_forward(self, F, x, attention_bias=None, encoder_hidden_states=None,
+                       encoder_attention_bias=None, past_key_value=None, use_cache=False):
+        past = tuple(past_key_value or ())
+        present = []
+
+        def attention(block, bias, states, cached):
+            def sublayer(y):
+                y, kv = block(y, bias, states, cached or None, True)
+                present.extend(kv)
+                return y
+            return sublayer
+
+        x = _residual(x, attention(self.self_attn, attention_bias, None, past[:2]),
+                      self.norm1, self.dropout1, self._pre)
+        if not self.cross_attention:
+            x = _residual(x, self.ffn, self.norm2, self.dropout2, self._pre)
+        else:
+            x = _residual(x, attention(self.cross_attn, encoder_attention_bias,
+                                       encoder_hidden_states, past[2:]),
+                          self.norm2, self.dropout2, self._pre)
+            x = _residual(x, self.ffn, self.norm3, self.dropout3, self._pre)
+        return (x, tuple(present)) if use_cache else x
+
+
+class Decoder(_SpecLayer):
+    """``spec.decoder_layers`` :class:`DecoderLayer` s in ``layers`` (``layers.0``, ...), then
+    ``final_norm`` if ``spec.final_norm``.
+
+    Call ``(x, attention_bias=None, encoder_hidden_states=None, encoder_attention_bias=None,
+    past_key_values=None, use_cache=False)`` as :class:`DecoderLayer`, ``past_key_values`` one
+    entry per layer. Returns ``(B, T, D)``, or ``((B, T, D), past_key_values)`` with
+    ``use_cache``.
+    """
+
+    def __init__(self, spec: ModelSpec, cross_attention: bool = False, dtype: str = "float32",
+                 **kwargs):
+        super().__init__(spec, **kwargs)
+        with self.name_scope():
+            self.layers = _sequential(
+                lambda: DecoderLayer(spec, cross_attention=cross_attention, dtype=dtype),
+                spec.decoder_layers)
+            if spec.final_norm:
+                self.final_norm = _LayerNorm(spec, dtype)
+
+    def hybrid_forward(self, F, x, attention_bias=None, encoder_hidden_states=None,
+                       encoder_attention_bias=None, past_key_values=None, use_cache=False):
+        presents = []
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i]
+            x, present = layer(x, attention_bias, encoder_hidden_states, encoder_attention_bias,
+                               past, True)
+            presents.append(present)
+        if self.spec.final_norm:
+            x = self.final_norm(x)
+        return (x, tuple(presents)) if use_cache else x
+
+
+class LMHead(_SpecLayer):
+    """Language-model head (GPT-2's ``lm_head``): ``logits = x W^T``, no bias, no scale
+    (``F.FullyConnected(no_bias=True)``, the op of ``nn.Dense``).
+
+    Args:
+        spec: uses ``vocab_size, d_model``.
+        tied: hold no parameter: the caller passes the (target-side) token table as
+            ``tied_weight`` (``tie_embeddings``), so the tied table is one Gluon ``Parameter``
+            whose gradient sums both uses.
+        dtype: ``"float32"`` or ``"float64"``.
+
+    Call ``(x, tied_weight=None)``: ``(B, T, D)`` -> ``(B, T, vocab_size)`` (Gluon adds the
+    untied head's own ``weight``).
+    """
+
+    def __init__(self, spec: ModelSpec, tied: bool = False, dtype: str = "float32", **kwargs):
+        super().__init__(spec, **kwargs)
+        if not tied:
+            with self.name_scope():
+                self.weight = self.params.get("weight", shape=(spec.vocab_size, spec.d_model),
+                                              dtype=dtype, init=mx.init.Normal(0.02))
+
+    def hybrid_forward(self, F, x, tied_weight=None, weight=None):
+        w = weight if tied_weight is None else tied_weight
+        return F.FullyConnected(x, w, no_bias=True, num_hidden=self.spec.vocab_size,
+                                flatten=False)
+
+
+class _CausalModel(_SpecModel):
+    """What :class:`DecoderModel` and :class:`EncoderDecoderModel` share: the causal
+    self-attention bias, the LM head over the target side's token table and
+    the packing of the outputs."""
+
     def self_attention_bias(self, F, x, attention_mask=None, past_length: int = 0):
         """Causal self-attention bias ``(B or 1, 1, T, past + T)``: padding (``attention_mask``
         ``(B, past + T)``, 1 = attend) times causality, then one :func:`allowed_bias`."""
@@ -696,22 +723,20 @@ class _CausalModel(HybridBlock):
             allowed = F.broadcast_mul(F.reshape(mask, shape=(0, 1, 1, -1)), allowed)
         return allowed_bias(allowed, self._mask_value)
 
-    def key_padding_bias(self, F, attention_mask=None):
-        """``(B, 1, 1, S)`` key-padding bias (encoder self-attention, cross-attention)."""
-        if attention_mask is None:
-            return None
-        mask = F.cast(attention_mask, dtype=self.dtype)
-        return allowed_bias(F.reshape(mask, shape=(0, 1, 1, -1)), self._mask_value)
+    def target_word_embeddings(self) -> Embeddings:
+        """The :class:`Embeddings` whose token table the target side looks up and a tied LM
+        head multiplies by."""
+        return self.embeddings
 
-    def _head(self, F, outputs: list, x, table) -> None:
+    def _outputs(self, F, outputs: list, presents, use_cache: bool):
+        """``outputs`` (``last_hidden_state`` first), then ``logits`` with ``head="lm"`` and
+        ``past_key_values`` with ``use_cache``: a tuple, or the one output alone."""
         if self.spec.head == "lm":
-            tied = None
+            x, tied = outputs[0], None
             if self.spec.tie_embeddings:  # the same Parameter as the token lookup
-                param = table.weight
+                param = self.target_word_embeddings().word_embeddings.weight
                 tied = param.var() if isinstance(x, mx.sym.Symbol) else param.data(x.context)
             outputs.append(self.lm_head(x, tied))
-
-    def _pack(self, outputs: list, presents, use_cache: bool):
         if use_cache:
             outputs.append(presents)
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
@@ -761,13 +786,14 @@ class DecoderModel(_CausalModel):
         (1, 1, 1000)
     """
 
+    _architecture = "decoder"
+
     def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
-        super().__init__(spec, dtype, "decoder", **kwargs)
+        super().__init__(spec, dtype, **kwargs)
         with self.name_scope():
-            self.embeddings = Embeddings(spec, self.dtype)
-            self.decoder = Decoder(spec, self.dtype)
+            self.decoder = Decoder(spec, dtype=self.dtype)
             if spec.head == "lm":
-                self.lm_head = LMHead(spec, self.dtype, tied=spec.tie_embeddings)
+                self.lm_head = LMHead(spec, tied=spec.tie_embeddings, dtype=self.dtype)
 
     def embed_tokens(self, input_ids):
         """``inputs_embeds`` for ``input_ids`` (the scaled token embeddings)."""
@@ -793,9 +819,7 @@ class DecoderModel(_CausalModel):
         x = self.embeddings(input_ids, None, inputs_embeds, past)
         bias = self.self_attention_bias(F, x, attention_mask, past)
         x, presents = self.decoder(x, bias, None, None, past_key_values, True)
-        outputs = [x]
-        self._head(F, outputs, x, self.embeddings.word_embeddings)
-        return self._pack(outputs, presents, use_cache)
+        return self._outputs(F, [x], presents, use_cache)
 
 
 class EncoderDecoderModel(_CausalModel):
@@ -837,19 +861,19 @@ class EncoderDecoderModel(_CausalModel):
         InputError: neither or both of ids / embeddings on a side; a sequence over ``max_len``.
     """
 
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
-        super().__init__(spec, dtype, "encoder-decoder", **kwargs)
-        with self.name_scope():
-            self.embeddings = Embeddings(spec, self.dtype)
-            self.decoder_embeddings = Embeddings(spec, self.dtype,
-                                                 word_embeddings=not spec.share_embeddings)
-            self.encoder = Encoder(spec, self.dtype)
-            self.decoder = Decoder(spec, self.dtype, cross=True)
-            if spec.head == "lm":
-                self.lm_head = LMHead(spec, self.dtype, tied=spec.tie_embeddings)
+    _architecture = "encoder-decoder"
 
-    def _target_table(self) -> Embeddings:
-        """The :class:`Embeddings` whose token table the target side uses."""
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, dtype, **kwargs)
+        with self.name_scope():
+            self.decoder_embeddings = Embeddings(spec, word_embeddings=not spec.share_embeddings,
+                                                 dtype=self.dtype)
+            self.encoder = Encoder(spec, dtype=self.dtype)
+            self.decoder = Decoder(spec, cross_attention=True, dtype=self.dtype)
+            if spec.head == "lm":
+                self.lm_head = LMHead(spec, tied=spec.tie_embeddings, dtype=self.dtype)
+
+    def target_word_embeddings(self) -> Embeddings:
         return self.embeddings if self.spec.share_embeddings else self.decoder_embeddings
 
     def embed_tokens(self, input_ids):
@@ -858,7 +882,7 @@ class EncoderDecoderModel(_CausalModel):
 
     def embed_decoder_tokens(self, decoder_input_ids):
         """Target ``decoder_inputs_embeds`` for ``decoder_input_ids``."""
-        return self._target_table().embed_tokens(decoder_input_ids)
+        return self.target_word_embeddings().embed_tokens(decoder_input_ids)
 
     def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None,
                  decoder_input_ids=None, decoder_attention_mask=None,
@@ -889,19 +913,17 @@ class EncoderDecoderModel(_CausalModel):
                        decoder_input_ids=None, decoder_attention_mask=None,
                        decoder_inputs_embeds=None, encoder_outputs=None, past_key_values=None,
                        use_cache=False):
-        cross_bias = self.key_padding_bias(F, attention_mask)
+        source_bias = self.key_padding_bias(F, attention_mask)
         memory = encoder_outputs
         if memory is None and (input_ids is not None or inputs_embeds is not None):
-            memory = self.encoder(self.embeddings(input_ids, None, inputs_embeds), cross_bias)
+            memory = self.encoder(self.embeddings(input_ids, None, inputs_embeds), source_bias)
         if decoder_inputs_embeds is None:
             decoder_inputs_embeds = self.embed_decoder_tokens(decoder_input_ids)
         past = cache_length(past_key_values)
         y = self.decoder_embeddings(None, None, decoder_inputs_embeds, past)
         bias = self.self_attention_bias(F, y, decoder_attention_mask, past)
-        y, presents = self.decoder(y, bias, memory, cross_bias, past_key_values, True)
-        outputs = [y, memory]
-        self._head(F, outputs, y, self._target_table().word_embeddings)
-        return self._pack(outputs, presents, use_cache)
+        y, presents = self.decoder(y, bias, memory, source_bias, past_key_values, True)
+        return self._outputs(F, [y, memory], presents, use_cache)
 
 
 def canonical_parameters(model: EncoderModel) -> dict:

@@ -1,17 +1,11 @@
 """Keras 3 layers of the xformer Transformers: encoder, decoder, encoder-decoder (TensorFlow
 backend).
 
-The twin of ``xformer_torch/modules.py`` and ``xformer_mxnet/modules.py``: the same classes, in
-the same order, with the same attribute names (``Embeddings``, ``MultiHeadAttention``,
-``FeedForward``, ``EncoderLayer``, ``Encoder``, ``Pooler``, ``EncoderModel``, ``DecoderLayer``,
-``Decoder``, ``LMHead``, ``DecoderModel``, ``EncoderDecoderModel``), so the three files diff block
-by block. The semantics are those of :mod:`xformer.reference` (DESIGN.md §3)::
-
-    Embeddings -> Encoder( EncoderLayer( MultiHeadAttention, FeedForward ) x n_layers ) -> Pooler
-    Embeddings -> Decoder( DecoderLayer( causal MultiHeadAttention, FeedForward ) x n ) -> LMHead
-    embeddings -> Encoder --------------------------------------------.  (memory)
-    decoder_embeddings -> Decoder( DecoderLayer( causal self-attention, cross-attention,
-                                                 FeedForward ) x n_decoder_layers ) -> LMHead
+The Keras twin of ``xformer_torch/modules.py`` (where the block diagram is) and
+``xformer_mxnet/modules.py``: the same classes in the same order, with the same constructor and
+call parameters (``tests/test_twins.py``) and the same attribute names, computing
+:mod:`xformer.reference` (docs/design.md §3). Every layer takes a :class:`~xformer.ModelSpec`, is
+registered with ``keras.saving`` and round-trips through ``get_config`` / ``from_config``.
 
 Attribute paths mirror the canonical parameter names of :meth:`xformer.ModelSpec.parameters`:
 ``model.encoder.layers[0].self_attn.q_proj.kernel`` holds
@@ -19,21 +13,13 @@ Attribute paths mirror the canonical parameter names of :meth:`xformer.ModelSpec
 ``(in, out)``, the canonical layout ``(out, in)``); ``Embedding.embeddings`` is ``weight``;
 ``LayerNormalization.gamma`` / ``beta`` are ``weight`` / ``bias``.
 
-Numerics (DESIGN.md §5): every sub-layer gets ``dtype`` explicitly (a Keras parent's dtype does
-not reach sub-layers created without one); ``LayerNormalization`` gets ``epsilon=spec.norm_eps``
-(the Keras default is 1e-3); GELU is composed from ``erf`` / ``tanh`` (``tf.nn.gelu`` is off by
-~5e-9 in float64 and ``keras.ops.gelu`` defaults to the tanh form); masked logits get the dtype's
-most negative finite value, never ``-inf``, so a fully padded row attends uniformly instead of
-giving NaN. Decoder self-attention multiplies the 0/1 padding mask and the 0/1 causal mask into
-one ``allowed`` mask first and adds ONE bias ``(1 - allowed) * finfo(dtype).min`` (two such biases
-would add up to ``-inf``), so a fully padded row attends uniformly over all keys, as the
-reference.
-
-Incremental decoding: ``DecoderModel`` / ``EncoderDecoderModel`` take ``past_key_values`` and
-``use_cache`` (Hugging Face's legacy cache layout, a plain tuple of tensors that works inside
-``tf.function`` too): per decoder layer ``(k, v)`` of ``(B, H, T_past, d_head)``, plus
-``(cross_k, cross_v)`` ``(B, H, S, d_head)`` for an encoder-decoder (the projected encoder output,
-computed once), and return ``"past_key_values"``.
+Keras specifics (docs/design.md §5): every sub-layer gets ``dtype`` explicitly (a Keras parent's
+dtype does not reach sub-layers created without one); ``LayerNormalization`` gets
+``epsilon=spec.norm_eps`` (the Keras default is 1e-3); GELU is composed from ``ops.erf`` /
+``ops.tanh`` with constants in the input dtype (``tf.nn.gelu`` is off by ~5e-9 in float64 and
+``keras.ops.gelu`` defaults to the tanh form); ``training`` switches dropout; the key/value cache
+is a plain tuple of tensors, so cached decoding also runs inside ``tf.function``, where
+:func:`past_length` may be a traced scalar.
 
 Example::
 
@@ -48,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
@@ -60,7 +47,7 @@ from xformer.spec import ModelSpec, sinusoidal_table
 __all__ = ["gelu", "gelu_tanh", "relu", "ACTIVATIONS", "Embeddings", "MultiHeadAttention",
            "FeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer",
            "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel", "causal_allowed",
-           "past_length"]
+           "allowed_bias", "past_length"]
 
 _PACKAGE = "xformer"
 
@@ -91,6 +78,7 @@ def relu(x):
 ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
 
 
+# ---------------------------------------------------------------------- helpers
 def _layer_norm(spec: ModelSpec, dtype, name: str) -> keras.layers.LayerNormalization:
     """Keras' own LayerNorm with the spec's epsilon, ``beta`` only when ``spec.bias``."""
     return keras.layers.LayerNormalization(epsilon=spec.norm_eps, center=spec.bias, scale=True,
@@ -101,6 +89,24 @@ def _dense(spec: ModelSpec, units: int, dtype, name: str, **kwargs) -> keras.lay
     return keras.layers.Dense(units, use_bias=spec.bias, dtype=dtype, name=name, **kwargs)
 
 
+def _residual(x, sublayer, norm, dropout, norm_first: bool):
+    """A residual sub-layer (attention or FFN) with its LayerNorm ``norm`` and ``dropout`` (a
+    ``keras.layers.Dropout`` with ``training`` bound): pre-LN ``x + dropout(sublayer(norm(x)))``
+    when ``norm_first``, else post-LN ``norm(x + dropout(sublayer(x)))``."""
+    if norm_first:
+        return x + dropout(sublayer(norm(x)))
+    return norm(x + dropout(sublayer(x)))
+
+
+def _build_stack(stack: "_SpecLayer") -> None:
+    """Build an :class:`Encoder` or :class:`Decoder`: each of ``stack.layers``, then its
+    ``final_norm`` (when there is one), for ``(B, T, D)`` inputs."""
+    shape = (None, None, stack.spec.d_model)
+    for layer in [*stack.layers, stack.final_norm]:
+        if layer is not None:
+            layer.build(shape)
+
+
 def causal_allowed(t_q, t_k, dtype):
     """``(t_q, t_k)`` 0/1 in ``dtype``: query ``i`` (absolute position ``t_k - t_q + i``, so
     cached positions count) may attend to key ``j`` iff ``j <= t_k - t_q + i``
@@ -108,6 +114,15 @@ def causal_allowed(t_q, t_k, dtype):
     keys = ops.arange(t_k, dtype="int32")[None, :]
     queries = ops.arange(t_q, dtype="int32")[:, None] + (t_k - t_q)
     return ops.cast(ops.less_equal(keys, queries), dtype)
+
+
+def allowed_bias(allowed, dtype):
+    """The additive attention bias ``(1 - allowed) * finfo(dtype).min`` of a 0/1 ``allowed``
+    mask (any shape, cast to ``dtype``), made once per model call from the product of padding
+    and causality: the most negative *finite* value, never ``-inf``."""
+    allowed = ops.cast(allowed, dtype)
+    neg = ops.convert_to_tensor(np.finfo(dtype).min, dtype=dtype)
+    return (ops.convert_to_tensor(1.0, dtype=dtype) - allowed) * neg
 
 
 def past_length(past_key_values):
@@ -130,6 +145,9 @@ class _SpecLayer(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "spec": self.spec.to_dict()}
 
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
 
 # ---------------------------------------------------------------------- layers
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -148,7 +166,9 @@ class Embeddings(_SpecLayer):
             encoder-decoder with ``share_embeddings``, which looks up the source side's table
             (passed to :meth:`embed_tokens` as ``weight``; the layer then takes
             ``inputs_embeds`` only).
-        **kwargs: base layer arguments (``name``, ``dtype``: ``"float32"`` or ``"float64"``).
+        dtype: ``"float32"`` or ``"float64"`` (or a ``keras.DTypePolicy``); ``None``: Keras'
+            global policy.
+        **kwargs: base layer arguments (``name``, ``trainable``).
 
     Call args:
         input_ids: ``(B, T)`` integer token ids, or ``None`` with ``inputs_embeds``.
@@ -162,7 +182,9 @@ class Embeddings(_SpecLayer):
         ``(B, T, D)`` in the layer dtype.
 
     Raises:
-        InputError: ``past_length + T > spec.max_len`` (when both are known while tracing).
+        InputError: ``past_length + T > spec.max_len`` (when both are known while tracing);
+            neither or both of ``input_ids`` / ``inputs_embeds``; ``token_type_ids`` without
+            segment embeddings.
 
     Example::
 
@@ -171,8 +193,8 @@ class Embeddings(_SpecLayer):
         (2, 5, 64)
     """
 
-    def __init__(self, spec: ModelSpec, word_embeddings: bool = True, **kwargs):
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: ModelSpec, word_embeddings: bool = True, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
         spec, dtype = self.spec, self.dtype_policy
         self.has_word_embeddings = bool(word_embeddings)
         self.word_embeddings = (keras.layers.Embedding(spec.vocab_size, spec.d_model,
@@ -248,6 +270,8 @@ class Embeddings(_SpecLayer):
             if token_type_ids is None:
                 token_type_ids = ops.zeros(ops.shape(x)[:2], dtype="int32")
             x = x + self.token_type_embeddings(token_type_ids)
+        elif token_type_ids is not None:
+            raise InputError("token_type_ids given but the spec has type_vocab_size = 0")
         if self.norm is not None:
             x = self.norm(x)
         return self.dropout(x, training=training)
@@ -262,27 +286,25 @@ class Embeddings(_SpecLayer):
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class MultiHeadAttention(_SpecLayer):
     """Multi-head scaled dot-product attention (Vaswani 2017 §3.2.1-3.2.2; scaling and
-    additive mask as Hugging Face ``BertSelfAttention``). Self-attention by default;
+    additive bias as Hugging Face ``BertSelfAttention``). Self-attention by default;
     cross-attention (queries from ``x``, keys and values from ``key_value_states``) when built
-    with ``cross=True``.
+    with ``cross_attention=True``.
 
-    ``softmax(Q K^T / sqrt(d_head) + (1 - allowed) * finfo(dtype).min) V`` per head, heads split
-    as ``(B, T, H, d_head)``, then ``out_proj``. The mask term is the dtype's most negative
-    *finite* value, so a fully padded row gives uniform attention, never NaN. Dropout on the
-    attention probabilities in training.
+    ``softmax(Q K^T / sqrt(d_head) + attention_bias) V`` per head, heads split as
+    ``(B, T, H, d_head)``, then ``out_proj``. Dropout on the attention probabilities in
+    training.
 
     Args:
         spec: the model spec (``d_model``, ``n_heads``, ``bias``, ``dropout``).
-        cross: cross-attention: cached keys/values (``past_key_value``) are the projected
-            encoder output, reused as they are; self-attention appends the new keys/values to
-            the cached ones.
-        **kwargs: base layer arguments (``name``, ``dtype``).
+        cross_attention: cached keys/values (``past_key_value``) are the projected encoder
+            output, reused as they are; self-attention appends the new keys/values to them.
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
 
     Call args:
         x: ``(B, T, D)``.
-        attention_mask: ``(B, S)`` key mask, 1 = attend, 0 = padding, or a 0/1 ``allowed``
-            mask broadcastable to ``(B, H, T, S)`` (padding times causal, see
-            :class:`Decoder`); ``None`` attends everywhere. ``S`` counts cached keys too.
+        attention_bias: additive bias broadcastable to ``(B, H, T, S)`` (:func:`allowed_bias`
+            of the key padding ``(B, 1, 1, S)`` or of padding times causality
+            ``(B, 1, T, S)``); ``None`` attends everywhere. ``S`` counts cached keys too.
         key_value_states: ``(B, S, D)`` the encoder output (cross-attention); default ``x``.
         past_key_value: ``(k, v)``, each ``(B, H, S_past, d_head)``, or ``None``.
         use_cache: also return the keys/values to cache.
@@ -294,14 +316,15 @@ class MultiHeadAttention(_SpecLayer):
     Example::
 
         >>> attn = MultiHeadAttention(ModelSpec(d_model=8, n_heads=2), dtype="float64")
-        >>> tuple(attn(np.ones((2, 3, 8)), attention_mask=np.array([[1, 1, 0], [0, 0, 0]])).shape)
+        >>> bias = allowed_bias(np.array([[1, 1, 0], [0, 0, 0]]), "float64")[:, None, None, :]
+        >>> tuple(attn(np.ones((2, 3, 8)), attention_bias=bias).shape)
         (2, 3, 8)
     """
 
-    def __init__(self, spec: ModelSpec, cross: bool = False, **kwargs):
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: ModelSpec, cross_attention: bool = False, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
         d, dtype = self.spec.d_model, self.dtype_policy
-        self.cross = bool(cross)
+        self.cross_attention = bool(cross_attention)
         self.q_proj = _dense(self.spec, d, dtype, "q_proj")
         self.k_proj = _dense(self.spec, d, dtype, "k_proj")
         self.v_proj = _dense(self.spec, d, dtype, "v_proj")
@@ -312,31 +335,35 @@ class MultiHeadAttention(_SpecLayer):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             proj.build((None, None, self.spec.d_model))
 
-    def call(self, x, attention_mask=None, key_value_states=None, past_key_value=None,
+    def _split_heads(self, y, b):
+        """``(B, S, D)`` -> ``(B, H, S, d_head)``."""
+        shape = (b, ops.shape(y)[1], self.spec.n_heads, self.spec.d_head)
+        return ops.transpose(ops.reshape(y, shape), (0, 2, 1, 3))
+
+    def _keys_values(self, x, b, key_value_states, past_key_value):
+        """This call's keys and values, each ``(B, H, S, d_head)``: the cached encoder ones of
+        a cross-attention, else projected from ``key_value_states`` (or ``x``) and, in
+        self-attention, appended to the cached positions."""
+        if self.cross_attention and past_key_value is not None:
+            return tuple(past_key_value)
+        source = x if key_value_states is None else key_value_states
+        k = self._split_heads(self.k_proj(source), b)
+        v = self._split_heads(self.v_proj(source), b)
+        if past_key_value is not None:
+            k = ops.concatenate([past_key_value[0], k], axis=2)
+            v = ops.concatenate([past_key_value[1], v], axis=2)
+        return k, v
+
+    def call(self, x, attention_bias=None, key_value_states=None, past_key_value=None,
              use_cache=False, training=None):
         dtype = self.compute_dtype
-        h, dh = self.spec.n_heads, self.spec.d_head
         b, t = ops.shape(x)[0], ops.shape(x)[1]
-
-        def split(y):  # (B, S, D) -> (B, H, S, d_head)
-            return ops.transpose(ops.reshape(y, (b, ops.shape(y)[1], h, dh)), (0, 2, 1, 3))
-
-        q = split(self.q_proj(x))
-        if self.cross and past_key_value is not None:  # the encoder's, projected once
-            k, v = past_key_value
-        else:
-            kv = x if key_value_states is None else key_value_states
-            k, v = split(self.k_proj(kv)), split(self.v_proj(kv))
-            if past_key_value is not None:  # self-attention: append to the cached positions
-                k = ops.concatenate([past_key_value[0], k], axis=2)
-                v = ops.concatenate([past_key_value[1], v], axis=2)
+        q = self._split_heads(self.q_proj(x), b)
+        k, v = self._keys_values(x, b, key_value_states, past_key_value)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
-        scores = scores / ops.convert_to_tensor(math.sqrt(dh), dtype=dtype)
-        if attention_mask is not None:
-            allowed = ops.cast(attention_mask, dtype)
-            neg = ops.convert_to_tensor(np.finfo(dtype).min, dtype=dtype)
-            bias = (ops.convert_to_tensor(1.0, dtype=dtype) - allowed) * neg
-            scores = scores + (bias[:, None, None, :] if len(allowed.shape) == 2 else bias)
+        scores = scores / ops.convert_to_tensor(math.sqrt(self.spec.d_head), dtype=dtype)
+        if attention_bias is not None:
+            scores = scores + attention_bias
         if scores.shape[-1] == 1:  # one key (first decoding step): softmax is exactly 1, and
             probs = ops.ones_like(scores)  # keras.ops.softmax would warn "use a sigmoid"
         else:
@@ -347,11 +374,8 @@ class MultiHeadAttention(_SpecLayer):
         out = self.out_proj(ctx)
         return (out, (k, v)) if use_cache else out
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
-        return {**super().get_config(), "cross": self.cross}
+        return {**super().get_config(), "cross_attention": self.cross_attention}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -361,7 +385,7 @@ class FeedForward(_SpecLayer):
 
     Args:
         spec: the model spec (``d_model``, ``d_ff``, ``activation``, ``bias``, ``dropout``).
-        **kwargs: base layer arguments (``name``, ``dtype``).
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
 
     Call args:
         x: ``(B, T, D)``. training: dropout on when true.
@@ -376,8 +400,8 @@ class FeedForward(_SpecLayer):
         (2, 3, 8)
     """
 
-    def __init__(self, spec: ModelSpec, **kwargs):
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
         dtype = self.dtype_policy
         self.linear1 = _dense(self.spec, self.spec.d_ff, dtype, "linear1")
         self.activation = ACTIVATIONS[self.spec.activation]
@@ -392,26 +416,21 @@ class FeedForward(_SpecLayer):
         y = self.dropout(self.activation(self.linear1(x)), training=training)
         return self.linear2(y)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class EncoderLayer(_SpecLayer):
-    """One Transformer encoder layer: self-attention then feed-forward, each with a residual
-    connection and LayerNorm (``norm1`` for attention, ``norm2`` for the FFN).
-
-    * ``norm_position="post"`` (Vaswani 2017 §3.1, BERT):
-      ``x = norm1(x + drop(attn(x))); x = norm2(x + drop(ffn(x)))``.
-    * ``norm_position="pre"`` (GPT-2; Xiong et al. 2020):
-      ``x = x + drop(attn(norm1(x))); x = x + drop(ffn(norm2(x)))``.
+    """One Transformer encoder layer: self-attention (``self_attn``, ``norm1``,
+    ``dropout1``) then feed-forward (``ffn``, ``norm2``, ``dropout2``), each through
+    :func:`_residual`: ``norm_position="post"`` (Vaswani 2017 §3.1, BERT) or ``"pre"`` (GPT-2;
+    Xiong et al. 2020).
 
     Args:
         spec: the model spec.
-        **kwargs: base layer arguments (``name``, ``dtype``).
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
 
     Call args:
-        x: ``(B, T, D)``. attention_mask: ``(B, T)`` 1/0 or ``None``. training: dropout on.
+        x: ``(B, T, D)``. attention_bias: as :class:`MultiHeadAttention`, or ``None``.
+        training: dropout on when true.
 
     Returns:
         ``(B, T, D)``.
@@ -419,12 +438,12 @@ class EncoderLayer(_SpecLayer):
     Example::
 
         >>> layer = EncoderLayer(ModelSpec(d_model=8, n_heads=2, d_ff=32), dtype="float64")
-        >>> tuple(layer(np.ones((2, 3, 8)), attention_mask=np.ones((2, 3))).shape)
+        >>> tuple(layer(np.ones((2, 3, 8)), attention_bias=np.zeros((2, 1, 1, 3))).shape)
         (2, 3, 8)
     """
 
-    def __init__(self, spec: ModelSpec, **kwargs):
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
         spec, dtype = self.spec, self.dtype_policy
         self.self_attn = MultiHeadAttention(spec, dtype=dtype, name="self_attn")
         self.norm1 = _layer_norm(spec, dtype, "norm1")
@@ -434,44 +453,23 @@ class EncoderLayer(_SpecLayer):
         self.dropout2 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout2")
 
     def build(self, input_shape=None):
-        shape = (None, None, self.spec.d_model)
-        self.self_attn.build(shape)
-        self.norm1.build(shape)
-        self.ffn.build(shape)
-        self.norm2.build(shape)
+        for layer in (self.self_attn, self.norm1, self.ffn, self.norm2):
+            layer.build((None, None, self.spec.d_model))
 
-    def call(self, x, attention_mask=None, training=None):
-        def attn(y):
-            y = self.self_attn(y, attention_mask=attention_mask, training=training)
-            return self.dropout1(y, training=training)
-
-        def ffn(y):
-            return self.dropout2(self.ffn(y, training=training), training=training)
-
-        if self.spec.norm_position == "post":
-            x = self.norm1(x + attn(x))
-            return self.norm2(x + ffn(x))
-        x = x + attn(self.norm1(x))
-        return x + ffn(self.norm2(x))
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
+    def call(self, x, attention_bias=None, training=None):
+        pre = self.spec.norm_position == "pre"
+        x = _residual(x, lambda y: self.self_attn(y, attention_bias=attention_bias,
+                                                  training=training),
+                      self.norm1, functools.partial(self.dropout1, training=training), pre)
+        return _residual(x, functools.partial(self.ffn, training=training), self.norm2,
+                         functools.partial(self.dropout2, training=training), pre)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class Encoder(_SpecLayer):
     """A stack of ``spec.n_layers`` :class:`EncoderLayer` (``layers[i]``), then ``final_norm``
-    when ``spec.final_norm`` (pre-LN models).
-
-    Args:
-        spec: the model spec.
-        **kwargs: base layer arguments (``name``, ``dtype``).
-
-    Call args:
-        x: ``(B, T, D)``. attention_mask: ``(B, T)`` 1/0 or ``None``. training: dropout on.
-
-    Returns:
-        ``(B, T, D)``.
+    when ``spec.final_norm`` (pre-LN models). Constructed and called as :class:`EncoderLayer`
+    (the same ``attention_bias`` reaches every layer); ``(B, T, D)`` -> ``(B, T, D)``.
 
     Example::
 
@@ -480,28 +478,20 @@ class Encoder(_SpecLayer):
         (3, (2, 3, 8))
     """
 
-    def __init__(self, spec: ModelSpec, **kwargs):
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
         spec, dtype = self.spec, self.dtype_policy
         self.layers = [EncoderLayer(spec, dtype=dtype, name=f"layers_{i}")
                        for i in range(spec.n_layers)]
         self.final_norm = _layer_norm(spec, dtype, "final_norm") if spec.final_norm else None
 
     def build(self, input_shape=None):
-        for layer in self.layers:
-            layer.build((None, None, self.spec.d_model))
-        if self.final_norm is not None:
-            self.final_norm.build((None, None, self.spec.d_model))
+        _build_stack(self)
 
-    def call(self, x, attention_mask=None, training=None):
+    def call(self, x, attention_bias=None, training=None):
         for layer in self.layers:
-            x = layer(x, attention_mask=attention_mask, training=training)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
+            x = layer(x, attention_bias=attention_bias, training=training)
+        return x if self.final_norm is None else self.final_norm(x)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -510,7 +500,7 @@ class Pooler(_SpecLayer):
 
     Args:
         spec: the model spec (``d_model``, ``bias``).
-        **kwargs: base layer arguments (``name``, ``dtype``).
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
 
     Call args:
         x: ``(B, T, D)``.
@@ -525,8 +515,8 @@ class Pooler(_SpecLayer):
         (2, 8)
     """
 
-    def __init__(self, spec: ModelSpec, **kwargs):
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
         self.dense = _dense(self.spec, self.spec.d_model, self.dtype_policy, "dense",
                             activation="tanh")
 
@@ -540,8 +530,35 @@ class Pooler(_SpecLayer):
         return (input_shape[0], self.spec.d_model)
 
 
+class _SpecModel(keras.Model):
+    """What the three top-level models share: ``.spec``, the dtype (float32 by default), the
+    config, building every child layer, and the key-padding bias."""
+
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(dtype=dtype or "float32", **kwargs)
+        self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
+
+    def build(self, input_shape=None):
+        for name in ("embeddings", "decoder_embeddings", "encoder", "decoder", "pooler",
+                     "lm_head"):
+            layer = getattr(self, name, None)
+            if layer is not None:
+                layer.build()
+
+    def key_padding_bias(self, attention_mask):
+        """``(B, 1, 1, S)`` additive bias of a ``(B, S)`` 0/1 key mask (encoder self-attention,
+        cross-attention), in the compute dtype; ``None`` for ``None``."""
+        if attention_mask is None:
+            return None
+        return allowed_bias(attention_mask, self.compute_dtype)[:, None, None, :]
+
+    def get_config(self):
+        return {"spec": self.spec.to_dict(), "dtype": self.dtype_policy.name,
+                "name": self.name, "trainable": self.trainable}
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class EncoderModel(keras.Model):
+class EncoderModel(_SpecModel):
     """A BERT-like encoder: :class:`Embeddings` -> :class:`Encoder` -> optional
     :class:`Pooler`, built from a :class:`~xformer.spec.ModelSpec`, float32 or float64 end to end.
 
@@ -580,61 +597,45 @@ class EncoderModel(keras.Model):
     """
 
     def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
-        super().__init__(dtype=dtype or "float32", **kwargs)
-        self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
+        super().__init__(spec, dtype=dtype, **kwargs)
         dtype = self.dtype_policy
         self.embeddings = Embeddings(self.spec, dtype=dtype, name="embeddings")
         self.encoder = Encoder(self.spec, dtype=dtype, name="encoder")
         self.pooler = (Pooler(self.spec, dtype=dtype, name="pooler")
                        if self.spec.head == "pooler" else None)
 
-    def build(self, input_shape=None):
-        self.embeddings.build()
-        self.encoder.build()
-        if self.pooler is not None:
-            self.pooler.build()
-
     def call(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
              training=None):
-        if token_type_ids is not None and not self.spec.type_vocab_size:
-            raise InputError("token_type_ids given but the spec has type_vocab_size = 0")
         x = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
                             inputs_embeds=inputs_embeds, training=training)
-        x = self.encoder(x, attention_mask=attention_mask, training=training)
+        x = self.encoder(x, attention_bias=self.key_padding_bias(attention_mask),
+                         training=training)
         out = {"last_hidden_state": x}
         if self.pooler is not None:
             out["pooler_output"] = self.pooler(x)
         return out
 
-    def get_config(self):
-        return {"spec": self.spec.to_dict(), "dtype": self.dtype_policy.name,
-                "name": self.name, "trainable": self.trainable}
-
-
 # ---------------------------------------------------------------------- decoders
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class DecoderLayer(_SpecLayer):
     """One Transformer decoder layer: causal self-attention, cross-attention over the encoder
-    output (encoder-decoders only), then feed-forward, each with a residual connection and
-    LayerNorm: ``norm1`` (self-attention), ``norm2`` (cross-attention), ``norm3`` (FFN), or
+    output (encoder-decoders only), then feed-forward, each through :func:`_residual` with its
+    own LayerNorm: ``norm1`` (self-attention), ``norm2`` (cross-attention), ``norm3`` (FFN), or
     ``norm1`` / ``norm2`` without cross-attention (GPT-2's ``ln_1`` / ``ln_2``;
     ``nn.TransformerDecoderLayer``'s ``norm1..3``).
-
-    * ``norm_position="post"`` (Vaswani 2017 §3.1): ``x = norm_i(x + drop(f_i(x)))``.
-    * ``norm_position="pre"`` (GPT-2): ``x = x + drop(f_i(norm_i(x)))``.
 
     Args:
         spec: the model spec.
         cross_attention: build ``cross_attn`` / ``norm3`` (encoder-decoders).
-        **kwargs: base layer arguments (``name``, ``dtype``).
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
 
     Call args:
         x: ``(B, T, D)``.
-        attention_mask: 0/1 self-attention ``allowed`` mask broadcastable to
-            ``(B, H, T, past + T)`` (padding times causal, from :class:`Decoder`), or ``None``.
+        attention_bias: self-attention bias ``(B or 1, 1, T, past + T)`` (padding times
+            causality, one :func:`allowed_bias`), or ``None``.
         encoder_hidden_states: ``(B, S, D)`` the encoder output (cross-attention), or ``None``
             when ``past_key_value`` holds its projected keys/values.
-        encoder_attention_mask: ``(B, S)`` source padding mask, or ``None``.
+        encoder_attention_bias: ``(B, 1, 1, S)`` source key-padding bias, or ``None``.
         past_key_value: ``(k, v)``, or ``(k, v, cross_k, cross_v)`` with cross-attention.
         use_cache: also return this layer's new cache entry.
         training: dropout on when true.
@@ -650,15 +651,16 @@ class DecoderLayer(_SpecLayer):
         (2, 3, 8)
     """
 
-    def __init__(self, spec: ModelSpec, cross_attention: bool = False, **kwargs):
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: ModelSpec, cross_attention: bool = False, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
         spec, dtype = self.spec, self.dtype_policy
         self.has_cross_attention = bool(cross_attention)
         self.self_attn = MultiHeadAttention(spec, dtype=dtype, name="self_attn")
         self.norm1 = _layer_norm(spec, dtype, "norm1")
         self.cross_attn = None
         if cross_attention:
-            self.cross_attn = MultiHeadAttention(spec, cross=True, dtype=dtype, name="cross_attn")
+            self.cross_attn = MultiHeadAttention(spec, cross_attention=True, dtype=dtype,
+                                                 name="cross_attn")
             self.norm2 = _layer_norm(spec, dtype, "norm2")
             self.ffn = FeedForward(spec, dtype=dtype, name="ffn")
             self.norm3 = _layer_norm(spec, dtype, "norm3")
@@ -677,45 +679,35 @@ class DecoderLayer(_SpecLayer):
             if layer is not None:
                 layer.build(shape)
 
-    def call(self, x, attention_mask=None, encoder_hidden_states=None,
-             encoder_attention_mask=None, past_key_value=None, use_cache=False, training=None):
-        post = self.spec.norm_position == "post"
-
-        def sublayer(x, norm, dropout, fn):
-            if post:
-                return norm(x + dropout(fn(x), training=training))
-            return x + dropout(fn(norm(x)), training=training)
-
+    def call(self, x, attention_bias=None, encoder_hidden_states=None,
+             encoder_attention_bias=None, past_key_value=None, use_cache=False, training=None):
+        pre = self.spec.norm_position == "pre"
         past = past_key_value or (None, None, None, None)
         present = []
 
-        def self_attn(y):
-            y, kv = self.self_attn(y, attention_mask=attention_mask,
-                                   past_key_value=None if past[0] is None else past[:2],
-                                   use_cache=True, training=training)
-            present.extend(kv)
-            return y
+        def attending(layer, bias, states, cached):
+            def sublayer(y):
+                y, kv = layer(y, attention_bias=bias, key_value_states=states,
+                              past_key_value=cached, use_cache=True, training=training)
+                present.extend(kv)
+                return y
+            return sublayer
 
-        def cross_attn(y):
-            y, kv = self.cross_attn(y, attention_mask=encoder_attention_mask,
-                                    key_value_states=encoder_hidden_states,
-                                    past_key_value=None if len(past) < 4 or past[2] is None
-                                    else past[2:], use_cache=True, training=training)
-            present.extend(kv)
-            return y
+        def bound(layer):  # a dropout or the FFN, with this call's training flag
+            return functools.partial(layer, training=training)
 
-        x = sublayer(x, self.norm1, self.dropout1, self_attn)
+        self_cache = None if past[0] is None else past[:2]
+        x = _residual(x, attending(self.self_attn, attention_bias, None, self_cache),
+                      self.norm1, bound(self.dropout1), pre)
+        norm, dropout = self.norm2, self.dropout2  # the FFN's, without cross-attention
         if self.cross_attn is not None:
-            x = sublayer(x, self.norm2, self.dropout2, cross_attn)
-            x = sublayer(x, self.norm3, self.dropout3,
-                         lambda y: self.ffn(y, training=training))
-        else:
-            x = sublayer(x, self.norm2, self.dropout2,
-                         lambda y: self.ffn(y, training=training))
+            cross_cache = None if len(past) < 4 or past[2] is None else past[2:]
+            x = _residual(x, attending(self.cross_attn, encoder_attention_bias,
+                                       encoder_hidden_states, cross_cache),
+                          self.norm2, bound(self.dropout2), pre)
+            norm, dropout = self.norm3, self.dropout3
+        x = _residual(x, bound(self.ffn), norm, bound(dropout), pre)
         return (x, tuple(present)) if use_cache else x
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
     def get_config(self):
         return {**super().get_config(), "cross_attention": self.has_cross_attention}
@@ -724,24 +716,18 @@ class DecoderLayer(_SpecLayer):
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class Decoder(_SpecLayer):
     """A stack of ``spec.decoder_layers`` :class:`DecoderLayer` (``layers[i]``), then
-    ``final_norm`` when ``spec.final_norm``.
-
-    Builds the self-attention mask once for all layers: the 0/1 padding mask ``(B, past + T)``
-    times the 0/1 causal mask (query ``i``, at absolute position ``past + i``, sees keys
-    ``j <= past + i``), one ``allowed`` mask that each attention turns into ONE
-    ``finfo(dtype).min`` bias.
+    ``final_norm`` when ``spec.final_norm``. The masks come in as biases, made once per model
+    call (:meth:`_CausalModel.self_attention_bias`, :meth:`_SpecModel.key_padding_bias`).
 
     Args:
         spec: the model spec.
         cross_attention: layers with cross-attention (encoder-decoders).
-        **kwargs: base layer arguments (``name``, ``dtype``).
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
 
     Call args:
         x: ``(B, T, D)`` embedded target tokens.
-        attention_mask: ``(B, past + T)`` 1/0 padding mask of the target side, or ``None``.
-        encoder_hidden_states: ``(B, S, D)``, or ``None`` (no cross-attention, or its keys and
-            values are cached).
-        encoder_attention_mask: ``(B, S)`` 1/0 source padding mask, or ``None``.
+        attention_bias, encoder_hidden_states, encoder_attention_bias: as
+            :class:`DecoderLayer`, shared by every layer.
         past_key_values: one cache entry per layer (see :class:`DecoderLayer`), or ``None``.
         use_cache: also return the new cache. training: dropout on when true.
 
@@ -756,8 +742,8 @@ class Decoder(_SpecLayer):
         (2, (2, 3, 8))
     """
 
-    def __init__(self, spec: ModelSpec, cross_attention: bool = False, **kwargs):
-        super().__init__(spec, **kwargs)
+    def __init__(self, spec: ModelSpec, cross_attention: bool = False, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
         spec, dtype = self.spec, self.dtype_policy
         self.has_cross_attention = bool(cross_attention)
         self.layers = [DecoderLayer(spec, cross_attention=cross_attention, dtype=dtype,
@@ -765,23 +751,16 @@ class Decoder(_SpecLayer):
         self.final_norm = _layer_norm(spec, dtype, "final_norm") if spec.final_norm else None
 
     def build(self, input_shape=None):
-        for layer in self.layers:
-            layer.build((None, None, self.spec.d_model))
-        if self.final_norm is not None:
-            self.final_norm.build((None, None, self.spec.d_model))
+        _build_stack(self)
 
-    def call(self, x, attention_mask=None, encoder_hidden_states=None,
-             encoder_attention_mask=None, past_key_values=None, use_cache=False,
+    def call(self, x, attention_bias=None, encoder_hidden_states=None,
+             encoder_attention_bias=None, past_key_values=None, use_cache=False,
              training=None):
-        t = ops.shape(x)[1]
-        allowed = causal_allowed(t, past_length(past_key_values) + t, self.compute_dtype)
-        allowed = allowed[None, None]  # (1, 1, T, past + T)
-        if attention_mask is not None:  # multiply first: one bias, never two
-            allowed = ops.cast(attention_mask, self.compute_dtype)[:, None, None, :] * allowed
         present = []
         for i, layer in enumerate(self.layers):
-            x = layer(x, attention_mask=allowed, encoder_hidden_states=encoder_hidden_states,
-                      encoder_attention_mask=encoder_attention_mask,
+            x = layer(x, attention_bias=attention_bias,
+                      encoder_hidden_states=encoder_hidden_states,
+                      encoder_attention_bias=encoder_attention_bias,
                       past_key_value=None if past_key_values is None else past_key_values[i],
                       use_cache=use_cache, training=training)
             if use_cache:
@@ -790,9 +769,6 @@ class Decoder(_SpecLayer):
         if self.final_norm is not None:
             x = self.final_norm(x)
         return (x, tuple(present)) if use_cache else x
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
     def get_config(self):
         return {**super().get_config(), "cross_attention": self.has_cross_attention}
@@ -804,16 +780,18 @@ class LMHead(_SpecLayer):
     (GPT-2's ``lm_head``).
 
     Holds ``kernel`` ``(D, vocab_size)`` (a ``Dense`` kernel: ``lm_head.weight`` transposed)
-    unless ``spec.tie_embeddings``; a tied head holds no variable and is called with the token
-    table, so the table stays one variable and its gradient sums both uses.
+    unless ``tied``; a tied head holds no variable and is called with the token table, so the
+    table stays one variable and its gradient sums both uses.
 
     Args:
-        spec: the model spec (``d_model``, ``vocab_size``, ``tie_embeddings``).
-        **kwargs: base layer arguments (``name``, ``dtype``).
+        spec: the model spec (``d_model``, ``vocab_size``).
+        tied: hold no variable (``spec.tie_embeddings``).
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
 
     Call args:
         x: ``(B, T, D)``.
-        weight: ``(vocab_size, D)`` the tied token table (required when tied, else ``None``).
+        tied_weight: ``(vocab_size, D)`` the tied token table (required when tied, else
+            ``None``).
 
     Returns:
         ``(B, T, vocab_size)``.
@@ -821,14 +799,14 @@ class LMHead(_SpecLayer):
     Example::
 
         >>> spec = ModelSpec(architecture="decoder", vocab_size=50, d_model=8, n_heads=2,
-        ...                  head="lm")
+        ...                  head="lm", tie_embeddings=False)
         >>> tuple(LMHead(spec, dtype="float64")(np.ones((2, 3, 8))).shape)
         (2, 3, 50)
     """
 
-    def __init__(self, spec: ModelSpec, **kwargs):
-        super().__init__(spec, **kwargs)
-        self.tied = self.spec.tie_embeddings
+    def __init__(self, spec: ModelSpec, tied: bool = False, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
+        self.tied = bool(tied)
         self.kernel = None
 
     def build(self, input_shape=None):
@@ -836,43 +814,59 @@ class LMHead(_SpecLayer):
             self.kernel = self.add_weight(shape=(self.spec.d_model, self.spec.vocab_size),
                                           initializer="glorot_uniform", name="kernel")
 
-    def call(self, x, weight=None):
+    def call(self, x, tied_weight=None):
         if self.tied:
-            if weight is None:
-                raise InputError("a tied LM head needs the token table: call it with weight=")
-            return ops.matmul(x, ops.transpose(weight))
+            if tied_weight is None:
+                raise InputError("a tied LM head needs the token table: call it with "
+                                 "tied_weight=")
+            return ops.matmul(x, ops.transpose(tied_weight))
         return ops.matmul(x, self.kernel)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.spec.vocab_size)
 
+    def get_config(self):
+        return {**super().get_config(), "tied": self.tied}
 
-class _GenerativeModel(keras.Model):
-    """What :class:`DecoderModel` and :class:`EncoderDecoderModel` share: spec, dtype, config,
-    and the LM head over the target-side token table."""
 
-    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
-        super().__init__(dtype=dtype or "float32", **kwargs)
-        self.spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
+class _CausalModel(_SpecModel):
+    """What :class:`DecoderModel` and :class:`EncoderDecoderModel` share: the causal
+    self-attention bias and the LM head over the target-side token table."""
+
+    def self_attention_bias(self, attention_mask, x, past_length=0):
+        """Causal self-attention bias ``(B or 1, 1, T, past + T)`` for the target ``x``
+        ``(B, T, D)``: the 0/1 padding mask ``(B, past + T)`` times the 0/1 causal mask (query
+        ``i``, at absolute position ``past + i``, sees keys ``j <= past + i``), then ONE
+        :func:`allowed_bias` (two would add up to ``-inf``)."""
+        dtype = self.compute_dtype
+        t = ops.shape(x)[1]
+        allowed = causal_allowed(t, past_length + t, dtype)[None, None]  # (1, 1, T, past + T)
+        if attention_mask is not None:
+            allowed = ops.cast(attention_mask, dtype)[:, None, None, :] * allowed
+        return allowed_bias(allowed, dtype)
 
     def target_word_embeddings(self):
         """The ``(vocab_size, D)`` token table of the target side (``spec.word_embedding_name(
         "decoder")``): what target tokens look up and what a tied LM head multiplies by."""
         return self.embeddings.word_embeddings.embeddings
 
-    def _head(self, out):
+    def _outputs(self, hidden, use_cache, **extra):
+        """The output dict from the decoder's ``hidden`` (``(y, past_key_values)`` with
+        ``use_cache``): ``last_hidden_state``, ``extra``, ``logits``, ``past_key_values``."""
+        present = None
+        if use_cache:
+            hidden, present = hidden
+        out = {"last_hidden_state": hidden, **extra}
         if self.lm_head is not None:
             table = self.target_word_embeddings() if self.spec.tie_embeddings else None
-            out["logits"] = self.lm_head(out["last_hidden_state"], weight=table)
+            out["logits"] = self.lm_head(hidden, tied_weight=table)
+        if use_cache:
+            out["past_key_values"] = present
         return out
-
-    def get_config(self):
-        return {"spec": self.spec.to_dict(), "dtype": self.dtype_policy.name,
-                "name": self.name, "trainable": self.trainable}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class DecoderModel(_GenerativeModel):
+class DecoderModel(_CausalModel):
     """A GPT-like decoder: :class:`Embeddings` -> :class:`Decoder` (causal self-attention) ->
     optional :class:`LMHead`, float32 or float64 end to end.
 
@@ -904,35 +898,25 @@ class DecoderModel(_GenerativeModel):
 
     def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
         super().__init__(spec, dtype=dtype, **kwargs)
-        dtype = self.dtype_policy
-        self.embeddings = Embeddings(self.spec, dtype=dtype, name="embeddings")
-        self.decoder = Decoder(self.spec, dtype=dtype, name="decoder")
-        self.lm_head = (LMHead(self.spec, dtype=dtype, name="lm_head")
-                        if self.spec.head == "lm" else None)
-
-    def build(self, input_shape=None):
-        self.embeddings.build()
-        self.decoder.build()
-        if self.lm_head is not None:
-            self.lm_head.build()
+        spec, dtype = self.spec, self.dtype_policy
+        self.embeddings = Embeddings(spec, dtype=dtype, name="embeddings")
+        self.decoder = Decoder(spec, dtype=dtype, name="decoder")
+        self.lm_head = (LMHead(spec, tied=spec.tie_embeddings, dtype=dtype, name="lm_head")
+                        if spec.head == "lm" else None)
 
     def call(self, input_ids=None, attention_mask=None, inputs_embeds=None,
              past_key_values=None, use_cache=False, training=None):
-        x = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                            past_length=past_length(past_key_values), training=training)
-        x = self.decoder(x, attention_mask=attention_mask, past_key_values=past_key_values,
-                         use_cache=use_cache, training=training)
-        present = None
-        if use_cache:
-            x, present = x
-        out = self._head({"last_hidden_state": x})
-        if use_cache:
-            out["past_key_values"] = present
-        return out
+        past = past_length(past_key_values)
+        x = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds, past_length=past,
+                            training=training)
+        x = self.decoder(x, attention_bias=self.self_attention_bias(attention_mask, x, past),
+                         past_key_values=past_key_values, use_cache=use_cache,
+                         training=training)
+        return self._outputs(x, use_cache)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class EncoderDecoderModel(_GenerativeModel):
+class EncoderDecoderModel(_CausalModel):
     """The Transformer of Vaswani et al. 2017: source :class:`Embeddings` (``embeddings``) ->
     :class:`Encoder`; target embeddings (``decoder_embeddings``, without a token table of their
     own when ``share_embeddings``) -> :class:`Decoder` with cross-attention over the encoder
@@ -974,15 +958,8 @@ class EncoderDecoderModel(_GenerativeModel):
                                              dtype=dtype, name="decoder_embeddings")
         self.encoder = Encoder(spec, dtype=dtype, name="encoder")
         self.decoder = Decoder(spec, cross_attention=True, dtype=dtype, name="decoder")
-        self.lm_head = LMHead(spec, dtype=dtype, name="lm_head") if spec.head == "lm" else None
-
-    def build(self, input_shape=None):
-        self.embeddings.build()
-        self.decoder_embeddings.build()
-        self.encoder.build()
-        self.decoder.build()
-        if self.lm_head is not None:
-            self.lm_head.build()
+        self.lm_head = (LMHead(spec, tied=spec.tie_embeddings, dtype=dtype, name="lm_head")
+                        if spec.head == "lm" else None)
 
     def target_word_embeddings(self):
         emb = self.decoder_embeddings.word_embeddings
@@ -998,28 +975,24 @@ class EncoderDecoderModel(_GenerativeModel):
     def call(self, input_ids=None, attention_mask=None, inputs_embeds=None,
              decoder_input_ids=None, decoder_attention_mask=None, decoder_inputs_embeds=None,
              encoder_outputs=None, past_key_values=None, use_cache=False, training=None):
+        source_bias = self.key_padding_bias(attention_mask)
         memory = encoder_outputs
         if memory is None and past_key_values is None:
             x = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                 training=training)
-            memory = self.encoder(x, attention_mask=attention_mask, training=training)
+            memory = self.encoder(x, attention_bias=source_bias, training=training)
         if (decoder_input_ids is None) == (decoder_inputs_embeds is None):
             raise InputError("give exactly one of decoder_input_ids (B, T) and "
                              "decoder_inputs_embeds (B, T, D)")
         if decoder_inputs_embeds is None:
             decoder_inputs_embeds = self.embed_decoder_tokens(decoder_input_ids)
-        y = self.decoder_embeddings(inputs_embeds=decoder_inputs_embeds,
-                                    past_length=past_length(past_key_values), training=training)
-        y = self.decoder(y, attention_mask=decoder_attention_mask, encoder_hidden_states=memory,
-                         encoder_attention_mask=attention_mask, past_key_values=past_key_values,
-                         use_cache=use_cache, training=training)
-        present = None
-        if use_cache:
-            y, present = y
-        out = {"last_hidden_state": y}
-        if memory is not None:
-            out["encoder_last_hidden_state"] = memory
-        out = self._head(out)
-        if use_cache:
-            out["past_key_values"] = present
-        return out
+        past = past_length(past_key_values)
+        y = self.decoder_embeddings(inputs_embeds=decoder_inputs_embeds, past_length=past,
+                                    training=training)
+        y = self.decoder(y, attention_bias=self.self_attention_bias(decoder_attention_mask, y,
+                                                                    past),
+                         encoder_hidden_states=memory, encoder_attention_bias=source_bias,
+                         past_key_values=past_key_values, use_cache=use_cache,
+                         training=training)
+        extra = {} if memory is None else {"encoder_last_hidden_state": memory}
+        return self._outputs(y, use_cache, **extra)

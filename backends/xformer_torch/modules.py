@@ -1,9 +1,10 @@
 """The xformer Transformers (encoder, decoder, encoder-decoder) as native PyTorch modules
 (``torch.nn``).
 
-Twin of ``xformer_tensorflow/modules.py`` (Keras 3) and ``xformer_mxnet/modules.py`` (Gluon): the
-same classes, in the same order, computing the same thing (the executable statement is
-:func:`xformer.reference.forward`, the contract DESIGN.md §3)::
+One of three twins with ``xformer_tensorflow/modules.py`` (Keras 3) and
+``xformer_mxnet/modules.py`` (Gluon): the same classes in the same order, the same constructor
+and call parameters (``tests/test_twins.py`` checks both), computing
+:func:`xformer.reference.forward` (docs/design.md §3)::
 
     Embeddings -> Encoder( EncoderLayer( MultiHeadAttention, FeedForward ) x n_layers ) -> Pooler
     \\______________________________ EncoderModel ______________________________________/
@@ -11,40 +12,38 @@ same classes, in the same order, computing the same thing (the executable statem
     Embeddings -> Decoder( DecoderLayer( causal MultiHeadAttention, FeedForward ) x n ) -> LMHead
     \\______________________________ DecoderModel ______________________________________/
 
-    Embeddings -> Encoder ----------------------------------.  (memory: keys/values)
+    Embeddings -> Encoder ----------------------------------.  (encoder_hidden_states)
     decoder_embeddings -> Decoder( DecoderLayer( causal self-attention, cross-attention,
                                                  FeedForward ) x n_decoder_layers ) -> LMHead
     \\____________________________ EncoderDecoderModel _________________________________/
+
+The inner blocks take the additive mask as ``attention_bias`` (``(B, 1, T_q, T_k)``
+broadcastable, padding and causality already combined, finite), cross-attention inputs as
+``encoder_hidden_states`` / ``encoder_attention_bias``, a layer's cache as ``past_key_value``
+and a stack's as ``past_key_values``; the three top-level models build the biases from Hugging
+Face's 0/1 ``attention_mask``.
 
 Module paths mirror the canonical parameter names of :meth:`xformer.ModelSpec.parameters`, so
 ``EncoderModel(spec).state_dict().keys()`` *are* the canonical names (Linear weights
 ``(out_features, in_features)``, LayerNorm ``weight``/``bias``) and loading a canonical checkpoint
 is ``load_state_dict``.
 
-Numerics (DESIGN.md §3, §5):
+PyTorch specifics (docs/design.md §3, §5):
 
 * every sub-module gets ``dtype`` (``torch.float32`` or ``torch.float64``) explicitly, and every
   constant (sinusoidal table, mask bias) is made in that dtype;
 * LayerNorm is ``nn.LayerNorm(eps=spec.norm_eps, bias=spec.bias)``, never torch's default 1e-5;
-* GELU is composed from ``erf`` / ``tanh`` (:func:`gelu`, :func:`gelu_tanh`), as in the other two
-  backends, instead of ``F.gelu``;
-* padding adds ``finfo(dtype).min`` (finite) to the attention logits, never ``-inf``: a fully
-  padded row attends uniformly and nothing is NaN;
-* decoder self-attention multiplies the 0/1 padding mask and the 0/1 causal mask into one
-  ``allowed`` mask and adds ONE bias ``(1 - allowed) * finfo(dtype).min`` (two such biases would
-  add up to ``-inf``); so a fully padded row attends uniformly over all keys, as
-  :func:`xformer.reference.forward`.
+* GELU is composed from ``torch.erf`` / ``torch.tanh`` (:func:`gelu`, :func:`gelu_tanh`) instead
+  of ``F.gelu``;
+* attention is written out (``softmax(Q K^T / sqrt(d_head) + bias) V``, Hugging Face
+  ``BertSelfAttention``'s eager path) rather than calling ``F.scaled_dot_product_attention``: on
+  CPU (torch 2.13) the fused SDPA kernel returns wrong gradients for a fully padded row when the
+  mask is the finite ``finfo.min`` (its log-sum-exp absorbs ``log(T)``, so every padded query's
+  weights come back as 1 instead of ``1/T`` in the backward pass), while its forward is right.
 
-Incremental decoding: ``DecoderModel`` / ``EncoderDecoderModel`` take ``past_key_values`` and
-``use_cache`` (Hugging Face's legacy cache format: per decoder layer a tuple ``(k, v)`` of
-``(B, H, T_past, d_head)``, plus ``(cross_k, cross_v)`` ``(B, H, S, d_head)`` for an
-encoder-decoder, computed once from the encoder output), and return ``"past_key_values"``.
-
-Attention is written out (``softmax(Q K^T / sqrt(d_head) + bias) V``, Hugging Face
-``BertSelfAttention``'s eager path) rather than calling ``F.scaled_dot_product_attention``: on
-CPU (torch 2.13) the fused SDPA kernel returns wrong gradients for a fully padded row when the
-mask is the finite ``finfo.min`` (its log-sum-exp absorbs ``log(T)``, so every padded query's
-weights come back as 1 instead of ``1/T`` in the backward pass), while its forward is right.
+Incremental decoding uses Hugging Face's legacy cache format: per decoder layer a tuple
+``(k, v)`` of ``(B, H, T_past, d_head)`` tensors, plus ``(cross_k, cross_v)`` ``(B, H, S, d_head)``
+for an encoder-decoder.
 
 Example::
 
@@ -61,6 +60,7 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +70,9 @@ from xformer.errors import InputError
 from xformer.spec import ModelSpec, sinusoidal_table
 
 __all__ = [
-    "gelu", "gelu_tanh", "ACTIVATIONS", "Embeddings", "MultiHeadAttention", "FeedForward",
-    "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder", "LMHead",
-    "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias",
+    "gelu", "gelu_tanh", "relu", "ACTIVATIONS", "Embeddings", "MultiHeadAttention",
+    "FeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder",
+    "LMHead", "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias",
 ]
 
 
@@ -89,10 +89,16 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+def relu(x: Tensor) -> Tensor:
+    """``max(x, 0)`` (``F.relu``)."""
+    return F.relu(x)
+
+
 #: ``spec.activation`` -> function.
-ACTIVATIONS = {"relu": F.relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
+ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
 
 
+# ---------------------------------------------------------------------- helpers
 def _check_dtype(dtype: torch.dtype) -> None:
     """Raise ``InputError`` unless ``dtype`` is ``torch.float32`` or ``torch.float64``."""
     if dtype not in (torch.float32, torch.float64):
@@ -104,8 +110,40 @@ def _layer_norm(spec: ModelSpec, dtype: torch.dtype, device) -> nn.LayerNorm:
                         device=device)
 
 
+def _residual(x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.LayerNorm,
+              dropout: nn.Dropout, norm_first: bool) -> Tensor:
+    """One residual sub-layer of an encoder or decoder layer: ``x + dropout(sublayer(norm(x)))``
+    when ``norm_first`` (pre-LN: GPT-2, Xiong et al. 2020), else ``norm(x + dropout(
+    sublayer(x)))`` (post-LN: Vaswani 2017 §3.1, BERT)."""
+    if norm_first:
+        return x + dropout(sublayer(norm(x)))
+    return norm(x + dropout(sublayer(x)))
+
+
+def causal_allowed(t_q: int, t_k: int, device: torch.device | str | None = None) -> Tensor:
+    """``(t_q, t_k)`` 0/1 int64: query ``i`` (absolute position ``t_k - t_q + i``: the cached
+    positions come first) may attend to key ``j`` iff ``j <= t_k - t_q + i``."""
+    keys = torch.arange(t_k, device=device)[None, :]
+    return (keys <= (t_k - t_q) + torch.arange(t_q, device=device)[:, None]).long()
+
+
+def allowed_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(1 - allowed) * finfo(dtype).min`` in ``dtype``: ONE additive bias from a 0/1 mask that
+    is already the product of padding and causality (docs/design.md §3; two ``finfo.min`` biases
+    would add up to ``-inf``). Finite, so a fully padded row attends uniformly, never NaN."""
+    return (1.0 - allowed.to(dtype)) * torch.finfo(dtype).min
+
+
+class _SpecLayer(nn.Module):
+    """A block configured by a :class:`~xformer.ModelSpec` (kept as ``.spec``)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+
 # ---------------------------------------------------------------------- blocks
-class Embeddings(nn.Module):
+class Embeddings(_SpecLayer):
     """Token + position (+ segment) embeddings, then LayerNorm if ``spec.embedding_norm``.
 
     ``x = word_embeddings[input_ids] * s + positions[:T] + token_type_embeddings[token_type_ids]``
@@ -135,7 +173,7 @@ class Embeddings(nn.Module):
     def __init__(self, spec: ModelSpec, *, word_embeddings: bool = True,
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(spec)
         factory = {"dtype": dtype, "device": device}
         self.max_len = spec.max_len
         self.scale = math.sqrt(spec.d_model) if spec.embed_scale else None
@@ -182,35 +220,34 @@ class Embeddings(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(_SpecLayer):
     """Multi-head attention (Vaswani 2017 §3.2.2), scaled as Hugging Face
     ``BertSelfAttention``: ``softmax(Q K^T / sqrt(d_head) + attention_bias) V``, heads split as
     ``(B, T, H, d_head)``, then ``out_proj``. Self-attention by default; cross-attention
     (queries from ``x``, keys and values from ``key_value_states``) when built with
-    ``cross=True``.
+    ``cross_attention=True``.
 
     Args:
         spec: uses ``d_model, n_heads, bias, dropout``.
-        cross: cross-attention: the cached keys/values (``past_key_value``) are the projected
-            encoder output, reused as they are; self-attention appends the new keys/values to
-            the cached ones.
+        cross_attention: the cached keys/values (``past_key_value``) are the projected encoder
+            output, reused as they are; self-attention appends the new keys/values to them.
         dtype, device: as :class:`Embeddings`.
 
     Shapes: ``x`` ``(B, T, D)``; ``key_value_states`` ``(B, S, D)`` (cross-attention; default
     ``x``); ``attention_bias`` additive, broadcastable to ``(B, H, T, S_total)`` (``(B, 1, 1, S)``
-    from :meth:`EncoderModel.attention_bias`, ``(B, 1, T, past + T)`` causal) or ``None``;
+    from :meth:`EncoderModel.key_padding_bias`, ``(B, 1, T, past + T)`` causal) or ``None``;
     ``past_key_value`` ``(k, v)`` each ``(B, H, S_past, d_head)`` or ``None``. Returns
     ``(B, T, D)``, or ``((B, T, D), (k, v))`` with ``use_cache`` (the keys/values to cache).
     Dropout (``spec.dropout``) acts on the attention probabilities in training mode only.
     """
 
-    def __init__(self, spec: ModelSpec, *, cross: bool = False,
+    def __init__(self, spec: ModelSpec, *, cross_attention: bool = False,
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(spec)
         factory = {"dtype": dtype, "device": device, "bias": spec.bias}
         d = spec.d_model
-        self.cross = cross
+        self.cross_attention = cross_attention
         self.n_heads, self.d_head = spec.n_heads, spec.d_head
         self.q_proj = nn.Linear(d, d, **factory)
         self.k_proj = nn.Linear(d, d, **factory)
@@ -218,24 +255,27 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d, d, **factory)
         self.dropout = nn.Dropout(spec.dropout)
 
+    def _split_heads(self, y: Tensor) -> Tensor:  # (B, S, D) -> (B, H, S, d_head)
+        return y.view(y.shape[0], y.shape[1], self.n_heads, self.d_head).transpose(1, 2)
+
+    def _keys_values(self, x: Tensor, key_value_states: Tensor | None,
+                     past_key_value: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        if self.cross_attention and past_key_value is not None:  # the encoder's, projected once
+            return past_key_value
+        source = x if key_value_states is None else key_value_states
+        kv = (self._split_heads(self.k_proj(source)), self._split_heads(self.v_proj(source)))
+        if past_key_value is None:
+            return kv
+        # self-attention: the new positions go after the cached ones
+        return tuple(torch.cat((cached, new), dim=2) for cached, new in zip(past_key_value, kv))
+
     def forward(self, x: Tensor, attention_bias: Tensor | None = None,
                 key_value_states: Tensor | None = None,
                 past_key_value: tuple[Tensor, Tensor] | None = None, use_cache: bool = False
                 ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
         b, t, d = x.shape
-
-        def split(y: Tensor) -> Tensor:  # (B, S, D) -> (B, H, S, d_head)
-            return y.view(b, y.shape[1], self.n_heads, self.d_head).transpose(1, 2)
-
-        q = split(self.q_proj(x))
-        if self.cross and past_key_value is not None:  # the encoder's, projected once
-            k, v = past_key_value
-        else:
-            kv = x if key_value_states is None else key_value_states
-            k, v = split(self.k_proj(kv)), split(self.v_proj(kv))
-            if past_key_value is not None:  # self-attention: append to the cached positions
-                k = torch.cat([past_key_value[0], k], dim=2)
-                v = torch.cat([past_key_value[1], v], dim=2)
+        q = self._split_heads(self.q_proj(x))
+        k, v = self._keys_values(x, key_value_states, past_key_value)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
         if attention_bias is not None:
             scores = scores + attention_bias
@@ -245,7 +285,7 @@ class MultiHeadAttention(nn.Module):
         return (out, (k, v)) if use_cache else out
 
 
-class FeedForward(nn.Module):
+class FeedForward(_SpecLayer):
     """Position-wise feed-forward network (Vaswani 2017 §3.3):
     ``linear2(dropout(act(linear1(x))))``, ``act`` from ``spec.activation``.
 
@@ -258,7 +298,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(spec)
         factory = {"dtype": dtype, "device": device, "bias": spec.bias}
         self.linear1 = nn.Linear(spec.d_model, spec.d_ff, **factory)
         self.activation = ACTIVATIONS[spec.activation]
@@ -269,14 +309,10 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
-class EncoderLayer(nn.Module):
-    """One encoder layer: self-attention and feed-forward sub-layers, each with a residual
-    connection and a LayerNorm (``norm1`` for attention, ``norm2`` for the FFN).
-
-    * ``post`` (Vaswani 2017 §3.1, BERT): ``x = norm1(x + attn(x)); x = norm2(x + ffn(x))``
-    * ``pre`` (GPT-2; Xiong et al. 2020): ``x = x + attn(norm1(x)); x = x + ffn(norm2(x))``
-
-    Residual branches go through dropout (Vaswani 2017 §5.4) in training mode only.
+class EncoderLayer(_SpecLayer):
+    """One encoder layer: self-attention (``self_attn``, ``norm1``) and feed-forward (``ffn``,
+    ``norm2``) sub-layers, each through :func:`_residual` (post- or pre-LN per
+    ``spec.norm_position``; residual branches go through dropout in training mode only).
 
     Args:
         spec: uses ``norm_position, norm_eps, bias, dropout`` and those of the sub-layers.
@@ -288,23 +324,22 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(spec)
         self.norm_first = spec.norm_position == "pre"
         self.self_attn = MultiHeadAttention(spec, dtype=dtype, device=device)
         self.norm1 = _layer_norm(spec, dtype, device)
         self.ffn = FeedForward(spec, dtype=dtype, device=device)
         self.norm2 = _layer_norm(spec, dtype, device)
-        self.dropout = nn.Dropout(spec.dropout)
+        self.dropout1 = nn.Dropout(spec.dropout)
+        self.dropout2 = nn.Dropout(spec.dropout)
 
     def forward(self, x: Tensor, attention_bias: Tensor | None = None) -> Tensor:
-        if self.norm_first:
-            x = x + self.dropout(self.self_attn(self.norm1(x), attention_bias))
-            return x + self.dropout(self.ffn(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.self_attn(x, attention_bias)))
-        return self.norm2(x + self.dropout(self.ffn(x)))
+        x = _residual(x, lambda y: self.self_attn(y, attention_bias), self.norm1,
+                      self.dropout1, self.norm_first)
+        return _residual(x, self.ffn, self.norm2, self.dropout2, self.norm_first)
 
 
-class Encoder(nn.Module):
+class Encoder(_SpecLayer):
     """``n_layers`` :class:`EncoderLayer` s (``layers.{i}``), then ``final_norm`` if
     ``spec.final_norm`` (pre-LN models: GPT-2, Xiong et al. 2020).
 
@@ -313,7 +348,7 @@ class Encoder(nn.Module):
 
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(spec)
         self.layers = nn.ModuleList(
             EncoderLayer(spec, dtype=dtype, device=device) for _ in range(spec.n_layers))
         self.final_norm = _layer_norm(spec, dtype, device) if spec.final_norm else None
@@ -324,7 +359,7 @@ class Encoder(nn.Module):
         return self.final_norm(x) if self.final_norm is not None else x
 
 
-class Pooler(nn.Module):
+class Pooler(_SpecLayer):
     """BERT's pooler (Devlin 2019 §3; Hugging Face ``BertPooler``): ``tanh(dense(x[:, 0]))``.
 
     Shapes: ``(B, T, D)`` -> ``(B, D)``.
@@ -332,7 +367,7 @@ class Pooler(nn.Module):
 
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(spec)
         self.dense = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias, dtype=dtype,
                                device=device)
 
@@ -340,7 +375,31 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(x[:, 0]))
 
 
-class EncoderModel(nn.Module):
+class _SpecModel(nn.Module):
+    """What the three top-level models share: ``.spec``, the dtype check, ``.dtype`` and the
+    key-padding bias."""
+
+    embeddings: Embeddings
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        _check_dtype(dtype)
+        self.spec = spec
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameter and compute dtype."""
+        return self.embeddings.word_embeddings.weight.dtype
+
+    def key_padding_bias(self, attention_mask: Tensor | None) -> Tensor | None:
+        """``(B, 1, 1, S)`` additive key-padding bias of a ``(B, S)`` 0/1 ``attention_mask``
+        (encoder self-attention, cross-attention), in the model dtype; ``None`` for ``None``."""
+        if attention_mask is None:
+            return None
+        return allowed_bias(attention_mask[:, None, None, :], self.dtype)
+
+
+class EncoderModel(_SpecModel):
     """The whole encoder (BERT-like): :class:`Embeddings` -> :class:`Encoder` ->
     (:class:`Pooler`), called with Hugging Face's argument names.
 
@@ -371,115 +430,91 @@ class EncoderModel(nn.Module):
 
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
-        _check_dtype(dtype)
-        self.spec = spec
+        super().__init__(spec, dtype)
         self.embeddings = Embeddings(spec, dtype=dtype, device=device)
         self.encoder = Encoder(spec, dtype=dtype, device=device)
         self.pooler = Pooler(spec, dtype=dtype, device=device) if spec.head == "pooler" else None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameter and compute dtype."""
-        return self.embeddings.word_embeddings.weight.dtype
-
-    def attention_bias(self, attention_mask: Tensor) -> Tensor:
-        """``(1 - mask) * finfo(dtype).min`` as ``(B, 1, 1, T)``, made in the model dtype:
-        the additive key-padding bias of DESIGN.md §3 (finite, so no NaN on empty rows)."""
-        mask = attention_mask.to(self.dtype)
-        return ((1.0 - mask) * torch.finfo(self.dtype).min)[:, None, None, :]
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, inputs_embeds: Tensor | None = None
                 ) -> dict[str, Tensor]:
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("give exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
-        x = self.embeddings(input_ids, token_type_ids, inputs_embeds)
-        bias = self.attention_bias(attention_mask) if attention_mask is not None else None
-        x = self.encoder(x, bias)
-        out = {"last_hidden_state": x}
-        if self.pooler is not None:
-            out["pooler_output"] = self.pooler(x)
-        return out
+        hidden = self.encoder(self.embeddings(input_ids, token_type_ids, inputs_embeds),
+                              self.key_padding_bias(attention_mask))
+        if self.pooler is None:
+            return {"last_hidden_state": hidden}
+        return {"last_hidden_state": hidden, "pooler_output": self.pooler(hidden)}
 
 
 # ---------------------------------------------------------------------- decoders
-def causal_allowed(t_q: int, t_k: int, device: torch.device | str | None = None) -> Tensor:
-    """``(t_q, t_k)`` 0/1 int64: query ``i`` (absolute position ``t_k - t_q + i``: the cached
-    positions come first) may attend to key ``j`` iff ``j <= t_k - t_q + i``."""
-    keys = torch.arange(t_k, device=device)[None, :]
-    return (keys <= (t_k - t_q) + torch.arange(t_q, device=device)[:, None]).long()
-
-
-def allowed_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(1 - allowed) * finfo(dtype).min`` in ``dtype``: ONE additive bias from a 0/1 mask that
-    is already the product of padding and causality (DESIGN.md §3; two ``finfo.min`` biases
-    would add up to ``-inf``)."""
-    return (1.0 - allowed.to(dtype)) * torch.finfo(dtype).min
-
-
-class DecoderLayer(nn.Module):
+class DecoderLayer(_SpecLayer):
     """One decoder layer: causal self-attention (``self_attn``, ``norm1``), cross-attention over
     the encoder output (``cross_attn``, ``norm2``; encoder-decoders only) and the feed-forward
-    network (``ffn``, ``norm2``, or ``norm3`` after cross-attention), each sub-layer with a
-    residual connection and a LayerNorm, post- or pre-LN as :class:`EncoderLayer`
-    (``nn.TransformerDecoderLayer``'s order and names, Vaswani 2017 §3.1).
+    network (``ffn``, ``norm2``, or ``norm3`` after cross-attention), each sub-layer through
+    :func:`_residual` as in :class:`EncoderLayer` (``nn.TransformerDecoderLayer``'s order and
+    names, Vaswani 2017 §3.1).
 
     Args:
         spec: as :class:`EncoderLayer`.
-        cross: with a cross-attention sub-layer (the decoder of an encoder-decoder).
+        cross_attention: with a cross-attention sub-layer (the decoder of an encoder-decoder).
         dtype, device: as :class:`Embeddings`.
 
-    Shapes: ``x`` ``(B, T, D)``; ``self_bias`` ``(B or 1, 1, T, past + T)`` (causal and
-    padding, :func:`allowed_bias`); ``memory`` ``(B, S, D)`` and ``cross_bias`` ``(B, 1, 1, S)``
-    (cross-attention); ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k, cross_v)``. Returns
-    ``(B, T, D)``, or ``((B, T, D), present_key_value)`` with ``use_cache``.
+    Shapes: ``x`` ``(B, T, D)``; ``attention_bias`` ``(B or 1, 1, T, past + T)`` (causal and
+    padding, :func:`allowed_bias`); ``encoder_hidden_states`` ``(B, S, D)`` and
+    ``encoder_attention_bias`` ``(B, 1, 1, S)`` (cross-attention); ``past_key_value``
+    ``(k, v)`` or ``(k, v, cross_k, cross_v)``. Returns ``(B, T, D)``, or
+    ``((B, T, D), present_key_value)`` with ``use_cache``.
     """
 
-    def __init__(self, spec: ModelSpec, *, cross: bool = False,
+    def __init__(self, spec: ModelSpec, *, cross_attention: bool = False,
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(spec)
         self.norm_first = spec.norm_position == "pre"
         self.self_attn = MultiHeadAttention(spec, dtype=dtype, device=device)
         self.norm1 = _layer_norm(spec, dtype, device)
-        if cross:
-            self.cross_attn = MultiHeadAttention(spec, cross=True, dtype=dtype, device=device)
+        if cross_attention:
+            self.cross_attn = MultiHeadAttention(spec, cross_attention=True, dtype=dtype,
+                                                 device=device)
             self.norm2 = _layer_norm(spec, dtype, device)
         else:
             self.cross_attn = None
         self.ffn = FeedForward(spec, dtype=dtype, device=device)
-        if cross:
-            self.norm3 = _layer_norm(spec, dtype, device)
-        else:
-            self.norm2 = _layer_norm(spec, dtype, device)
-        self.dropout = nn.Dropout(spec.dropout)
+        # the FFN's norm: norm3 after cross-attention, else norm2 (GPT-2's ln_2)
+        setattr(self, "norm3" if cross_attention else "norm2", _layer_norm(spec, dtype, device))
+        self.dropout1 = nn.Dropout(spec.dropout)
+        self.dropout2 = nn.Dropout(spec.dropout)
+        self.dropout3 = nn.Dropout(spec.dropout)
 
-    def _sublayer(self, x: Tensor, norm: nn.LayerNorm, fn) -> tuple[Tensor, tuple]:
-        """Residual + ``norm`` around ``fn`` (which returns ``(y, cached)``)."""
-        if self.norm_first:
-            y, cached = fn(norm(x))
-            return x + self.dropout(y), cached
-        y, cached = fn(x)
-        return norm(x + self.dropout(y)), cached
-
-    def forward(self, x: Tensor, self_bias: Tensor | None = None, memory: Tensor | None = None,
-                cross_bias: Tensor | None = None, past_key_value: tuple | None = None,
-                use_cache: bool = False) -> Tensor | tuple[Tensor, tuple]:
+    def forward(self, x: Tensor, attention_bias: Tensor | None = None,
+                encoder_hidden_states: Tensor | None = None,
+                encoder_attention_bias: Tensor | None = None,
+                past_key_value: tuple | None = None, use_cache: bool = False
+                ) -> Tensor | tuple[Tensor, tuple]:
         past = past_key_value or ()
-        x, present = self._sublayer(x, self.norm1, lambda y: self.self_attn(
-            y, self_bias, past_key_value=past[:2] or None, use_cache=True))
+        present: list[Tensor] = []
+
+        def attend(attn: MultiHeadAttention, bias, states, cached):
+            def sublayer(y: Tensor) -> Tensor:
+                y, kv = attn(y, bias, states, cached or None, use_cache=True)
+                present.extend(kv)
+                return y
+            return sublayer
+
+        x = _residual(x, attend(self.self_attn, attention_bias, None, past[:2]), self.norm1,
+                      self.dropout1, self.norm_first)
+        ffn_norm, ffn_dropout = self.norm2, self.dropout2
         if self.cross_attn is not None:
-            x, cross = self._sublayer(x, self.norm2, lambda y: self.cross_attn(
-                y, cross_bias, key_value_states=memory, past_key_value=past[2:] or None,
-                use_cache=True))
-            present = present + cross
-        norm = self.norm3 if self.cross_attn is not None else self.norm2
-        x, _ = self._sublayer(x, norm, lambda y: (self.ffn(y), ()))
-        return (x, present) if use_cache else x
+            x = _residual(x, attend(self.cross_attn, encoder_attention_bias,
+                                    encoder_hidden_states, past[2:]),
+                          self.norm2, self.dropout2, self.norm_first)
+            ffn_norm, ffn_dropout = self.norm3, self.dropout3
+        x = _residual(x, self.ffn, ffn_norm, ffn_dropout, self.norm_first)
+        return (x, tuple(present)) if use_cache else x
 
 
-class Decoder(nn.Module):
+class Decoder(_SpecLayer):
     """``spec.decoder_layers`` :class:`DecoderLayer` s (``layers.{i}``), then ``final_norm`` if
     ``spec.final_norm``.
 
@@ -487,33 +522,38 @@ class Decoder(nn.Module):
     ``(B, T, D)``, or ``((B, T, D), past_key_values)`` with ``use_cache``.
     """
 
-    def __init__(self, spec: ModelSpec, *, cross: bool = False,
+    def __init__(self, spec: ModelSpec, *, cross_attention: bool = False,
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(spec, cross=cross, dtype=dtype, device=device)
-                                    for _ in range(spec.decoder_layers))
+        super().__init__(spec)
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, cross_attention=cross_attention, dtype=dtype, device=device)
+            for _ in range(spec.decoder_layers))
         self.final_norm = _layer_norm(spec, dtype, device) if spec.final_norm else None
 
-    def forward(self, x: Tensor, self_bias: Tensor | None = None, memory: Tensor | None = None,
-                cross_bias: Tensor | None = None, past_key_values: tuple | None = None,
-                use_cache: bool = False) -> Tensor | tuple[Tensor, tuple]:
+    def forward(self, x: Tensor, attention_bias: Tensor | None = None,
+                encoder_hidden_states: Tensor | None = None,
+                encoder_attention_bias: Tensor | None = None,
+                past_key_values: tuple | None = None, use_cache: bool = False
+                ) -> Tensor | tuple[Tensor, tuple]:
         presents = []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
-            x, present = layer(x, self_bias, memory, cross_bias, past, use_cache=True)
+            x, present = layer(x, attention_bias, encoder_hidden_states, encoder_attention_bias,
+                               past, use_cache=True)
             presents.append(present)
         x = self.final_norm(x) if self.final_norm is not None else x
         return (x, tuple(presents)) if use_cache else x
 
 
-class LMHead(nn.Module):
+class LMHead(_SpecLayer):
     """Language-model head (GPT-2's ``lm_head``): ``logits = x W^T``, no bias, no scale.
 
     Args:
         spec: uses ``vocab_size, d_model``.
-        tied: hold no parameter: the caller passes the (target-side) token table as ``weight``
-            (``tie_embeddings``), so the tied table is one parameter with one ``state_dict`` key.
+        tied: hold no parameter: the caller passes the (target-side) token table as
+            ``tied_weight`` (``tie_embeddings``), so the tied table is one parameter with one
+            ``state_dict`` key.
         dtype, device: as :class:`Embeddings`.
 
     Shapes: ``(B, T, D)`` -> ``(B, T, vocab_size)``.
@@ -522,27 +562,22 @@ class LMHead(nn.Module):
     def __init__(self, spec: ModelSpec, *, tied: bool = False,
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(spec)
         self.weight = (None if tied else
                        nn.Parameter(torch.empty(spec.vocab_size, spec.d_model, dtype=dtype,
                                                 device=device)))
         if self.weight is not None:
             nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        return F.linear(x, self.weight if weight is None else weight)
+    def forward(self, x: Tensor, tied_weight: Tensor | None = None) -> Tensor:
+        return F.linear(x, self.weight if tied_weight is None else tied_weight)
 
 
-class _CausalModel(nn.Module):
-    """What :class:`DecoderModel` and :class:`EncoderDecoderModel` share."""
+class _CausalModel(_SpecModel):
+    """What :class:`DecoderModel` and :class:`EncoderDecoderModel` share: the causal
+    self-attention bias and the LM head over the target side's token table."""
 
-    spec: ModelSpec
     lm_head: LMHead | None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameter and compute dtype."""
-        return self.embeddings.word_embeddings.weight.dtype
 
     def self_attention_bias(self, attention_mask: Tensor | None, t: int, past_length: int = 0,
                             device=None) -> Tensor:
@@ -553,15 +588,22 @@ class _CausalModel(nn.Module):
             allowed = attention_mask.to(self.dtype)[:, None, None, :] * allowed
         return allowed_bias(allowed, self.dtype)
 
-    def key_padding_bias(self, attention_mask: Tensor | None) -> Tensor | None:
-        """``(B, 1, 1, S)`` key-padding bias (encoder self-attention, cross-attention)."""
-        if attention_mask is None:
-            return None
-        return allowed_bias(attention_mask[:, None, None, :], self.dtype)
+    def target_word_embeddings(self) -> Tensor:
+        """The ``(vocab_size, D)`` token table of the target side: what target tokens look up
+        and what a tied LM head multiplies by."""
+        return self.embeddings.word_embeddings.weight
 
-    def _head(self, out: dict[str, Tensor], x: Tensor, tied_weight) -> None:
+    def _outputs(self, hidden: Tensor, presents: tuple, use_cache: bool,
+                 **extra: Tensor) -> dict[str, Tensor]:
+        """The output dict: ``last_hidden_state``, ``extra``, ``logits`` (LM head), and
+        ``past_key_values`` with ``use_cache``."""
+        out = {"last_hidden_state": hidden, **extra}
         if self.lm_head is not None:
-            out["logits"] = self.lm_head(x, tied_weight() if self.spec.tie_embeddings else None)
+            tied = self.target_word_embeddings() if self.spec.tie_embeddings else None
+            out["logits"] = self.lm_head(hidden, tied)
+        if use_cache:
+            out["past_key_values"] = presents
+        return out
 
 
 class DecoderModel(_CausalModel):
@@ -601,9 +643,7 @@ class DecoderModel(_CausalModel):
 
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
-        _check_dtype(dtype)
-        self.spec = spec
+        super().__init__(spec, dtype)
         self.embeddings = Embeddings(spec, dtype=dtype, device=device)
         self.decoder = Decoder(spec, dtype=dtype, device=device)
         self.lm_head = (LMHead(spec, tied=spec.tie_embeddings, dtype=dtype, device=device)
@@ -622,11 +662,7 @@ class DecoderModel(_CausalModel):
         x = self.embeddings(input_ids, None, inputs_embeds, past_length=past)
         bias = self.self_attention_bias(attention_mask, x.shape[1], past, x.device)
         x, presents = self.decoder(x, bias, past_key_values=past_key_values, use_cache=True)
-        out = {"last_hidden_state": x}
-        self._head(out, x, lambda: self.embeddings.word_embeddings.weight)
-        if use_cache:
-            out["past_key_values"] = presents
-        return out
+        return self._outputs(x, presents, use_cache)
 
 
 class EncoderDecoderModel(_CausalModel):
@@ -664,21 +700,22 @@ class EncoderDecoderModel(_CausalModel):
 
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        super().__init__()
-        _check_dtype(dtype)
-        self.spec = spec
+        super().__init__(spec, dtype)
         self.embeddings = Embeddings(spec, dtype=dtype, device=device)
         self.decoder_embeddings = Embeddings(spec, word_embeddings=not spec.share_embeddings,
                                              dtype=dtype, device=device)
         self.encoder = Encoder(spec, dtype=dtype, device=device)
-        self.decoder = Decoder(spec, cross=True, dtype=dtype, device=device)
+        self.decoder = Decoder(spec, cross_attention=True, dtype=dtype, device=device)
         self.lm_head = (LMHead(spec, tied=spec.tie_embeddings, dtype=dtype, device=device)
                         if spec.head == "lm" else None)
 
-    def decoder_word_embeddings(self) -> Tensor:
-        """The target side's token table (the source's with ``share_embeddings``)."""
+    def target_word_embeddings(self) -> Tensor:
         side = self.embeddings if self.spec.share_embeddings else self.decoder_embeddings
         return side.word_embeddings.weight
+
+    def decoder_word_embeddings(self) -> Tensor:
+        """The target side's token table (the source's with ``share_embeddings``)."""
+        return self.target_word_embeddings()
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         """Source ``inputs_embeds`` for ``input_ids``."""
@@ -687,35 +724,30 @@ class EncoderDecoderModel(_CausalModel):
     def embed_decoder_tokens(self, decoder_input_ids: Tensor) -> Tensor:
         """Target ``decoder_inputs_embeds`` for ``decoder_input_ids``."""
         return self.decoder_embeddings.embed_tokens(decoder_input_ids,
-                                                    self.decoder_word_embeddings())
+                                                    self.target_word_embeddings())
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                decoder_input_ids: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, decoder_input_ids: Tensor | None = None,
                 decoder_attention_mask: Tensor | None = None,
-                inputs_embeds: Tensor | None = None, decoder_inputs_embeds: Tensor | None = None,
+                decoder_inputs_embeds: Tensor | None = None,
                 encoder_outputs: Tensor | None = None, past_key_values: tuple | None = None,
                 use_cache: bool = False) -> dict[str, Tensor]:
         if (decoder_input_ids is None) == (decoder_inputs_embeds is None):
             raise InputError("give exactly one of decoder_input_ids (B, T) and "
                              "decoder_inputs_embeds (B, T, D)")
-        cross_bias = self.key_padding_bias(attention_mask)
+        source_bias = self.key_padding_bias(attention_mask)
         memory = encoder_outputs
         cached_cross = bool(past_key_values) and len(past_key_values[0]) == 4
         if memory is None and not cached_cross:
             if (input_ids is None) == (inputs_embeds is None):
                 raise InputError("give exactly one of input_ids (B, S) and inputs_embeds "
                                  "(B, S, D)")
-            memory = self.encoder(self.embeddings(input_ids, None, inputs_embeds), cross_bias)
+            memory = self.encoder(self.embeddings(input_ids, None, inputs_embeds), source_bias)
         if decoder_inputs_embeds is None:
             decoder_inputs_embeds = self.embed_decoder_tokens(decoder_input_ids)
         past = past_key_values[0][0].shape[2] if past_key_values else 0
         y = self.decoder_embeddings(inputs_embeds=decoder_inputs_embeds, past_length=past)
         bias = self.self_attention_bias(decoder_attention_mask, y.shape[1], past, y.device)
-        y, presents = self.decoder(y, bias, memory, cross_bias, past_key_values, use_cache=True)
-        out = {"last_hidden_state": y}
-        if memory is not None:
-            out["encoder_last_hidden_state"] = memory
-        self._head(out, y, self.decoder_word_embeddings)
-        if use_cache:
-            out["past_key_values"] = presents
-        return out
+        y, presents = self.decoder(y, bias, memory, source_bias, past_key_values, use_cache=True)
+        extra = {} if memory is None else {"encoder_last_hidden_state": memory}
+        return self._outputs(y, presents, use_cache, **extra)
