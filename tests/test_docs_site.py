@@ -52,7 +52,7 @@ def _tab_labels(page: Path) -> list[str]:
 def test_site_has_the_manual(site):
     for page in ("index.html", "getting-started/index.html", "spec/index.html",
                  "examples/index.html", "conformance/index.html", "pitfalls/index.html",
-                 "benchmarks/index.html", "nodes/index.html"):
+                 "benchmarks/index.html", "design/index.html", "nodes/index.html"):
         assert (site / page).is_file(), page
     assert not (site / "hooks").exists(), "the build hook must not be published"
     home = (site / "index.html").read_text(encoding="utf-8")
@@ -63,6 +63,8 @@ def test_site_has_the_manual(site):
     examples = site / "examples" / "index.html"
     assert _tab_labels(examples) == TABS * 3
     assert 'backend="mxnet"' in _text(examples)
+    design = _text(site / "design" / "index.html")
+    assert "How to add a spec field" in design and "How to add a backend" in design
 
 
 def test_one_node_page_per_class_with_three_framework_tabs(site):

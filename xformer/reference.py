@@ -1,4 +1,4 @@
-"""A framework-free numpy forward pass: the executable statement of DESIGN.md §3.
+"""A framework-free numpy forward pass: the executable statement of docs/design.md §3.
 
 Used as an independent oracle (float64) by tests and by conformance when a framework reference
 is not available. Forward only; gradients are compared between backends.
