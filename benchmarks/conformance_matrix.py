@@ -1,5 +1,6 @@
 """Measure the conformance matrix and print the worst errors per dtype (the figures of
-docs/conformance.md): the specs of conformance/test_matrix.py on every default target.
+docs/conformance.md): the specs of conformance/test_matrix.py and test_family.py on every
+default target. ``benchmarks/figures.py`` writes these figures into the docs.
 
     python benchmarks/conformance_matrix.py [--json FILE]
 """
@@ -15,25 +16,16 @@ import zlib
 from pathlib import Path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", metavar="FILE")
-    args = ap.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "conformance"))
-    from rich.console import Console
+def measure(specs) -> tuple[dict, int, int]:
+    """``({(architecture, dtype, kind): worst Diff}, comparisons, targets)`` over ``specs``
+    (``[(label, spec)]``) on every default target, against the numpy reference."""
     from rich.progress import track
-    from rich.table import Table
-    from test_family import SPECS as FAMILY
-    from test_matrix import SPECS as ENCODERS
 
-    from xformer.conformance import TOLERANCES, Case, default_targets, run_case
+    from xformer.conformance import Case, default_targets, run_case
 
     targets = default_targets()
-    worst: dict[tuple[str, str], object] = {}
+    worst: dict[tuple[str, str, str], object] = {}
     n_cmp = 0
-    specs = ENCODERS + FAMILY
     jobs = [(label, spec, dtype) for label, spec in specs for dtype in ("float64", "float32")]
     for label, spec, dtype in track(jobs, description="conformance matrix"):
         case = Case.make(spec, seed=zlib.crc32(label.encode()) % 1000, dtype=dtype, batch=3)
@@ -46,8 +38,27 @@ def main() -> None:
             key = (spec.architecture, dtype, kind)
             if key not in worst or d.max_rel > worst[key].max_rel:
                 worst[key] = d
+    return worst, n_cmp, len(targets)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "conformance"))
+    from rich.console import Console
+    from rich.table import Table
+    from test_family import SPECS as FAMILY
+    from test_matrix import SPECS as ENCODERS
+
+    from xformer.conformance import TOLERANCES
+
+    specs = ENCODERS + FAMILY
+    worst, n_cmp, n_targets = measure(specs)
     table = Table(title=f"worst max relative error over {len(specs)} specs x "
-                        f"{len(targets)} targets ({n_cmp} comparisons)")
+                        f"{n_targets} targets ({n_cmp} comparisons)")
     for col in ("architecture", "dtype", "what", "worst", "bound", "where"):
         table.add_column(col)
     out = {}

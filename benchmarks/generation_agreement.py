@@ -13,32 +13,22 @@ import os
 import numpy as np
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, default=4)
-    args = ap.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    from rich.console import Console
-    from rich.table import Table
-
+def measure(seeds: int = 4) -> list[list[str]]:
+    """Rows ``[architecture, search, identical float64, identical float32, near-tie steps]``."""
     from xformer import ModelSpec, get_backend, random_weights
     from xformer.conformance import (TOLERANCES, default_targets, greedy_margins,
                                      run_generation)
 
     targets = [t for t in default_targets() if t.mode == get_backend(t.backend).modes[0]]
     noise = 2 * TOLERANCES["float32"].output
-    table = Table(title=f"generation across {', '.join(t.label for t in targets)}: rows whose "
-                        f"token sequences are identical on every backend")
-    for col in ("architecture", "search", "float64", "float32", "float32 near-tie steps"):
-        table.add_column(col)
+    out = []
     for arch, preset in (("decoder", "gpt2-tiny"), ("encoder-decoder", "vaswani-tiny")):
         spec = ModelSpec.preset(preset).replace(vocab_size=50, max_len=24, bos_token_id=0,
                                                 eos_token_id=1)
         for beams in (1, 3):
             same = {"float64": 0, "float32": 0}
             rows = ties = steps = 0
-            for seed in range(args.seeds):
+            for seed in range(seeds):
                 weights = random_weights(spec, seed=seed)
                 prompts = np.random.default_rng(seed).integers(2, 50, (6, 3))
                 for dtype in same:
@@ -52,9 +42,29 @@ def main() -> None:
                         ties += sum(int((m < noise).sum()) for m in margins)
                         steps += sum(len(m) for m in margins)
                 rows += len(prompts)
-            tie = f"{ties}/{steps}" if beams == 1 else ""
-            table.add_row(arch, "greedy" if beams == 1 else f"beam {beams}",
-                          f"{same['float64']}/{rows}", f"{same['float32']}/{rows}", tie)
+            out.append([arch, "greedy" if beams == 1 else f"beam {beams}",
+                        f"{same['float64']}/{rows}", f"{same['float32']}/{rows}",
+                        f"{ties}/{steps}" if beams == 1 else ""])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=4)
+    args = ap.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    from rich.console import Console
+    from rich.table import Table
+
+    from xformer.conformance import default_targets
+
+    table = Table(title=f"generation across {', '.join(t.label for t in default_targets())}: "
+                        f"rows whose token sequences are identical on every backend")
+    for col in ("architecture", "search", "float64", "float32", "float32 near-tie steps"):
+        table.add_column(col)
+    for row in measure(args.seeds):
+        table.add_row(*row)
     Console().print(table)
 
 

@@ -198,3 +198,182 @@ def test_compare_a_gpt2_checkpoint_against_huggingface(gpt2_dir, capsys, tmp_pat
     assert doc["reports"][0]["reference"] == "huggingface"
     assert {"output:logits", "grad:lm_head.weight"} & {d["tensor"] for d in
                                                      doc["reports"][0]["diffs"]}
+
+
+# ---------------------------------------------------------------------- issue #7: a new user
+def test_bad_backend_says_where_it_came_from(tmp_path, capsys, monkeypatch, gpt2_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XFORMER_BACKEND", "jax")
+    line = one_line_error(capsys, "generate", "--model", str(gpt2_dir), "--prompt-ids", "1")
+    assert "unknown backend 'jax'" in line and "from $XFORMER_BACKEND" in line
+    monkeypatch.delenv("XFORMER_BACKEND")
+    (tmp_path / "xformer.toml").write_text('backend = "foo"\n')
+    line = one_line_error(capsys, "generate", "--model", str(gpt2_dir), "--prompt-ids", "1")
+    assert "unknown backend 'foo'" in line and "from ./xformer.toml" in line
+    assert "from --backend" in one_line_error(capsys, "generate", "--model", str(gpt2_dir),
+                                              "--prompt-ids", "1", "--backend", "bar")
+
+
+def test_generate_and_embed_say_which_backend(tmp_path, capsys, monkeypatch, gpt2_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XFORMER_BACKEND", "torch")
+    code, out, err = run(capsys, "generate", "--model", str(gpt2_dir), "--prompt-ids", "1,2",
+                         "--max-new-tokens", "2", "--json")
+    assert code == 0 and len(json.loads(out)) <= 2
+    assert err.strip().splitlines() == ["xformer: backend torch (from $XFORMER_BACKEND)"]
+    monkeypatch.delenv("XFORMER_BACKEND")
+    code, _, err = run(capsys, "generate", "--model", str(gpt2_dir), "--prompt-ids", "1,2",
+                       "--max-new-tokens", "2")
+    assert code == 0 and "xformer: backend torch (from default)" in err
+
+
+def test_resolve_backend_names_the_source_in_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("XFORMER_BACKEND", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert xb.resolve_backend(None) == (xb.resolve_backend_name(), "default")
+    home = tmp_path / "home" / ".config" / "xformer"
+    home.mkdir(parents=True)
+    (home / "config.toml").write_text('backend = "mxnet"\n')
+    assert xb.resolve_backend(None) == ("mxnet", "~/.config/xformer/config.toml")
+    (tmp_path / "xformer.toml").write_text('other = 1\n')  # no backend key: the next file
+    assert xb.resolve_backend(None) == (xb.resolve_backend_name(), "~/.config/xformer/config.toml")
+    (tmp_path / "xformer.toml").write_text('backend = "tensorflow"\n')
+    assert xb.resolve_backend(None) == (xb.resolve_backend_name(), "./xformer.toml")
+    monkeypatch.setenv("XFORMER_BACKEND", "torch")
+    assert xb.resolve_backend(None) == ("torch", "$XFORMER_BACKEND") == (
+        xb.resolve_backend_name(), "$XFORMER_BACKEND")
+    assert xb.resolve_backend("mxnet") == ("mxnet", "--backend")
+
+
+DECODER = ModelSpec(architecture="decoder", vocab_size=50, d_model=16, n_heads=2, d_ff=32,
+                    n_layers=1, max_len=16, positional="learned", type_vocab_size=0,
+                    embedding_norm=False, final_norm=True, norm_position="pre", head="lm",
+                    tie_embeddings=True, bos_token_id=0, eos_token_id=49)
+
+
+@pytest.mark.parametrize("out", ["ckpt", "w.safetensors"])
+def test_init_then_generate(tmp_path, capsys, out):
+    """What `xformer init` writes, `--model` reads: a checkpoint directory, or one file."""
+    DECODER.save(tmp_path / "dec.yaml")
+    path = tmp_path / out
+    code, stdout, _ = run(capsys, "init", "--spec", str(tmp_path / "dec.yaml"), "--out",
+                          str(path))
+    assert code == 0 and f"--model {path}" in stdout
+    assert path.is_dir() == (out == "ckpt")
+    code, stdout, _ = run(capsys, "generate", "--model", str(path), "--prompt-ids", "3,4",
+                          "--max-new-tokens", "3", "--backend", "torch", "--json")
+    assert code == 0
+    ids = json.loads(stdout)
+    assert 1 <= len(ids) <= 3 and all(0 <= i < 50 for i in ids)
+
+
+def test_a_71_tensor_mismatch_is_summarised(tmp_path, capsys):
+    """The error counts and names a few tensors; .details and --verbose give every one."""
+    from xformer import CheckpointError
+    from xformer.weights import check_weights
+
+    bert_mini = ModelSpec.preset("bert-mini")
+    assert len(bert_mini.parameters()) == 71
+    with pytest.raises(CheckpointError) as e:
+        check_weights(bert_mini, {}, source="tensors in model.safetensors")
+    msg = str(e.value)
+    assert len(msg) < 300, msg
+    assert "missing 71: embeddings.word_embeddings.weight, " in msg and " and 68 more" in msg
+    assert "--verbose" in msg and len(e.value.details) == 71
+    assert "missing: encoder.layers.3.norm2.bias" in e.value.details
+
+    # a checkpoint whose names carry a prefix: 71 missing and every tensor extra
+    prefixed = {f"bert.{k}": v for k, v in init_weights(SPEC).items()}
+    save_weights(tmp_path / "prefixed.safetensors", prefixed)
+    argv = ["compare", "--spec", "bert-mini", "--weights",
+            str(tmp_path / "prefixed.safetensors")]
+    line = one_line_error(capsys, *argv)
+    assert len(line) < 450 and "missing 71" in line and f"extra {len(prefixed)}" in line
+    code, _, err = run(capsys, *argv, "--verbose")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[0] == line and len(lines) == 1 + 71 + len(prefixed)
+    assert "  missing: encoder.layers.3.norm2.bias" in lines
+    assert "  extra: bert.pooler.dense.bias" in lines
+
+
+def test_gpt2_config_with_default_bos_eos_outside_a_small_vocab(tmp_path, capsys):
+    """GPT2Config(vocab_size=64) keeps bos/eos 50256: Hugging Face loads it with a warning, and
+    so does xformer (dropping ids the model can never produce); generation matches HF."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from xformer import from_pretrained
+
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2,
+                                     n_positions=16)
+    assert config.eos_token_id == config.bos_token_id == 50256
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.warns(UserWarning) as caught:
+        spec, _ = from_pretrained(tmp_path)
+    assert sorted(str(w.message).split(" = ")[0] for w in caught) == [
+        "config.json bos_token_id", "config.json eos_token_id"]
+    assert all("50256 is outside the vocabulary [0, vocab_size=64)" in str(w.message)
+               for w in caught)
+    assert spec.vocab_size == 64 and spec.bos_token_id is None and spec.eos_token_id is None
+    code, out, err = run(capsys, "generate", "--model", str(tmp_path), "--prompt-ids",
+                         "5,17,3", "--max-new-tokens", "6", "--dtype", "float64", "--backend",
+                         "torch", "--json")
+    assert code == 0
+    assert "xformer: warning: config.json bos_token_id = 50256 is outside" in err
+    hf = hf.double().eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([[5, 17, 3]]), max_new_tokens=6, do_sample=False,
+                          pad_token_id=0)[0, 3:].tolist()
+    assert json.loads(out) == ref  # 50256 never stops HF either: all 6 tokens
+
+
+def test_compare_fits_an_80_column_terminal(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(capsys, "compare", "--dtype", "float64", "--repeats", "0",
+                       "--all-modes")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in out
+    from xformer.conformance import default_targets
+
+    rows = [line.split()[0] for line in lines if line.strip()]
+    for target in default_targets(all_modes=True):
+        assert target.label in rows  # one unabbreviated row per target
+
+
+def _cli_subprocess(code: str, tmp_path, **env) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**environ, **env})
+
+
+@pytest.mark.skipif(not xb.is_installed("tensorflow"), reason="TensorFlow not installed")
+def test_tensorflow_start_up_log_is_silent(tmp_path):
+    """TensorFlow 2.18+ logs `oneDNN custom operations are on` twice at import, whatever
+    TF_CPP_MIN_LOG_LEVEL says; the CLI shows no such line."""
+    r = _cli_subprocess("import sys; from xformer.cli import main; sys.exit(main(['compare', "
+                        "'--backends', 'tensorflow', '--dtype', 'float64', '--repeats', '0']))",
+                        tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "oneDNN" not in r.stderr and "absl::InitializeLog" not in r.stderr, r.stderr
+    assert "CONFORMANT" in r.stdout
+
+
+def test_compare_on_torch_imports_no_other_framework(tmp_path):
+    r = _cli_subprocess("import sys; from xformer.cli import main; "
+                        "code = main(['compare', '--backends', 'torch', '--dtype', 'float64', "
+                        "'--repeats', '0']); "
+                        "print('imported:', *[m for m in ('tensorflow', 'keras', 'mxnet') "
+                        "if m in sys.modules]); sys.exit(code)", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "imported:", r.stdout[-300:]

@@ -42,3 +42,63 @@ def test_blocks_run_and_generation_agrees(arch):
     if arch:  # the generated token lists (last two lines) are identical across backends
         tails = {b: o.strip().splitlines()[-2:] for b, o in outputs.items()}
         assert len({tuple(t) for t in tails.values()}) == 1, tails
+
+
+# ---------------------------------------------------------------------- generated figures
+ROOT = PAGE.parent.parent
+#: Pages whose figure tables are measurements of this project (benchmarks/figures.py).
+FIGURE_PAGES = ["README.md", "docs/index.md", "docs/conformance.md", "docs/benchmarks.md",
+                "docs/getting-started.md", "docs/examples.md"]
+#: A measured figure: a mantissa with decimals and an exponent (2.7e-14), unlike a bound (1e-11).
+FIGURE = re.compile(r"\b\d\.\d+e[-+]?\d+\b")
+
+
+def _tables_outside_markers(text: str) -> list[str]:
+    """The first line of every markdown table with a measured figure outside
+    ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->``."""
+    bad, inside, table = [], None, []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table and inside is None and any(FIGURE.search(row) for row in table):
+            bad.append(table[0])
+        table = []
+        m = re.match(r"<!-- (/?)figures:([\w-]+) -->$", line.strip())
+        if m:
+            assert (inside is None) != bool(m.group(1)), f"unbalanced marker: {line}"
+            inside = None if m.group(1) else m.group(2)
+    assert inside is None, f"figures:{inside} is not closed"
+    return bad
+
+
+@pytest.mark.parametrize("page", FIGURE_PAGES)
+def test_every_figure_table_is_generated(page):
+    """A table of measured figures typed by hand goes stale: each one sits between markers
+    that `python benchmarks/figures.py` rewrites from a fresh measurement."""
+    assert _tables_outside_markers((ROOT / page).read_text()) == []
+
+
+def test_the_marker_check_catches_a_hand_typed_table():
+    typed = "| a | b |\n|---|---|\n| x | 2.7e-14 |\n"
+    assert _tables_outside_markers(typed) == ["| a | b |"]
+    assert _tables_outside_markers(f"<!-- figures:x -->\n{typed}<!-- /figures:x -->\n") == []
+    assert _tables_outside_markers("| tolerance |\n|---|\n| 1e-11 |\n") == []
+
+
+def test_every_region_the_script_writes_exists_and_is_filled():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("figures", ROOT / "benchmarks" / "figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    for files in figures.REGIONS.values():
+        for page, names in files.items():
+            text = (ROOT / page).read_text()
+            for name in names:
+                body = re.search(figures._REGION.format(name=re.escape(name)), text, re.S)
+                assert body, f"{page}: no region figures:{name}"
+                assert body.group(2).strip(), f"{page}: figures:{name} is empty: run " \
+                                              f"{figures.COMMAND}"
+    assert "benchmarks/figures.py" in (ROOT / "README.md").read_text()
+    assert "benchmarks/figures.py" in (ROOT / "docs" / "conformance.md").read_text()

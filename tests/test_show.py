@@ -43,3 +43,17 @@ def test_unknown_class_is_a_one_line_error(capsys):
     assert main(["show", "Transformer"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no node class 'Transformer'" in err[0] and "FeedForward" in err[0]
+
+
+@pytest.mark.parametrize("columns", [80, 100, 300])
+def test_show_honours_columns(columns, capsys, monkeypatch):
+    """Piped output takes $COLUMNS (rich's rule); panels sit side by side only when each gets
+    SHOW_COLUMN_WIDTH columns, else one under the other."""
+    from xformer.cli import SHOW_COLUMN_WIDTH
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert main(["show", "FeedForward"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    titles_on_one_line = max(line.count("modules.py:") for line in lines)
+    assert titles_on_one_line == (3 if columns >= 3 * SHOW_COLUMN_WIDTH else 1)

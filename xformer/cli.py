@@ -2,11 +2,18 @@
 
 ``xformer compare``  run one model on every backend and mode, compare outputs and gradients.
 ``xformer embed``    sentence embeddings of a BERT checkpoint on one backend.
-``xformer init``     random canonical weights for a spec.
+``xformer generate`` greedy or beam-search generation.
+``xformer diff``     where two runs diverge, node by node.
+``xformer show``     the three implementations of one node class.
+``xformer init``     random canonical weights for a spec (a checkpoint directory or one file).
 ``xformer backends`` the registered backends, installed or not.
 
 Exit status: 0 success (``compare``: every backend conforms), 1 ``compare`` found a mismatch,
-2 bad input (one line on stderr, no traceback).
+2 bad input (one line on stderr, no traceback; ``--verbose`` adds the full list when the line
+summarises one, e.g. every tensor of a checkpoint that does not match its spec).
+
+Output fits the terminal: tables and panels take the width of the terminal, or ``$COLUMNS``
+(80 when neither is known), never more.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .errors import InputError, XformerError
+from .errors import BackendError, InputError, XformerError
 
 DEMO_SENTENCES = ("The quick brown fox jumps over the lazy dog.",
                   "Does my Transformer compute the same thing on PyTorch, TensorFlow and MXNet?")
@@ -37,12 +45,21 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="xformer", description="One Transformer spec on PyTorch, TensorFlow and "
                                             "MXNet: build, load shared weights, compare.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="on an error that summarises a list (a checkpoint's tensors), "
+                             "print the whole list")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("compare", help="compare outputs, gradients and speed across backends")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help)
+
+    c = add("compare", "compare outputs, gradients and speed across backends")
     src = c.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR",
-                     help="a Hugging Face BERT directory (config.json + model.safetensors)")
+    src.add_argument("--model", metavar="PATH",
+                     help="a Hugging Face BERT or GPT-2 directory (config.json + "
+                          "model.safetensors), an xformer checkpoint directory or .safetensors "
+                          "file")
     src.add_argument("--spec", metavar="FILE", help="a spec (.json/.yaml) or preset name")
     c.add_argument("--weights", metavar="FILE", help="canonical safetensors weights "
                    "(default: random from --seed)")
@@ -65,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write a self-contained HTML report (verdict table, per-node "
                         "error plots, timings, spec, environment)")
 
-    e = sub.add_parser("embed", help="sentence embeddings (mean-pooled, L2-normalised)")
+    e = add("embed", "sentence embeddings (mean-pooled, L2-normalised)")
     e.add_argument("--model", metavar="DIR", required=True,
                    help="a BERT directory with tokenizer.json")
     e.add_argument("--backend", help="torch, tensorflow or mxnet (default: $XFORMER_BACKEND, "
@@ -75,10 +92,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="print one JSON array with one vector per sentence")
     e.add_argument("sentences", nargs="+", metavar="SENTENCE")
 
-    g = sub.add_parser("generate", help="greedy or beam-search generation (decoder, "
-                                        "encoder-decoder)")
-    g.add_argument("--model", metavar="DIR", required=True,
-                   help="a Hugging Face GPT-2 directory or an xformer checkpoint directory")
+    g = add("generate", "greedy or beam-search generation (decoder, encoder-decoder)")
+    g.add_argument("--model", metavar="PATH", required=True,
+                   help="a Hugging Face GPT-2 directory, an xformer checkpoint directory, or "
+                        "an xformer .safetensors file (as `xformer init` writes them)")
     g.add_argument("--backend", help="torch, tensorflow or mxnet (default: $XFORMER_BACKEND, "
                                      "config file, torch)")
     g.add_argument("--prompt-ids", metavar="I,J,...", required=True,
@@ -92,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print the generated ids (prompt excluded) as one JSON array")
 
-    d = sub.add_parser("diff", help="locate where two runs diverge, node by node")
+    d = add("diff", "locate where two runs diverge, node by node")
     d.add_argument("--spec", metavar="FILE", required=True, help="side A's spec (file or preset)")
     d.add_argument("--weights", metavar="FILE",
                    help="side A's weights (default: random from --seed)")
@@ -104,22 +121,25 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
 
-    sh = sub.add_parser("show", help="the torch, Keras and Gluon code of one node class, side "
-                                     "by side")
+    sh = add("show", "the torch, Keras and Gluon code of one node class, side by side")
     sh.add_argument("node", metavar="NODE", nargs="?",
                     help="a class such as MultiHeadAttention (omit to list them)")
 
-    i = sub.add_parser("init", help="write random canonical weights for a spec")
+    i = add("init", "write random canonical weights for a spec")
     i.add_argument("--spec", metavar="FILE", required=True, help="spec file or preset name")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    i.add_argument("--out", metavar="FILE", required=True, help="the .safetensors file to write")
+    i.add_argument("--out", metavar="PATH", required=True,
+                   help="a checkpoint directory to write (spec.json + model.safetensors, what "
+                        "--model reads), or one file if PATH ends in .safetensors (the spec "
+                        "in its metadata)")
 
-    sub.add_parser("backends", help="list backends, their modes and framework versions")
+    add("backends", "list backends, their modes and framework versions")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # TensorFlow's C++ start-up log (xformer_tensorflow.import_tensorflow makes it honour this)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # tf.function retracing notes are about our many short-lived models, not the user's input
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -127,29 +147,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # usage error (2) or --help (0), already printed
         return int(e.code or 0)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return {"compare": cmd_compare, "embed": cmd_embed, "init": cmd_init,
+                    "generate": cmd_generate, "diff": cmd_diff, "show": cmd_show,
+                    "backends": cmd_backends}[args.command](args)
+        except XformerError as e:
+            print(f"xformer: error: {e}", file=sys.stderr)
+            if args.verbose:
+                for line in getattr(e, "details", ()):
+                    print(f"  {line}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """xformer's own warnings as one line, ``xformer: warning: ...``; others as Python does."""
+    if filename.startswith(str(Path(__file__).resolve().parent)):
+        print(f"xformer: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _console():
+    """A rich Console as wide as the terminal, else ``$COLUMNS``, else 80 columns (rich's own
+    rule; a pipe or a log never gets a wider table)."""
+    from rich.console import Console
+
+    return Console()
+
+
+def _get_backend(name: str | None):
+    """``(backend, note)`` for ``--backend`` (or the environment, a config file, the default):
+    the note, ``"xformer: backend torch (from $XFORMER_BACKEND)"``, goes to stderr once the
+    command has succeeded; an unknown or uninstalled backend's error names the source."""
+    from .backend import get_backend, resolve_backend
+
+    name, source = resolve_backend(name)
     try:
-        return {"compare": cmd_compare, "embed": cmd_embed, "init": cmd_init,
-                "generate": cmd_generate, "diff": cmd_diff, "show": cmd_show,
-                "backends": cmd_backends}[args.command](args)
-    except XformerError as e:
-        print(f"xformer: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        be = get_backend(name)
+    except BackendError as e:
+        raise BackendError(f"{e} (backend {name!r} from {source})") from None
+    return be, f"xformer: backend {be.name} (from {source})"
+
+
+def _from_pretrained(path: str):
+    """``(spec, weights)`` of ``--model``: a model directory (:func:`xformer.from_pretrained`)
+    or an xformer ``.safetensors`` file that stores its spec (:func:`xformer.load_weights`)."""
+    from . import from_pretrained, load_weights
+
+    if Path(path).is_file():
+        return load_weights(path)
+    return from_pretrained(path)
 
 
 # ---------------------------------------------------------------------- commands
 def cmd_init(args) -> int:
     from .spec import ModelSpec
-    from .weights import init_weights, save_weights
+    from .weights import init_weights, save_pretrained, save_weights
 
     spec = ModelSpec.load(args.spec)
     out = Path(args.out)
     if not out.parent.exists():
         raise InputError(f"folder {str(out.parent)!r} does not exist")
-    save_weights(out, init_weights(spec, seed=args.seed, dtype=args.dtype), spec)
+    weights = init_weights(spec, seed=args.seed, dtype=args.dtype)
+    if out.suffix == ".safetensors":
+        save_weights(out, weights, spec)
+        what = "(the spec in its metadata)"
+    else:
+        save_pretrained(out, spec, weights)
+        what = "(spec.json + model.safetensors)"
     print(f"wrote {spec.num_parameters():,} parameters ({len(spec.parameters())} tensors, "
-          f"{args.dtype}, seed {args.seed}) to {out}")
+          f"{args.dtype}, seed {args.seed}) to {out} {what}; use it with --model {out}")
     return 0
 
 
@@ -177,9 +248,11 @@ def cmd_backends(args) -> int:
 def cmd_embed(args) -> int:
     from . import text
 
-    emb = text.embed(args.model, args.sentences, backend=args.backend, dtype=args.dtype)
+    be, note = _get_backend(args.backend)
+    emb = text.embed(args.model, args.sentences, backend=be.name, dtype=args.dtype)
     if args.json:
         print(json.dumps(emb.tolist()))
+        print(note, file=sys.stderr)
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -190,11 +263,11 @@ def cmd_embed(args) -> int:
     for s, v in zip(args.sentences, emb):
         table.add_row(s, " ".join(f"{x:+.4f}" for x in v[:6]) + " ...")
     Console().print(table)
+    print(note, file=sys.stderr)
     return 0
 
 
 def cmd_diff(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from .conformance import Case, diff_traces, first_divergence, trace_run
@@ -227,7 +300,7 @@ def cmd_diff(args) -> int:
     a.label, b.label = f"A:{a.label}", f"B:{b.label}"
     rows = diff_traces(a, b, args.dtype)
     first = first_divergence(rows)
-    console = Console() if Console().is_terminal else Console(width=140)
+    console = _console()
     table = Table(title=f"xformer diff: A = {names[0]} {Path(args.spec).name}, B = {names[1]} "
                         f"{Path(args.spec_b or args.spec).name}, {args.dtype}",
                   title_justify="left")
@@ -257,36 +330,44 @@ def cmd_diff(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from rich.console import Console
     from rich.panel import Panel
     from rich.syntax import Syntax
     from rich.table import Table
 
     from .show import TITLES, modules_file, node_classes, sources
 
-    console = Console()
+    console = _console()
     if not args.node:
         console.print("node classes: " + ", ".join(node_classes("torch")))
         return 0
     found = sources(args.node)
-    if not console.is_terminal:  # a pipe or a log: room for the columns side by side
-        console = Console(width=100 * len(found))
+    panels = [Panel(Syntax(src, "python", line_numbers=True, start_line=line, word_wrap=True,
+                           theme="ansi_dark"),
+                    title=f"{TITLES[be]}: {modules_file(be).parent.name}/modules.py:{line}")
+              for be, (src, line) in found.items()]
+    # side by side when each panel gets SHOW_COLUMN_WIDTH columns, else one under the other
+    side_by_side = console.width >= SHOW_COLUMN_WIDTH * len(panels)
     grid = Table.grid(expand=True, padding=(0, 1))
-    for _ in found:
+    for _ in panels if side_by_side else panels[:1]:
         grid.add_column(ratio=1)
-    grid.add_row(*[Panel(Syntax(src, "python", line_numbers=True, start_line=line,
-                                word_wrap=True, theme="ansi_dark"),
-                         title=f"{TITLES[be]}: {modules_file(be).parent.name}/modules.py:{line}")
-                   for be, (src, line) in found.items()])
+    if side_by_side:
+        grid.add_row(*panels)
+    else:
+        for panel in panels:
+            grid.add_row(panel)
     console.print(grid)
     return 0
+
+
+#: The narrowest panel ``xformer show`` puts side by side with the others: line numbers and
+#: 80 columns of code.
+SHOW_COLUMN_WIDTH = 90
 
 
 def cmd_generate(args) -> int:
     import numpy as np
 
-    from .backend import build, get_backend
-    from .weights import from_pretrained
+    from .backend import build
 
     try:
         prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
@@ -295,8 +376,8 @@ def cmd_generate(args) -> int:
                          f"{args.prompt_ids!r}") from None
     if not prompt:
         raise InputError("--prompt-ids is empty")
-    spec, weights = from_pretrained(args.model)
-    be = get_backend(args.backend)
+    spec, weights = _from_pretrained(args.model)
+    be, note = _get_backend(args.backend)
     model = build(spec, backend=be.name, dtype=args.dtype, weights=weights)
     ids = be.generate(model, np.asarray([prompt], np.int64), max_new_tokens=args.max_new_tokens,
                       num_beams=args.num_beams, length_penalty=args.length_penalty,
@@ -306,6 +387,7 @@ def cmd_generate(args) -> int:
     else:
         search = "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams"
         print(f"{be.name} ({search}, {args.dtype}): {ids}")
+    print(note, file=sys.stderr)
     return 0
 
 
@@ -314,10 +396,10 @@ def _load_model(args):
     import numpy as np
 
     from .spec import ModelSpec
-    from .weights import from_pretrained, load_weights, random_weights
+    from .weights import load_weights, random_weights
 
     if args.model:
-        spec, weights = from_pretrained(args.model)
+        spec, weights = _from_pretrained(args.model)
         inputs = None
         if (Path(args.model) / "tokenizer.json").is_file():
             from .text import encode, load_tokenizer
@@ -363,7 +445,7 @@ def _targets(args):
 
 def _hf_unexpressible(spec) -> str | None:
     """Why the Hugging Face reference cannot run ``spec`` (``None``: it can)."""
-    from . import hf
+    from . import convert as hf
 
     if spec.architecture == "encoder":
         return hf.bert_expressible(spec)
@@ -393,7 +475,6 @@ def _reference(args, spec, from_hf: bool) -> str | None:
 
 
 def cmd_compare(args) -> int:
-    from rich.console import Console
 
     from .conformance import Case, environment, run_case
     from .spec import atomic_write_bytes
@@ -404,9 +485,7 @@ def cmd_compare(args) -> int:
     targets = _targets(args)
     reference = _reference(args, spec, from_hf=bool(args.model))
     dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: room for one column per target
-        console = Console(width=160)
+    console = _console()
     reports = []
     for dtype in dtypes:
         case = Case.make(spec, seed=args.seed, dtype=dtype, batch=args.batch,
@@ -428,7 +507,7 @@ def cmd_compare(args) -> int:
         reports.append(report)
         console.print(render_report(report))
     ok = all(r.ok for r in reports)
-    doc = {"ok": ok, "model": label, "environment": environment(),
+    doc = {"ok": ok, "model": label, "environment": environment(targets, reference),
            "reports": [r.to_dict() for r in reports]}
     if args.html:
         from .report import write_html
@@ -480,8 +559,12 @@ def _fmt(d) -> str:
 
 
 def render_report(report):
-    """A rich ``Table``: one column per target (+ the reference), rows for errors, times and
-    the verdict."""
+    """A rich ``Table``, one row per target (+ the reference): max relative error of the outputs
+    and of the gradients against the reference, the worst against the other targets, the time
+    of a forward and of a forward+backward pass, and the verdict. Rows, not columns, per
+    target, so that the table fits an 80-column terminal with every target of ``--all-modes``.
+    """
+    from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -490,38 +573,35 @@ def render_report(report):
 
     tol = TOLERANCES[report.case.dtype]
     ref = report.reference
-    title = (f"{report.case.name}: max relative error (tolerance: outputs {tol.output:.0e}, "
-             f"gradients {tol.grad:.0e})")
-    table = Table(title=title, title_justify="left")
-    table.add_column("", style="bold")
-    labels = [r.label for r in report.runs]
-    for label in labels:
-        table.add_column(label, justify="right")
-    if ref is not None:
-        table.add_column(f"{ref.label} (reference)", justify="right", style="dim")
     ref_label = ref.label if ref else None
-    rows = []
+    title = (f"{report.case.name}: max relative error"
+             + (f" vs the {ref_label} reference and" if ref else "") + " between targets "
+             f"(tolerance: outputs {tol.output:.0e}, gradients {tol.grad:.0e})")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    table.add_column("target", style="bold", no_wrap=True)
     if ref is not None:
-        rows.append((f"outputs vs {ref_label}",
-                     [_fmt(report.worst(lab, ref_label, "output")) for lab in labels] + [""]))
-        rows.append((f"gradients vs {ref_label}",
-                     [_fmt(report.worst(lab, ref_label, "grad")) for lab in labels] + [""]))
-    others = []
-    for lab in labels:
+        table.add_column("outputs\nvs ref.", justify="right")
+        table.add_column("gradients\nvs ref.", justify="right")
+    table.add_column("vs other\ntargets", justify="right")
+    table.add_column("forward\n(ms)", justify="right")
+    table.add_column("fwd+bwd\n(ms)", justify="right")
+    table.add_column("verdict")
+    for run in report.runs:
+        lab = run.label
+        cells = []
+        if ref is not None:
+            cells += [_fmt(report.worst(lab, ref_label, "output")),
+                      _fmt(report.worst(lab, ref_label, "grad"))]
         pair = [d for d in report.diffs if lab in (d.a, d.b) and ref_label not in (d.a, d.b)]
-        others.append(_fmt(max(pair, key=lambda d: math.inf if math.isnan(d.max_rel)
-                               else d.max_rel / d.tol)) if pair else "n/a")
-    rows.append(("worst vs other targets", others + ([""] if ref else [])))
-    runs = report.runs + ([ref] if ref else [])
-    rows.append(("forward (ms)", [_ms(r.forward_s) for r in runs]))
-    rows.append(("forward+backward (ms)", [_ms(r.step_s) for r in runs]))
-    verdicts = []
-    for lab in labels:
+        cells.append(_fmt(max(pair, key=lambda d: math.inf if math.isnan(d.max_rel)
+                              else d.max_rel / d.tol)) if pair else "n/a")
         bad = [d for d in report.diffs if lab in (d.a, d.b) and not d.ok]
-        verdicts.append("[green]conforms[/]" if not bad else f"[red]{len(bad)} mismatches[/]")
-    rows.append(("verdict", verdicts + ([""] if ref else [])))
-    for name, cells in rows:
-        table.add_row(name, *cells)
+        verdict = "[green]conforms[/]" if not bad else f"[red]{len(bad)} mismatches[/]"
+        table.add_row(lab, *cells, _ms(run.forward_s), _ms(run.step_s), verdict)
+    if ref is not None:
+        table.add_row(f"{ref.label} (ref.)", "", "", "", _ms(ref.forward_s), _ms(ref.step_s),
+                      "", style="dim")
     parts = [table]
     worst = report.worst()
     if worst is not None:
