@@ -50,10 +50,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import CheckpointError, SpecError
+from .errors import CheckpointError, SpecError, truncate
+from .resources import read_capped
 from .spec import ModelSpec
-from .weights import (atomic_write_dir, check_weights, load_pretrained, model_safetensors,
-                      read_safetensors, safetensors_bytes, shape_problems)
+from .weights import (atomic_write_dir, check_weights, header_tensors, load_pretrained,
+                      model_safetensors, read_safetensors, safetensors_bytes, safetensors_header,
+                      shape_problems)
 
 #: ``model_type`` values of ``config.json`` that :func:`from_pretrained` imports.
 SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
@@ -64,15 +66,27 @@ def read_hf_config(root: str | os.PathLike) -> dict[str, Any] | None:
     """``config.json`` of a model directory as a dict, or ``None`` if there is none.
 
     Raises:
-        CheckpointError: the file is not valid JSON or not a JSON object.
+        CheckpointError: the file is not UTF-8 JSON, nests too deeply, holds an unreadable
+            number, or is not a JSON object.
+        InputError: ``config.json`` is not a regular file, is over 16 MiB or cannot be read
+            (permission denied) (:func:`xformer.resources.read_capped`).
     """
     path = Path(root) / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
+    data = read_capped(path, what="config.json")
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 "
+                              f"JSON") from None
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests too deeply to be a config.json") from None
+    except ValueError as e:  # an integer over Python's 4300-digit limit
+        raise CheckpointError(f"{path} holds a value xformer cannot read "
+                              f"({str(e).split(';')[0][:120]})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
     return config
@@ -103,8 +117,57 @@ def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.nd
         return import_bert(root, config)
     if model_type == "gpt2":
         return import_gpt2(root, config)
-    raise CheckpointError(f"{root / 'config.json'}: model_type {model_type!r} is not supported "
-                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    raise CheckpointError(f"{root / 'config.json'}: model_type {truncate(model_type)} is not "
+                          f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+
+
+_REQUIRED = object()
+
+
+def config_int(config: Mapping[str, Any], key: str, default: Any = _REQUIRED, *,
+               low: int = 1, null_ok: bool = False) -> int | None:
+    """``config[key]`` as an ``int`` >= ``low`` (a float only if it is integral: ``32.0``,
+    never ``32.7``); ``default`` if absent (no default: required); ``None`` kept if
+    ``null_ok``.
+
+    Raises:
+        SpecError: naming the ``config.json`` key: missing, null, a string, a bool, a
+            fraction or below ``low``.
+    """
+    if key not in config:
+        if default is _REQUIRED:
+            raise SpecError(f"config.json has no {key!r}; a Hugging Face config gives it (is "
+                            f"this the model's config.json?)")
+        return default
+    value = config[key]
+    if value is None and null_ok:
+        return None
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"config.json {key} = {truncate(value)} is not an integer; give a "
+                        f"whole number >= {low}")
+    if value < low:
+        raise SpecError(f"config.json {key} = {truncate(value)} must be >= {low}")
+    return value
+
+
+def config_float(config: Mapping[str, Any], key: str, default: float) -> float:
+    """``config[key]`` (or ``default``) as a finite ``float``.
+
+    Raises:
+        SpecError: naming the key: not a number (a string, null, a bool) or not finite.
+    """
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"config.json {key} = {truncate(value)} is not a number")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = float("inf")
+    if out != out or out in (float("inf"), float("-inf")):
+        raise SpecError(f"config.json {key} = {truncate(value)} is not a finite number")
+    return out
 
 
 # ---------------------------------------------------------------------- Hugging Face BERT
@@ -127,23 +190,28 @@ def spec_from_bert_config(config: Mapping) -> ModelSpec:
     """The spec of a Hugging Face ``BertConfig`` (``config.json``) as a dict.
 
     Raises:
-        SpecError: an unsupported ``hidden_act`` or ``position_embedding_type``.
+        SpecError: an unsupported ``hidden_act`` or ``position_embedding_type``; a missing
+            size (``hidden_size``, ``num_attention_heads``, ``intermediate_size``,
+            ``num_hidden_layers``, ``vocab_size``) or one that is not a whole number (a string,
+            null, a bool, ``32.7``), naming the key (:func:`config_int`).
     """
     act = config.get("hidden_act", "gelu")
-    if act not in _HF_ACTIVATIONS:
-        raise SpecError(f"config.json hidden_act {act!r} is not supported; "
+    if not isinstance(act, str) or act not in _HF_ACTIVATIONS:
+        raise SpecError(f"config.json hidden_act {truncate(act)} is not supported; "
                         f"supported: {', '.join(_HF_ACTIVATIONS)}")
     pos = config.get("position_embedding_type", "absolute")
     if pos != "absolute":
-        raise SpecError(f"config.json position_embedding_type {pos!r} is not supported "
+        raise SpecError(f"config.json position_embedding_type {truncate(pos)} is not supported "
                         f"(only 'absolute')")
     return ModelSpec(
-        architecture="encoder", vocab_size=int(config["vocab_size"]),
-        d_model=int(config["hidden_size"]), n_heads=int(config["num_attention_heads"]),
-        d_ff=int(config["intermediate_size"]), n_layers=int(config["num_hidden_layers"]),
-        max_len=int(config.get("max_position_embeddings", 512)), norm_position="post",
-        norm_eps=float(config.get("layer_norm_eps", 1e-12)), activation=_HF_ACTIVATIONS[act],
-        positional="learned", type_vocab_size=int(config.get("type_vocab_size", 2)),
+        architecture="encoder", vocab_size=config_int(config, "vocab_size"),
+        d_model=config_int(config, "hidden_size"),
+        n_heads=config_int(config, "num_attention_heads"),
+        d_ff=config_int(config, "intermediate_size"),
+        n_layers=config_int(config, "num_hidden_layers"),
+        max_len=config_int(config, "max_position_embeddings", 512), norm_position="post",
+        norm_eps=config_float(config, "layer_norm_eps", 1e-12), activation=_HF_ACTIVATIONS[act],
+        positional="learned", type_vocab_size=config_int(config, "type_vocab_size", 2, low=0),
         embedding_norm=True, final_norm=False, embed_scale=False, bias=True, head="pooler",
     )
 
@@ -224,6 +292,12 @@ def import_bert(path: str | os.PathLike, config: Mapping | None = None
     if config is None:
         raise CheckpointError(f"{str(root)!r} has no config.json")
     spec = spec_from_bert_config(config)
+    # names and shapes from the header first: a file claiming other tensors is refused unread
+    shapes = {n: t for k, t in header_tensors(safetensors_header(st)).items()
+              if (n := _bert_name(k)) is not None}
+    if "pooler.dense.weight" not in shapes:
+        spec = spec.replace(head="none")
+    check_weights(spec, shapes, source=f"tensors in {st}")
     weights = {}
     for hf_name, arr in read_safetensors(st).items():
         name = _bert_name(hf_name)
@@ -330,15 +404,15 @@ def spec_from_gpt2_config(config: Mapping[str, Any], head: str = "lm") -> ModelS
         raise SpecError("config.json add_cross_attention = true is not supported (a GPT-2 "
                         "with cross-attention is not a decoder-only model)")
     act = cfg["activation_function"]
-    if act not in GPT2_ACTIVATIONS:
-        raise SpecError(f"config.json activation_function {act!r} is not supported; "
+    if not isinstance(act, str) or act not in GPT2_ACTIVATIONS:
+        raise SpecError(f"config.json activation_function {truncate(act)} is not supported; "
                         f"supported: {', '.join(GPT2_ACTIVATIONS)}")
-    vocab = int(cfg["vocab_size"])
+    vocab = config_int(cfg, "vocab_size")
     for key in ("bos_token_id", "eos_token_id"):
         tok = cfg[key]
-        if tok is not None and not isinstance(tok, int):
-            raise SpecError(f"config.json {key} = {tok!r} is not a token id; set it to one "
-                            f"integer or null")
+        if tok is not None and (isinstance(tok, bool) or not isinstance(tok, int)):
+            raise SpecError(f"config.json {key} = {truncate(tok)} is not a token id; set it "
+                            f"to one integer or null")
         if tok is not None and not 0 <= tok < vocab:
             # GPT2Config(vocab_size=...) keeps the default 50256; Hugging Face loads it with a
             # warning. A token the model can never produce cannot stop or start generation.
@@ -346,16 +420,17 @@ def spec_from_gpt2_config(config: Mapping[str, Any], head: str = "lm") -> ModelS
                           f"vocab_size={vocab}): the model can never produce it, so it is "
                           f"dropped ({key} = None)", UserWarning, stacklevel=2)
             cfg[key] = None
-    d = int(cfg["n_embd"])
+    d = config_int(cfg, "n_embd")
+    inner = config_int(cfg, "n_inner", null_ok=True)
     return ModelSpec(
-        architecture="decoder", vocab_size=vocab, d_model=d, n_heads=int(cfg["n_head"]),
-        d_ff=int(cfg["n_inner"]) if cfg["n_inner"] else 4 * d, n_layers=int(cfg["n_layer"]),
-        max_len=int(cfg["n_positions"]), norm_position="pre",
-        norm_eps=float(cfg["layer_norm_epsilon"]), activation=GPT2_ACTIVATIONS[act],
+        architecture="decoder", vocab_size=vocab, d_model=d, n_heads=config_int(cfg, "n_head"),
+        d_ff=inner or 4 * d, n_layers=config_int(cfg, "n_layer"),
+        max_len=config_int(cfg, "n_positions"), norm_position="pre",
+        norm_eps=config_float(cfg, "layer_norm_epsilon", 1e-5), activation=GPT2_ACTIVATIONS[act],
         positional="learned", type_vocab_size=0, embedding_norm=False, final_norm=True,
         embed_scale=False, bias=True, head=head,
         tie_embeddings=head == "lm" and bool(cfg["tie_word_embeddings"]),
-        dropout=float(cfg["resid_pdrop"]), bos_token_id=cfg["bos_token_id"],
+        dropout=config_float(cfg, "resid_pdrop", 0.1), bos_token_id=cfg["bos_token_id"],
         eos_token_id=cfg["eos_token_id"],
     )
 
@@ -568,8 +643,9 @@ def import_gpt2(path: str | os.PathLike, config: Mapping[str, Any] | None = None
         raise CheckpointError(f"{str(root)!r} has no config.json")
     if config.get("model_type") != "gpt2":
         raise CheckpointError(f"{root / 'config.json'}: model_type "
-                              f"{config.get('model_type')!r} is not a GPT-2 ('gpt2')")
-    raw = _strip_gpt2_names(read_safetensors(st), st)
+                              f"{truncate(config.get('model_type'))} is not a GPT-2 ('gpt2')")
+    # names and shapes from the header first: a file claiming other tensors is refused unread
+    raw = _strip_gpt2_names(header_tensors(safetensors_header(st)), st)
     has_head = "lm_head.weight" in raw
     tied = bool(config.get("tie_word_embeddings", True))
     archs = config.get("architectures") or []
@@ -586,6 +662,9 @@ def import_gpt2(path: str | os.PathLike, config: Mapping[str, Any] | None = None
     if problems:
         raise CheckpointError(f"tensors in {st} do not match its config.json (GPT-2 names): "
                               + "; ".join(problems), details=details)
+    raw = _strip_gpt2_names(read_safetensors(st), st)
+    if tied and has_head:
+        del raw["lm_head.weight"]
     weights = gpt2_names_to_canonical(raw)
     return spec, check_weights(spec, weights, source=f"tensors in {st}")
 

@@ -23,12 +23,12 @@ import difflib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import SpecError
+from .errors import SpecError, truncate
+from .resources import DEFAULT_LIMIT, read_capped
 
 ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
 NORM_POSITIONS = ("post", "pre")
@@ -36,6 +36,17 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 POSITIONALS = ("learned", "sinusoidal")
 HEADS = ("pooler", "lm", "none")
 BOOLEAN = (True, False)
+
+#: Bounds that keep every size computation finite and every message short: each size field
+#: (``vocab_size``, ``d_model``, ``n_heads``, ``d_ff``, ``max_len``, ``type_vocab_size``) is at
+#: most ``MAX_SIZE`` (int32), a stack at most ``MAX_LAYERS`` layers, and the model at most
+#: ``MAX_PARAMETERS`` scalars (4 TiB in float32). Whether a smaller model fits in memory is
+#: :func:`xformer.resources.check_memory`'s question.
+MAX_SIZE = 2**31 - 1
+MAX_LAYERS = 10_000
+MAX_PARAMETERS = 2**40
+#: A YAML spec may expand (aliases followed) to at most this many nodes (a real spec has ~25).
+YAML_MAX_NODES = 10_000
 
 #: The allowed values of every categorical field, declared once: validation checks them, and
 #: conformance covers every value of every field (:func:`choices`,
@@ -129,7 +140,9 @@ class ModelSpec:
 
     Raises:
         SpecError: a field has a wrong type or a value out of range; the message names the field,
-            the value and what is allowed.
+            the value (cut to 80 characters, :func:`xformer.errors.truncate`) and what is
+            allowed. Sizes are bounded (:data:`MAX_SIZE`, :data:`MAX_LAYERS`,
+            :data:`MAX_PARAMETERS`) so that no size computation overflows.
     """
 
     architecture: str = "encoder"
@@ -163,33 +176,44 @@ class ModelSpec:
         for name, low in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise SpecError(f"spec field {name!r} must be an integer, got {value!r}")
+                raise SpecError(f"spec field {name!r} must be an integer, got {truncate(value)}")
+            high = MAX_LAYERS if name == "n_layers" else MAX_SIZE
             if value < low:
-                raise SpecError(f"spec field {name!r} must be >= {low}, got {value}")
+                raise SpecError(f"spec field {name!r} must be >= {low}, got {truncate(value)}")
+            if value > high:
+                raise SpecError(f"spec field {name!r} must be <= {high}, got {truncate(value)}")
         for name, high in (("n_decoder_layers", None), ("bos_token_id", self.vocab_size),
                            ("eos_token_id", self.vocab_size)):
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise SpecError(f"spec field {name!r} must be an integer or null, got {value!r}")
+                raise SpecError(f"spec field {name!r} must be an integer or null, "
+                                f"got {truncate(value)}")
             low = 1 if high is None else 0
-            if value < low or (high is not None and value >= high):
-                allowed = f">= {low}" if high is None else f"in [0, vocab_size={high})"
-                raise SpecError(f"spec field {name!r} must be {allowed}, got {value}")
+            if value < low or (high is None and value > MAX_LAYERS) or (
+                    high is not None and value >= high):
+                allowed = (f">= {low}" if value < low else f"<= {MAX_LAYERS}") if (
+                    high is None) else f"in [0, vocab_size={high})"
+                raise SpecError(f"spec field {name!r} must be {allowed}, got {truncate(value)}")
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if allowed is BOOLEAN:
                 if not isinstance(value, bool):
-                    raise SpecError(f"spec field {name!r} must be true or false, got {value!r}")
+                    raise SpecError(f"spec field {name!r} must be true or false, "
+                                    f"got {truncate(value)}")
             elif not isinstance(value, str) or value not in allowed:
                 raise SpecError(f"spec field {name!r} must be one of {', '.join(allowed)}; "
-                                f"got {value!r}")
+                                f"got {truncate(value)}")
         for name in ("norm_eps", "dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SpecError(f"spec field {name!r} must be a number, got {value!r}")
-            object.__setattr__(self, name, float(value))
+                raise SpecError(f"spec field {name!r} must be a number, got {truncate(value)}")
+            try:
+                object.__setattr__(self, name, float(value))
+            except OverflowError:
+                raise SpecError(f"spec field {name!r} must be a number in range, "
+                                f"got {truncate(value)}") from None
         if not 0.0 < self.norm_eps < 1.0:
             raise SpecError(f"spec field 'norm_eps' must be in (0, 1), got {self.norm_eps}")
         if not 0.0 <= self.dropout < 1.0:
@@ -204,7 +228,7 @@ class ModelSpec:
         heads = ARCHITECTURE_HEADS[arch]
         if self.head not in heads:
             users = " and ".join(f"{a}s" for a, h in ARCHITECTURE_HEADS.items() if self.head in h)
-            raise SpecError(f"spec field 'head' = {self.head!r} is for {users}; "
+            raise SpecError(f"spec field 'head' = {truncate(self.head)} is for {users}; "
                             f"{'an' if arch[0] in 'aeiou' else 'a'} {arch} takes "
                             f"{' or '.join(repr(h) for h in heads)}")
         if arch != "encoder" and self.type_vocab_size:
@@ -218,6 +242,11 @@ class ModelSpec:
                             "false")
         if self.tie_embeddings and self.head != "lm":
             raise SpecError("spec field 'tie_embeddings' needs head = 'lm'; set it to false")
+        n = self.num_parameters()
+        if n > MAX_PARAMETERS:
+            raise SpecError(f"this spec has {n:.3g} parameters, over the {MAX_PARAMETERS:.3g} "
+                            f"that xformer accepts ({n * 4 / 2**40:.0f} TiB in float32); check "
+                            f"d_model, d_ff, vocab_size and n_layers")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -425,7 +454,7 @@ class ModelSpec:
             key = unknown[0]
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(names)}"
-            raise SpecError(f"unknown spec field {key!r}{hint}")
+            raise SpecError(f"unknown spec field {truncate(key)}{hint}")
         return cls(**dict(data))
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -452,9 +481,20 @@ class ModelSpec:
         import yaml
 
         try:
-            data = json.loads(text) if fmt == "JSON" else yaml.safe_load(text)
+            data = json.loads(text) if fmt == "JSON" else _safe_yaml(text)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise SpecError(f"spec is not valid {fmt}: {str(e).splitlines()[0]}") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SpecError(f"spec is not valid {fmt}: {truncate(first, 200)}") from None
+        except RecursionError:
+            raise SpecError(f"spec is not a plain {fmt} mapping: it nests too deeply; a spec "
+                            f"is one flat mapping of field names to values") from None
+        except SpecError:
+            raise
+        except ValueError as e:  # e.g. an integer over Python's 4300-digit limit
+            why = (str(e).splitlines() or [type(e).__name__])[0].split(";")[0]
+            raise SpecError(f"spec holds a value xformer cannot read ({why[:120]}); "
+                            f"a spec field is a small number, a string or true/false"
+                            ) from None
         return cls.from_dict({} if data is None and fmt == "YAML" else data)
 
     @classmethod
@@ -462,15 +502,28 @@ class ModelSpec:
         """Read a ``.json``, ``.yaml`` or ``.yml`` spec file, or a preset name.
 
         Raises:
-            SpecError: the file is missing or malformed.
+            SpecError: the file is missing, not UTF-8 text, or malformed (not JSON/YAML, too
+                deeply nested, an alias bomb, an unreadable value, a bad field).
+            InputError: the path is not a regular file (directory, FIFO, device), is over
+                16 MiB (:data:`xformer.resources.DEFAULT_LIMIT`), or cannot be read
+                (permission denied).
         """
         p = Path(path)
-        if not p.exists():
+        if not os.path.lexists(p):
             if str(path) in PRESETS:
                 return cls.preset(str(path))
-            raise SpecError(f"spec file {str(path)!r} does not exist (give a .json/.yaml file "
-                            f"or a preset: {', '.join(PRESETS)})")
-        text = p.read_text()
+            raise SpecError(f"spec file {truncate(str(path), 200)} does not exist (give a "
+                            f".json/.yaml file or a preset: {', '.join(PRESETS)})")
+        data = read_capped(p, limit=DEFAULT_LIMIT, what="spec file")
+        try:
+            if b"\x00" in data:
+                raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"),
+                                         data.index(b"\x00") + 1, "NUL byte")
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecError(f"spec file {truncate(str(path), 200)} is not UTF-8 text (byte "
+                            f"{e.start}: {data[e.start:e.start + 1]!r}); save it as UTF-8 "
+                            f"JSON or YAML") from None
         if p.suffix.lower() == ".json":
             return cls.from_json(text)
         return cls.from_yaml(text)  # YAML is a superset of JSON
@@ -490,26 +543,231 @@ class ModelSpec:
             SpecError: unknown preset name.
         """
         if name not in PRESETS:
-            raise SpecError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+            raise SpecError(f"unknown preset {truncate(name)}; presets: {', '.join(PRESETS)}")
         return cls.from_dict(PRESETS[name])
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and
-    ``os.replace``, so a reader never sees a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+def _safe_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, refusing, before any Python object is built, a document that
+    expands (aliases followed) to more than :data:`YAML_MAX_NODES` nodes or refers to itself:
+    a 500-byte alias bomb would otherwise build (and an error message print) 9**9 values."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_size(root: Any) -> None:
+    """Raise ``SpecError`` if the composed YAML graph under ``root`` expands to more than
+    :data:`YAML_MAX_NODES` nodes or holds a cycle (iterative, memoised: linear in the nodes
+    written, whatever they expand to)."""
+    def children(node: Any) -> list:
+        if isinstance(node.value, list):
+            return [c for item in node.value
+                    for c in (item if isinstance(item, tuple) else (item,))]
+        return []
+
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            entered.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children(node))
+            if sizes[key] > YAML_MAX_NODES:
+                raise SpecError(f"spec is not a plain YAML mapping: its aliases expand to more "
+                                f"than {YAML_MAX_NODES:,} values (a spec has ~25); write the "
+                                f"fields out")
+            continue
+        if key in sizes:
+            continue
+        if key in entered:
+            raise SpecError("spec is not a plain YAML mapping: an alias refers to itself; "
+                            "write the fields out")
+        entered.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children(node) if id(c) not in sizes)
+
+
+# ---------------------------------------------------------------------- atomic saves
+#: Temporary files and folders of atomic saves are named ``.{name}.xformer-tmp-{pid}-{hex}.tmp``
+#: (a folder moved aside while a directory is replaced: ``.{name}.xformer-old-{pid}-{hex}.old``),
+#: next to the target, so that a later save can recognise those left by a killed process.
+TMP_MARKER = ".xformer-tmp-"
+OLD_MARKER = ".xformer-old-"
+
+
+def temp_path(path: Path, marker: str = TMP_MARKER) -> Path:
+    """A fresh temporary sibling of ``path``: ``.{name}.xformer-tmp-{pid}-{8 hex}.tmp``
+    (``.xformer-old-...old`` with ``marker=OLD_MARKER``)."""
+    import secrets
+
+    suffix = ".tmp" if marker == TMP_MARKER else ".old"
+    return path.parent / f".{path.name}{marker}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files and folders of atomic saves in ``folder`` whose process is
+    gone (``os.kill(pid, 0)`` raises ``ProcessLookupError``), as a SIGKILL leaves them. A folder
+    moved aside during a directory save (``.xformer-old-``) is put back if its target is
+    missing, else removed. Returns the names removed or restored; errors are ignored (this is
+    housekeeping, never a reason for a save to fail)."""
+    import shutil
+
+    done: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return done
+    for entry in entries:
+        name = entry.name
+        marker = TMP_MARKER if TMP_MARKER in name else OLD_MARKER if OLD_MARKER in name else None
+        if not name.startswith(".") or marker is None:
+            continue
+        target, _, tail = name[1:].rpartition(marker)
+        pid = tail.partition("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or reused pid): not ours to touch
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue
+        try:
+            target_path = os.path.join(folder, target)
+            if marker == OLD_MARKER and target and not os.path.lexists(target_path):
+                os.replace(entry.path, target_path)
+            elif entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            done.append(name)
+        except OSError:
+            pass
+    return done
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """``fsync`` a folder, so a rename in it survives a crash (ignored where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _Interrupted(BaseException):
+    """Raised by :class:`cleanup_on_signal`'s handler inside an armed save."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class cleanup_on_signal:
+    """Context manager for one save: while it is *armed* (``guard.armed = True`` as the first
+    statement of the save's ``try``, ``False`` as the last and first thing in its
+    ``except``), SIGTERM, SIGINT and SIGHUP raise inside the save, so its cleanup removes the
+    temporary file; outside the armed part (a bytecode or two) the signal is only recorded. On
+    exit the previous handlers are restored and the signal is delivered again to them: a
+    default SIGTERM then ends the process, SIGINT raises ``KeyboardInterrupt``; a handler that
+    returns leaves an ``InterruptedError`` (the save did not happen). Outside the main thread,
+    and for a signal whose handler is ``SIG_IGN``, nothing is installed."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+    def __enter__(self) -> "cleanup_on_signal":
+        import signal
+        import threading
+
+        self.previous: dict[int, Any] = {}
+        self.armed = False
+        self.pending: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return self
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.armed:
+                self.armed = False
+                raise _Interrupted(signum)
+            self.pending = self.pending or signum
+
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            prev = signal.getsignal(sig)
+            if prev is signal.SIG_IGN or prev is None:
+                continue
+            self.previous[sig] = prev
+            signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        import signal
+
+        self.armed = False
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        signum = exc.signum if isinstance(exc, _Interrupted) else self.pending
+        if signum is not None:
+            signal.raise_signal(signum)  # the previous handler: default SIGTERM ends here
+            if isinstance(exc, _Interrupted):
+                raise InterruptedError(f"the save was interrupted by signal "
+                                       f"{signal.Signals(signum).name}") from None
+        return False
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary sibling
+    ``.{name}.xformer-tmp-{pid}-{hex}.tmp`` is written and ``fsync``-ed, renamed over ``path``
+    (``os.replace``) and the folder ``fsync``-ed, so a reader sees the old file or the new
+    one, never a part. The temporary file is removed on any error and on SIGTERM/SIGINT
+    (:class:`cleanup_on_signal`); those a SIGKILL left are removed by the next save in the same
+    folder (:func:`clean_stale_temps`). The file gets the permissions ``0o666 & ~umask``.
+
+    Raises:
+        OSError: the folder is missing or not writable, the disk is full (nothing is left
+            behind).
+    """
+    path = Path(path)
+    folder = path.parent
+    clean_stale_temps(folder)
+    tmp = temp_path(path)
+    with cleanup_on_signal() as guard:
+        try:
+            guard.armed = True
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            fsync_dir(folder)
+            guard.armed = False
+        except BaseException:
+            guard.armed = False
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
 
 _BERT = dict(architecture="encoder", vocab_size=30522, max_len=512, norm_position="post",

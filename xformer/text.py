@@ -9,8 +9,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, truncate
+from .resources import MiB, read_capped
 from .spec import ModelSpec
+
+#: Cap on ``tokenizer.json`` (bert-base-uncased's is 0.7 MB, xlm-roberta-base's 17 MB).
+TOKENIZER_LIMIT = 64 * MiB
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
@@ -18,15 +22,26 @@ def load_tokenizer(model_dir: str | os.PathLike):
     over-long sentence is an error, not silently cut) and padding to the longest sentence.
 
     Raises:
-        CheckpointError: no ``tokenizer.json`` in ``model_dir``.
+        CheckpointError: no ``tokenizer.json`` in ``model_dir``, or one that is not UTF-8 or
+            that ``tokenizers`` cannot read (its first line of error).
+        InputError: ``tokenizer.json`` is not a regular file, is over
+            :data:`TOKENIZER_LIMIT` or cannot be read (permission denied).
     """
     from tokenizers import Tokenizer
 
     path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise CheckpointError(f"{str(model_dir)!r} has no tokenizer.json; `xformer embed` needs "
-                              f"the checkpoint's tokenizer")
-    tok = Tokenizer.from_file(str(path))
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{truncate(str(model_dir), 200)} has no tokenizer.json; "
+                              f"`xformer embed` needs the checkpoint's tokenizer")
+    data = read_capped(path, limit=TOKENIZER_LIMIT, what="tokenizer.json")
+    try:
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except Exception as e:  # tokenizers raises its own Exception subclass
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is not a tokenizers tokenizer.json: "
+                              f"{truncate(first, 160)}") from None
     tok.no_truncation()
     pad = tok.padding or {}
     tok.enable_padding(pad_id=pad.get("pad_id", 0), pad_type_id=pad.get("pad_type_id", 0),

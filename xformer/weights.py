@@ -21,7 +21,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import CheckpointError, SpecError
-from .spec import ModelSpec, atomic_write_bytes
+from .errors import truncate
+from .resources import check_regular
+from .spec import (OLD_MARKER, ModelSpec, atomic_write_bytes, clean_stale_temps,
+                   cleanup_on_signal, fsync_dir, temp_path)
 
 SPEC_METADATA_KEY = "xformer_spec"
 
@@ -70,8 +73,8 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], *, source:
     expected = spec.parameter_shapes()
     details: list[str] = []
     problems = shape_problems(expected, weights, details=details)
-    bad_dtype = [f"{n} {np.asarray(weights[n]).dtype}" for n in expected
-                 if n in weights and not np.issubdtype(np.asarray(weights[n]).dtype, np.floating)]
+    bad_dtype = [f"{n} {_dtype(weights[n])}" for n in expected
+                 if n in weights and not np.issubdtype(_dtype(weights[n]), np.floating)]
     if bad_dtype:
         problems.append(summarize("not floating point", bad_dtype))
         details += [f"not floating point: {n}" for n in bad_dtype]
@@ -82,6 +85,10 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], *, source:
                                   p.endswith(" more") for p in problems) else ")"),
                               details=details)
     return {n: np.asarray(weights[n]) for n in expected}
+
+
+def _dtype(x: Any) -> np.dtype:
+    return x.dtype if isinstance(getattr(x, "dtype", None), np.dtype) else np.asarray(x).dtype
 
 
 # ---------------------------------------------------------------------- init
@@ -134,13 +141,19 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray],
 
 
 def read_spec(path: str | os.PathLike) -> ModelSpec | None:
-    """The spec stored in a checkpoint's metadata, or ``None``."""
-    from safetensors import safe_open
+    """The spec stored in a checkpoint's metadata, or ``None`` (read from the header alone).
 
-    with safe_open(str(path), framework="np") as fh:
-        meta = fh.metadata() or {}
-    text = meta.get(SPEC_METADATA_KEY)
-    return ModelSpec.from_json(text) if text else None
+    Raises:
+        CheckpointError: not a readable safetensors file (:func:`safetensors_header`).
+        SpecError: the stored spec is invalid.
+    """
+    return _stored_spec(safetensors_header(path))
+
+
+def _stored_spec(header: Mapping[str, Any]) -> ModelSpec | None:
+    meta = header.get("__metadata__") or {}
+    text = meta.get(SPEC_METADATA_KEY) if isinstance(meta, dict) else None
+    return ModelSpec.from_json(text) if isinstance(text, str) and text else None
 
 
 def load_weights(path: str | os.PathLike, spec: ModelSpec | None = None
@@ -158,38 +171,81 @@ def load_weights(path: str | os.PathLike, spec: ModelSpec | None = None
     from safetensors.numpy import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    header = safetensors_header(path)  # checks the file and every offset before any data
+    try:
+        stored = _stored_spec(header)
+    except SpecError as e:
+        raise CheckpointError(f"cannot read checkpoint {truncate(str(path), 200)}: the spec in "
+                              f"its metadata is invalid: {e}") from None
+    spec = spec or stored
+    if spec is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} stores no spec; pass --spec")
+    source = f"tensors in {path.name}"
+    check_weights(spec, header_tensors(header), source=source)  # names, shapes, dtypes: no data
     try:
         weights = load_file(str(path))
-        stored = read_spec(path)
-    except (OSError, ValueError, SpecError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {e}") from None
     except Exception as e:  # safetensors raises its own SafetensorError
         raise CheckpointError(f"cannot read checkpoint {str(path)!r} as safetensors: "
                               f"{str(e).splitlines()[0]}") from None
-    spec = spec or stored
-    if spec is None:
-        raise CheckpointError(f"checkpoint {str(path)!r} stores no spec; pass --spec")
-    return spec, check_weights(spec, weights, source=f"tensors in {path.name}")
+    return spec, check_weights(spec, weights, source=source)
+
+
+def check_finite(weights: Mapping[str, np.ndarray], source: str = "weights") -> None:
+    """Refuse weights holding NaN or infinity (loading them is fine, for inspection; comparing
+    or running them is not: every backend would "disagree").
+
+    Args:
+        weights: ``{name: array}``, any floating dtype (integer arrays are always finite).
+        source: what the weights are, for the message (``"tensors in w.safetensors"``).
+    Raises:
+        CheckpointError: names the first non-finite tensor, its first bad element and value,
+            and counts the non-finite values and tensors.
+    """
+    bad: list[tuple[str, int]] = []
+    first = ""
+    for name, arr in weights.items():
+        a = np.asarray(arr)
+        if not np.issubdtype(a.dtype, np.inexact):
+            continue
+        finite = np.isfinite(a)
+        if finite.all():
+            continue
+        n = int(a.size - np.count_nonzero(finite))
+        if not bad:
+            where = tuple(int(i) for i in np.argwhere(~finite)[0])
+            first = f"{truncate(name, 120)}{list(where)} = {a[where]}"
+        bad.append((name, n))
+    if bad:
+        total = sum(n for _, n in bad)
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{source} hold {total} non-finite values: {first}{more}; a "
+                              f"checkpoint with NaN or inf cannot be compared; fix or "
+                              f"re-export it", details=[f"non-finite: {n} ({k})" for n, k in bad])
 
 
 # ---------------------------------------------------------------------- directories
 def atomic_write_dir(path: str | os.PathLike, files: Mapping[str, bytes]) -> None:
     """Write a directory of ``files`` (``{file name: bytes}``) atomically: everything goes into
-    a temporary sibling directory (flushed to disk), which is then renamed to ``path``, so a
+    a temporary sibling directory ``.{name}.xformer-tmp-{pid}-{hex}.tmp`` (each file and the
+    directory ``fsync``-ed), which is then renamed to ``path`` and the parent ``fsync``-ed, so a
     reader never sees a half-written directory.
 
     An existing ``path`` is replaced only if it is a directory holding nothing but files named
-    in ``files`` (a previous save): it is moved aside, the new one renamed in, the old one
-    deleted (and restored if the rename fails).
+    in ``files`` (a previous save): it is moved aside (``.{name}.xformer-old-{pid}-{hex}.old``),
+    the new one renamed in, the old one deleted (and restored if the rename fails). On
+    SIGTERM/SIGINT the temporary directory is removed and the old one restored
+    (:class:`xformer.spec.cleanup_on_signal`); the next save in the same parent cleans up after
+    a SIGKILL (:func:`xformer.spec.clean_stale_temps`, which also puts back a moved-aside
+    directory whose target is missing).
 
     Raises:
         CheckpointError: ``path`` exists and is not a directory, or holds other files (which
             replacing it would delete).
+        OSError: the parent cannot be written (nothing is left behind).
     """
     import shutil
-    import tempfile
 
     target = Path(path)
     if target.exists() or target.is_symlink():
@@ -203,27 +259,36 @@ def atomic_write_dir(path: str | os.PathLike, files: Mapping[str, bytes]) -> Non
                                   f"remove it")
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.", suffix=".old"))
-            os.replace(target, old)  # onto the empty directory just made: atomic
-            try:
+    clean_stale_temps(parent)
+    tmp = temp_path(target)
+    with cleanup_on_signal() as guard:
+        try:
+            guard.armed = True
+            os.mkdir(tmp)
+            for name, data in files.items():
+                with open(tmp / name, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            fsync_dir(tmp)
+            if target.exists():
+                old = temp_path(target, OLD_MARKER)
+                os.replace(target, old)
+                try:
+                    os.replace(tmp, target)
+                except BaseException:
+                    os.replace(old, target)
+                    raise
+                fsync_dir(parent)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                fsync_dir(parent)
+            guard.armed = False
+        except BaseException:
+            guard.armed = False
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]
@@ -304,6 +369,8 @@ def load_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.nd
                 raise SpecError(f"{f}: {e}") from None
     try:
         stored = read_spec(st)
+    except CheckpointError:
+        raise
     except SpecError as e:
         raise CheckpointError(f"{st}: the spec in its metadata is invalid: {e}") from None
     except Exception as e:  # safetensors raises its own SafetensorError
@@ -331,16 +398,16 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ``float32`` (its bits are the high half of a float32).
 
     Raises:
-        CheckpointError: the file is missing or is not a safetensors file.
+        CheckpointError: the file is missing, unreadable or not a safetensors file, or its
+            header does not match its size (:func:`safetensors_header`, checked before any
+            tensor is read).
     """
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    header = safetensors_header(path)
     out: dict[str, np.ndarray] = {}
     try:
-        header = _safetensors_header(path)
         with safe_open(str(path), framework="np") as fh:
             for name in fh.keys():
                 if header.get(name, {}).get("dtype") == "BF16":
@@ -356,16 +423,129 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, plus ``"__data_start__"`` (the byte offset of
-    the data section: 8 + header length)."""
+#: Bytes per element of each safetensors dtype.
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2,
+                        "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
+                        "U64": 8, "F64": 8}
+#: Largest safetensors header read (the library's own limit is 100 MB).
+HEADER_LIMIT = 100_000_000
+
+
+def _checkpoint_stat(path: Path) -> os.stat_result:
+    """``os.stat`` of a readable regular file, else a ``CheckpointError`` naming why."""
+    from .errors import InputError
+
+    if not os.path.lexists(path):
+        raise CheckpointError(f"checkpoint {truncate(str(path), 200)} does not exist")
+    try:
+        st = check_regular(path, limit=None, what="checkpoint")
+        with open(path, "rb"):
+            pass
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
+    except PermissionError:
+        raise CheckpointError(f"checkpoint {truncate(str(path), 200)}: permission denied; make "
+                              f"it readable (chmod +r)") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {truncate(str(path), 200)}: cannot read it "
+                              f"({e.strerror})") from None
+    return st
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file size before any tensor
+    is read, plus ``"__data_start__"`` (the byte offset of the data section: 8 + header length).
+
+    Checks: the file is a readable regular file; the header length (first 8 bytes, little
+    endian) is at most :data:`HEADER_LIMIT` and the file; the header is a JSON object; every
+    tensor has a known dtype, a shape of non-negative integers and ``data_offsets``
+    ``[start, end]`` with ``end - start = prod(shape) * itemsize`` inside the data section;
+    the tensors fill the data section exactly. So a truncated file, or a small (sparse) file
+    whose header claims gigabytes, is refused from its first bytes.
+
+    Raises:
+        CheckpointError: the first problem found, naming the tensor.
+    """
+    path = Path(path)
+    size = _checkpoint_stat(path).st_size
+    where = f"cannot read checkpoint {truncate(str(path), 200)} as safetensors"
     with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        if n <= 0 or n > 100_000_000:
-            raise CheckpointError(f"cannot read {str(path)!r} as safetensors: bad header size")
-        header = json.loads(fh.read(n))
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{where}: it has {size} bytes, fewer than the 8 of a header "
+                                  f"length")
+        n = int.from_bytes(head, "little")
+        if n < 2 or n > HEADER_LIMIT or n > size - 8:
+            raise CheckpointError(f"{where}: bad header size ({n} bytes claimed, the file has "
+                                  f"{size}); is it a safetensors file?")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{where}: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: its header is not a JSON object")
+    data_size = size - 8 - n
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not (info is None or isinstance(info, dict) and all(
+                    isinstance(v, str) for v in info.values())):
+                raise CheckpointError(f"{where}: __metadata__ must map strings to strings")
+            continue
+        tensor = f"{where}: tensor {truncate(name, 120)}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{tensor} has no dtype/shape/data_offsets entry")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_ITEMSIZE:
+            raise CheckpointError(f"{tensor} has an unknown dtype {truncate(dtype)}")
+        if not (isinstance(shape, list) and all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{tensor} has a bad shape {truncate(shape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{tensor} has bad data_offsets {truncate(offsets)}")
+        nbytes = SAFETENSORS_ITEMSIZE[dtype]
+        for d in shape:
+            nbytes *= d
+        if offsets[1] - offsets[0] != nbytes:
+            raise CheckpointError(f"{tensor} {dtype} {tuple(shape)} needs {nbytes} bytes, its "
+                                  f"data_offsets give {offsets[1] - offsets[0]}")
+        if offsets[1] > data_size:
+            raise CheckpointError(f"{tensor} lies at bytes {offsets} of a data section of "
+                                  f"{data_size} bytes: the file is truncated")
+        total += nbytes
+    if total != data_size:
+        raise CheckpointError(f"{where}: its tensors hold {total} bytes, the data section "
+                              f"{data_size}: the header does not describe the file")
     header["__data_start__"] = 8 + n
     return header
+
+
+_safetensors_header = safetensors_header
+
+
+class _HeaderTensor:
+    """A tensor described by a header entry: ``shape`` and ``dtype``, no data."""
+
+    def __init__(self, info: Mapping[str, Any]) -> None:
+        self.shape = tuple(info["shape"])
+        name = info["dtype"]
+        self.dtype = np.dtype("float32" if name == "BF16" else "float16" if name == "F16"
+                              else "bool" if name == "BOOL" else
+                              name[0].replace("F", "float").replace("I", "int").replace(
+                                  "U", "uint") + "".join(c for c in name if c.isdigit())
+                              if name[:2] != "F8" else "uint8")
+        self.ndim = len(self.shape)
+
+
+def header_tensors(header: Mapping[str, Any]) -> dict[str, Any]:
+    """``{name: object with .shape and .dtype}`` of a :func:`safetensors_header`, for checking
+    names and shapes against a spec (:func:`check_weights`) before any data is read (``BF16``
+    shows as ``float32``, ``F8_*`` as ``uint8``)."""
+    return {k: _HeaderTensor(v) for k, v in header.items()
+            if k not in ("__metadata__", "__data_start__")}
 
 
 def _read_bf16(path: Path, header: Mapping[str, Any], name: str) -> np.ndarray:
