@@ -8,9 +8,27 @@
 ``xformer init``     random canonical weights for a spec (a checkpoint directory or one file).
 ``xformer backends`` the registered backends, installed or not.
 
-Exit status: 0 success (``compare``: every backend conforms), 1 ``compare`` found a mismatch,
-2 bad input (one line on stderr, no traceback; ``--verbose`` adds the full list when the line
-summarises one, e.g. every tensor of a checkpoint that does not match its spec).
+Exit status, one contract for every command (:func:`main`):
+
+* **0** success (``compare``/``diff``: every backend conforms, no divergence);
+* **1** ``compare`` or ``diff`` ran and found a mismatch (NOT CONFORMANT, a divergence);
+* **2** bad input or environment: an :class:`~xformer.errors.XformerError`, a usage error, an
+  ``OSError`` (missing, unreadable or unwritable path, full disk), an argument that is not
+  UTF-8, input nested too deeply (``RecursionError``) or too large (``MemoryError``);
+* **3** internal error (a bug): one line ``xformer: internal error: <Type>: <message> (please
+  report it with --debug output)``; the traceback only with ``--debug``;
+* **130** interrupted (Ctrl-C).
+
+Every error is exactly one line on stderr, ``xformer: error: <problem>; <fix>`` (``--verbose``
+adds the full list when the line summarises one, e.g. every tensor of a checkpoint that does
+not match its spec). Everything is checked before the work starts: output paths (``--json``,
+``--html``, ``init --out``: the folder exists and is writable, the path is not a directory, not
+under /proc, /sys or /dev, and not any input of the same command nor inside an input
+directory), conflicting options (``--model`` with ``--weights``), backend lists (no empty or
+duplicate entry), seeds (``[0, 2**32)``), prompt ids (``[0, vocab_size)``), non-finite weights
+(NaN/inf, named by tensor) and the memory a model needs (refused with "needs 14.9 GiB; 5.2 GiB
+available; use --force to try"). Framework log noise (TensorFlow's C++ and Python loggers, absl)
+is silenced for the whole process.
 
 Output fits the terminal: tables and panels take the width of the terminal, or ``$COLUMNS``
 (80 when neither is known), never more.
@@ -28,7 +46,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .errors import BackendError, InputError, XformerError
+from .errors import BackendError, InputError, XformerError, truncate
 
 DEMO_SENTENCES = ("The quick brown fox jumps over the lazy dog.",
                   "Does my Transformer compute the same thing on PyTorch, TensorFlow and MXNet?")
@@ -38,7 +56,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"xformer: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        print(f"xformer: error: {_one_line(message, 300)} (see '{self.prog} --help')",
+              file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -49,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true",
                         help="on an error that summarises a list (a checkpoint's tensors), "
                              "print the whole list")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an internal error (exit 3), print the traceback")
+    p.add_argument("--debug", action="store_true",
+                   help="on an internal error (exit 3), print the traceback")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
@@ -78,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=None, help="length of random inputs")
     c.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
     c.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    c.add_argument("--force", action="store_true",
+                   help="build the model even if it needs more memory than is available")
     c.add_argument("--html", metavar="FILE",
                    help="also write a self-contained HTML report (verdict table, per-node "
                         "error plots, timings, spec, environment)")
@@ -90,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     e.add_argument("--json", action="store_true",
                    help="print one JSON array with one vector per sentence")
+    e.add_argument("--force", action="store_true",
+                   help="build the model even if it needs more memory than is available")
     e.add_argument("sentences", nargs="+", metavar="SENTENCE")
 
     g = add("generate", "greedy or beam-search generation (decoder, encoder-decoder)")
@@ -108,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     g.add_argument("--json", action="store_true",
                    help="print the generated ids (prompt excluded) as one JSON array")
+    g.add_argument("--force", action="store_true",
+                   help="build the model even if it needs more memory than is available")
 
     d = add("diff", "locate where two runs diverge, node by node")
     d.add_argument("--spec", metavar="FILE", required=True, help="side A's spec (file or preset)")
@@ -120,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    d.add_argument("--force", action="store_true",
+                   help="build the model even if it needs more memory than is available")
 
     sh = add("show", "the torch, Keras and Gluon code of one node class, side by side")
     sh.add_argument("node", metavar="NODE", nargs="?",
@@ -133,34 +164,263 @@ def _parser() -> argparse.ArgumentParser:
                    help="a checkpoint directory to write (spec.json + model.safetensors, what "
                         "--model reads), or one file if PATH ends in .safetensors (the spec "
                         "in its metadata)")
+    i.add_argument("--force", action="store_true",
+                   help="build the model even if it needs more memory than is available")
 
     add("backends", "list backends, their modes and framework versions")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # TensorFlow's C++ start-up log (xformer_tensorflow.import_tensorflow makes it honour this)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # tf.function retracing notes are about our many short-lived models, not the user's input
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    """Run one ``xformer`` command; returns the exit status of the contract in the module
+    docstring (0, 1, 2, 3 or 130). Every error is one line on stderr."""
+    _quiet_frameworks()
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # usage error (2) or --help (0), already printed
         return int(e.code or 0)
+    debug = bool(getattr(args, "debug", False))
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
+            _check_arguments(args)
+            _check_outputs(args)
             return {"compare": cmd_compare, "embed": cmd_embed, "init": cmd_init,
                     "generate": cmd_generate, "diff": cmd_diff, "show": cmd_show,
                     "backends": cmd_backends}[args.command](args)
         except XformerError as e:
-            print(f"xformer: error: {e}", file=sys.stderr)
+            _error(str(e))
             if args.verbose:
                 for line in getattr(e, "details", ()):
                     print(f"  {line}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             return 130
+        except OSError as e:  # the environment: a path, a permission, a full disk
+            _error(_os_message(e))
+            return 2
+        except UnicodeError as e:
+            _error(f"text that is not valid UTF-8 ({getattr(e, 'reason', None) or e}); give "
+                   f"UTF-8 text and files")
+            return 2
+        except RecursionError:
+            _error("the input is nested too deeply to process; simplify it")
+            return 2
+        except MemoryError:
+            _error("out of memory on this input; use a smaller model, batch or sequence")
+            return 2
+        except Exception as e:  # a bug: short line, traceback only with --debug
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            print(f"xformer: internal error: {type(e).__name__}: "
+                  f"{_one_line(str(e), 300)} (please report it with --debug output)",
+                  file=sys.stderr)
+            return 3
+
+
+#: Longest error line the CLI prints (a message that echoes a huge value is cut).
+ERROR_LINE_LIMIT = 2000
+
+
+def _one_line(message: str, limit: int = ERROR_LINE_LIMIT) -> str:
+    """``message`` on one line (newlines become ``" | "``), cut to ``limit`` characters."""
+    text = " | ".join(line.strip() for line in message.splitlines() if line.strip())
+    if len(text) > limit:
+        text = f"{text[:limit]}…({len(text)} chars)"
+    return text
+
+
+def _error(message: str) -> None:
+    print(f"xformer: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _os_message(e: OSError) -> str:
+    """One line for an ``OSError``: the path, the reason and a fix."""
+    import errno
+
+    name = f"{truncate(str(e.filename), 200)}: " if e.filename is not None else ""
+    reason = e.strerror or _one_line(str(e), 200) or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space or write elsewhere"
+    else:
+        fix = {PermissionError: "check its permissions", FileNotFoundError: "check the path",
+               IsADirectoryError: "give a file, not a directory"}.get(
+                   type(e), "check the path and its permissions")
+    return f"{name}{reason}; {fix}"
+
+
+def _quiet_frameworks() -> None:
+    """Silence framework log noise for the whole process: TensorFlow's C++ start-up log
+    (``xformer_tensorflow.import_tensorflow`` makes it honour ``TF_CPP_MIN_LOG_LEVEL``, set to
+    3 unless the user set it), and the Python loggers of TensorFlow, Keras and absl (retracing
+    notes and the like are about our many short-lived models, not the user's input); if
+    TensorFlow is already imported, its own logger and absl's verbosity too."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("tensorflow", "keras", "absl", "h5py", "jax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "absl.logging" in sys.modules:
+        try:
+            sys.modules["absl.logging"].set_verbosity("error")
+        except Exception:  # pragma: no cover - an absl without set_verbosity
+            pass
+    if "tensorflow" in sys.modules:
+        try:
+            sys.modules["tensorflow"].get_logger().setLevel(logging.ERROR)
+        except Exception:  # pragma: no cover - a partly imported TensorFlow
+            pass
+
+
+# ---------------------------------------------------------------------- argument checks
+#: Options that name inputs (files or directories) and outputs, per command.
+_INPUTS = ("model", "spec", "weights", "spec_b", "weights_b")
+_OUTPUTS = {"compare": ("json", "html"), "diff": ("json",), "init": ("out",)}
+_SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_arguments(args) -> None:
+    """Cheap checks of the arguments before any work.
+
+    Raises:
+        InputError: an argument that is not UTF-8 (surrogate escapes from undecodable bytes
+            in ``sys.argv``) or holds a NUL; a seed outside ``[0, 2**32)``; ``--model`` with
+            ``--weights``.
+    """
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                if "\x00" in v:
+                    raise InputError(f"{_option(dest)} contains a NUL character; remove it")
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    what = "an argument" if dest == "sentences" else _option(dest)
+                    raise InputError(f"{what} is not valid UTF-8 text ({truncate(v)}); pass "
+                                     f"UTF-8 (check the terminal's or the file's encoding)"
+                                     ) from None
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise InputError(f"--seed must be an integer in [0, 2**32), got {truncate(seed)}")
+    if getattr(args, "model", None) is not None and getattr(args, "weights", None) is not None:
+        raise InputError("give either --model (which holds its weights) or --spec/--weights, "
+                         "not both")
+
+
+def _check_outputs(args) -> None:
+    """Every output path of the command, checked before any work (:func:`check_output_path`
+    against every input path of the same command); two outputs may not be the same file."""
+    inputs = {_option(d): getattr(args, d) for d in _INPUTS if getattr(args, d, None)}
+    seen: dict[str, str] = {}
+    for dest in _OUTPUTS.get(args.command, ()):
+        path = getattr(args, dest, None)
+        if path is None:
+            continue
+        option = _option(dest)
+        check_output_path(path, inputs, option=option,
+                          directory=args.command == "init" and
+                          not str(path).endswith(".safetensors"))
+        key = os.path.realpath(path)
+        if key in seen:
+            raise InputError(f"{seen[key]} and {option} are the same file {truncate(path)}; "
+                             f"give two paths")
+        seen[key] = option
+
+
+def check_output_path(path: str, inputs: dict[str, str] | None = None, *, option: str = "output",
+                      directory: bool = False) -> Path:
+    """Check, before any work, that ``path`` can take an output of a command.
+
+    Args:
+        path: the output path. inputs: ``{option: path}`` of the command's inputs (files or
+            directories; names that are not paths, such as presets, are skipped).
+        option: the option, for the message (``"--json"``). directory: the output is a
+            directory (``init --out DIR``), which may exist.
+    Returns:
+        ``Path(path)``.
+    Raises:
+        InputError: empty path; the parent folder missing, not a folder or not writable; the
+            path an existing directory (for a file output) or an existing file (for a
+            directory output) or not a regular file; under /proc, /sys or /dev; the same file as
+            an input, or inside an input directory, or (a directory output) holding an input.
+    """
+    if not path:
+        raise InputError(f"{option} is empty; give a file path")
+    shown = truncate(str(path), 200)
+    real = os.path.realpath(path)
+    system = next((d for d in _SYSTEM_DIRS if real == d or real.startswith(d + os.sep)), None)
+    if system is not None:
+        raise InputError(f"{option} {shown} is under {system}, a system folder; write to a "
+                         f"normal folder")
+    for name, inp in (inputs or {}).items():
+        if not inp or not os.path.exists(inp):
+            continue  # a preset name, or missing (the loader says so)
+        inp_real = os.path.realpath(inp)
+        same = inp_real == real or (os.path.exists(path) and os.path.samefile(path, inp))
+        if same or (os.path.isdir(inp_real) and real.startswith(inp_real + os.sep)):
+            where = "is" if same else "is inside"
+            raise InputError(f"{option} {shown} {where} the input {name} {truncate(inp, 200)}; "
+                             f"writing it would destroy the input: give another path")
+        if directory and inp_real.startswith(real + os.sep):
+            raise InputError(f"{option} {shown} holds the input {name} {truncate(inp, 200)}; "
+                             f"writing it would destroy the input: give another directory")
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.exists(parent):
+        raise InputError(f"{option} {shown}: folder {truncate(parent, 200)} does not exist; "
+                         f"create it first")
+    if not os.path.isdir(parent):
+        raise InputError(f"{option} {shown}: {truncate(parent, 200)} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {shown}: folder {truncate(parent, 200)} is not writable; "
+                         f"choose another folder or fix its permissions")
+    if os.path.lexists(path):
+        st = os.stat(path) if os.path.exists(path) else None
+        if directory:
+            if st is not None and not os.path.isdir(path):
+                raise InputError(f"{option} {shown} exists and is not a directory; give a new "
+                                 f"directory name (or a path ending in .safetensors for one "
+                                 f"file)")
+        elif st is not None and os.path.isdir(path):
+            raise InputError(f"{option} {shown} is an existing directory; give a file path")
+        elif st is not None and not os.path.isfile(path):
+            raise InputError(f"{option} {shown} exists and is not a regular file; give a file "
+                             f"path")
+    return Path(path)
+
+
+def _split_backends(value: str, option: str = "--backends", *, unique: bool = True
+                    ) -> list[str]:
+    """The names of a comma-separated ``--backends`` list.
+
+    Raises:
+        InputError: the list is empty, has an empty entry (``"torch,,tf"``), or (``unique``) a
+            duplicate.
+    """
+    items = [s.strip() for s in value.split(",")]
+    if not any(items):
+        raise InputError(f"{option} is empty ({truncate(value)}); name backends such as "
+                         f"torch,tensorflow (omit {option} for every installed backend)")
+    if not all(items):
+        raise InputError(f"{option} {truncate(value)} has an empty entry; separate names by "
+                         f"single commas, e.g. torch,tensorflow")
+    if unique:
+        dup = next((b for i, b in enumerate(items) if b in items[:i]), None)
+        if dup is not None:
+            raise InputError(f"{option} {truncate(value)} names {dup!r} twice; name each "
+                             f"backend once")
+    return items
+
+
+def check_finite(weights, source: str) -> None:
+    """:func:`xformer.weights.check_finite`: a ``CheckpointError`` naming the first tensor with
+    a NaN or an infinity, before any comparison or model is built."""
+    from .weights import check_finite as _check_finite
+
+    _check_finite(weights, source=source)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -208,10 +468,11 @@ def cmd_init(args) -> int:
     from .spec import ModelSpec
     from .weights import init_weights, save_pretrained, save_weights
 
+    from .resources import check_memory
+
     spec = ModelSpec.load(args.spec)
-    out = Path(args.out)
-    if not out.parent.exists():
-        raise InputError(f"folder {str(out.parent)!r} does not exist")
+    out = Path(args.out)  # checked by _check_outputs before
+    check_memory(spec, args.dtype, batch=1, seq_len=1, force=args.force)
     weights = init_weights(spec, seed=args.seed, dtype=args.dtype)
     if out.suffix == ".safetensors":
         save_weights(out, weights, spec)
@@ -246,10 +507,22 @@ def cmd_backends(args) -> int:
 
 
 def cmd_embed(args) -> int:
+    """:func:`xformer.text.embed`, step by step, so that the weights are checked for NaN/inf
+    and the memory estimated (``--force``) before the model is built."""
     from . import text
+    from .backend import build
+    from .convert import from_pretrained
+    from .resources import check_memory
 
     be, note = _get_backend(args.backend)
-    emb = text.embed(args.model, args.sentences, backend=be.name, dtype=args.dtype)
+    spec, weights = from_pretrained(args.model)
+    check_finite(weights, f"--model {Path(args.model).name}")
+    inputs = text.encode(text.load_tokenizer(args.model), args.sentences, spec)
+    check_memory(spec, args.dtype, batch=len(args.sentences),
+                 seq_len=inputs["input_ids"].shape[1], force=args.force)
+    model = build(spec, backend=be.name, dtype=args.dtype, weights=weights)
+    out = be.forward(model, inputs)
+    emb = text.mean_pool(out["last_hidden_state"], inputs["attention_mask"])
     if args.json:
         print(json.dumps(emb.tolist()))
         print(note, file=sys.stderr)
@@ -274,18 +547,24 @@ def cmd_diff(args) -> int:
     from .spec import ModelSpec, atomic_write_bytes
     from .weights import load_weights, random_weights
 
-    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    from .resources import check_memory
+
+    names = _split_backends(args.backends, unique=False)  # the same twice is fine
     if len(names) != 2:
         raise InputError(f"--backends takes two backends A,B (the same twice is fine), got "
                          f"{args.backends!r}")
     spec_a = ModelSpec.load(args.spec)
     spec_b = ModelSpec.load(args.spec_b) if args.spec_b else spec_a
+    for spec in {id(s): s for s in (spec_a, spec_b)}.values():
+        check_memory(spec, args.dtype, backward=True, force=args.force)
     if args.weights:
         spec_a, w_a = load_weights(args.weights, spec_a)
+        check_finite(w_a, f"--weights {Path(args.weights).name}")
     else:
         w_a = random_weights(spec_a, seed=args.seed)
     if args.weights_b:
         spec_b, w_b = load_weights(args.weights_b, spec_b)
+        check_finite(w_b, f"--weights-b {Path(args.weights_b).name}")
     elif spec_b.parameter_shapes() == spec_a.parameter_shapes():
         w_b = w_a
     else:
@@ -365,18 +644,33 @@ SHOW_COLUMN_WIDTH = 90
 
 
 def cmd_generate(args) -> int:
+    """Prompt ids (each in ``[0, vocab_size)``), finite weights and the memory of
+    ``--num-beams`` beams are checked before the model is built."""
+    import re
+
     import numpy as np
 
     from .backend import build
+    from .resources import check_memory
 
-    try:
-        prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--prompt-ids must be comma-separated integers, got "
-                         f"{args.prompt_ids!r}") from None
-    if not prompt:
-        raise InputError("--prompt-ids is empty")
+    items = [x.strip() for x in args.prompt_ids.split(",")]
+    if not any(items):
+        raise InputError("--prompt-ids is empty; give token ids such as 0,5,7")
+    if not all(re.fullmatch(r"[+-]?[0-9]+", x) for x in items):
+        raise InputError(f"--prompt-ids must be comma-separated integers such as 0,5,7, got "
+                         f"{truncate(args.prompt_ids)}")
     spec, weights = _from_pretrained(args.model)
+    # 100+ digits are out of any vocabulary; int() of them is not needed (nor, past 4300, legal)
+    prompt = [int(x) if len(x) < 100 else spec.vocab_size for x in items]
+    bad = next((k for k, i in enumerate(prompt) if not 0 <= i < spec.vocab_size), None)
+    if bad is not None:
+        shown = items[bad] if len(items[bad]) <= 40 else truncate(items[bad], 40)
+        raise InputError(f"--prompt-ids: token id {shown} is outside "
+                         f"[0, vocab_size={spec.vocab_size}) of the model")
+    check_finite(weights, f"--model {Path(args.model).name}")
+    seq_len = min(len(prompt) + max(args.max_new_tokens, 1), spec.max_len)
+    check_memory(spec, args.dtype, batch=1, seq_len=seq_len, num_beams=max(args.num_beams, 1),
+                 force=args.force)
     be, note = _get_backend(args.backend)
     model = build(spec, backend=be.name, dtype=args.dtype, weights=weights)
     ids = be.generate(model, np.asarray([prompt], np.int64), max_new_tokens=args.max_new_tokens,
@@ -400,6 +694,7 @@ def _load_model(args):
 
     if args.model:
         spec, weights = _from_pretrained(args.model)
+        check_finite(weights, f"--model {Path(args.model).name}")
         inputs = None
         if (Path(args.model) / "tokenizer.json").is_file():
             from .text import encode, load_tokenizer
@@ -414,30 +709,55 @@ def _load_model(args):
         spec = ModelSpec.load(args.spec)
         if args.weights:
             spec, weights = load_weights(args.weights, spec)
+            check_finite(weights, f"--weights {Path(args.weights).name}")
         else:
+            _check_compare_memory(args, spec)
             weights = random_weights(spec, seed=args.seed)
         return spec, weights, None, Path(args.spec).stem
     if args.weights:
         spec, weights = load_weights(args.weights)
+        check_finite(weights, f"--weights {Path(args.weights).name}")
         return spec, weights, None, Path(args.weights).stem
     spec = ModelSpec.preset("tiny")
+    _check_compare_memory(args, spec)
     return spec, random_weights(spec, seed=args.seed), None, "tiny (built-in, random weights)"
 
 
+def _check_compare_memory(args, spec) -> None:
+    """``compare`` holds a model, its gradients and activations (float64 when compared)."""
+    from .resources import check_memory
+
+    dtype = "float32" if args.dtype == "float32" else "float64"
+    check_memory(spec, dtype, batch=args.batch, seq_len=min(args.seq_len or spec.max_len,
+                                                            spec.max_len),
+                 backward=True, force=args.force)
+
+
 def _targets(args):
+    """The targets of ``--backends`` (default: every installed backend, its default modes).
+
+    Raises:
+        InputError: ``--backends`` empty, with an empty entry, or naming a backend or target
+            twice (``torch,torch/eager``); BackendError: an unknown or uninstalled backend.
+    """
     from .conformance import Target, default_targets
 
-    if not args.backends:
+    if args.backends is None:
         targets = default_targets(all_modes=args.all_modes)
         if not targets:
             raise InputError("no backend is installed: pip install 'xformer[all]'")
         return targets
     out = []
-    for item in [s.strip() for s in args.backends.split(",") if s.strip()]:
+    for item in _split_backends(args.backends):
         if "/" in item:
             out.append(Target.parse(item))
         else:
             out += default_targets([item], all_modes=args.all_modes)
+    labels = [t.label for t in out]
+    dup = next((lab for i, lab in enumerate(labels) if lab in labels[:i]), None)
+    if dup is not None:
+        raise InputError(f"--backends {truncate(args.backends)} names the target {dup!r} twice; "
+                         f"name each target once")
     if not out:
         raise InputError("--backends names no backend")
     return out
@@ -482,6 +802,8 @@ def cmd_compare(args) -> int:
     if args.batch < 1 or (args.seq_len is not None and args.seq_len < 1) or args.repeats < 0:
         raise InputError("--batch and --seq-len must be >= 1 and --repeats >= 0")
     spec, weights, inputs, label = _load_model(args)
+    if args.model or args.weights:  # --spec alone was checked before the weights were made
+        _check_compare_memory(args, spec)
     targets = _targets(args)
     reference = _reference(args, spec, from_hf=bool(args.model))
     dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
