@@ -52,7 +52,8 @@ def _tab_labels(page: Path) -> list[str]:
 def test_site_has_the_manual(site):
     for page in ("index.html", "getting-started/index.html", "spec/index.html",
                  "examples/index.html", "conformance/index.html", "pitfalls/index.html",
-                 "benchmarks/index.html", "design/index.html", "nodes/index.html"):
+                 "benchmarks/index.html", "design/index.html", "nodes/index.html",
+                 "bad-input/index.html"):
         assert (site / page).is_file(), page
     assert not (site / "hooks").exists(), "the build hook must not be published"
     home = (site / "index.html").read_text(encoding="utf-8")

@@ -23,7 +23,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import BackendError, InputError
+from .errors import (BackendError, CheckpointError, InputError, SpecError, XformerError,
+                     truncate)
 from .spec import ModelSpec
 
 DTYPES = ("float32", "float64")
@@ -430,9 +431,12 @@ def check_inputs(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str = "float
         The inputs as int64 ids / ``dtype`` arrays, masks filled in with ones.
 
     Raises:
-        InputError: unknown keys, neither or both of ids / embeddings, wrong rank or shape,
+        InputError: unknown keys, neither or both of ids / embeddings, ragged rows (lists of
+            unequal length), ids that are not integers (floats, bools, strings; any numpy
+            integer dtype or Python ints is fine) or do not fit in int64, wrong rank or shape,
             sequence longer than ``spec.max_len``, token id outside ``[0, vocab_size)``,
-            token type outside ``[0, type_vocab_size)``.
+            token type outside ``[0, type_vocab_size)``, an attention-mask value other than 0
+            or 1 (2, -1, NaN, inf), non-finite ``inputs_embeds``.
     """
     arch = spec.architecture
     sides = [""] if arch != "encoder-decoder" else (["", "decoder_"] if encoder else
@@ -452,8 +456,9 @@ def check_inputs(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str = "float
     if spec.type_vocab_size:
         b, t = out["attention_mask"].shape
         tt = inputs.get("token_type_ids")
-        tt = np.zeros((b, t), np.int64) if tt is None else np.asarray(tt)
-        if tt.shape != (b, t) or not np.issubdtype(tt.dtype, np.integer):
+        tt = (np.zeros((b, t), np.int64) if tt is None
+              else _check_int_array(tt, "token_type_ids", str((b, t))))
+        if tt.shape != (b, t):
             raise InputError(f"token_type_ids must be integers of shape {(b, t)}, got "
                              f"{tt.dtype} {tt.shape}")
         if tt.size and (tt.min() < 0 or tt.max() >= spec.type_vocab_size):
@@ -461,6 +466,69 @@ def check_inputs(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str = "float
                              f"{spec.type_vocab_size})")
         out["token_type_ids"] = tt.astype(np.int64)
     return out
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (:func:`xformer.errors.truncate`)."""
+    return truncate(value, limit)
+
+
+def _as_array(value: Any, name: str, shape_hint: str) -> np.ndarray:
+    """``np.asarray(value)``, or :class:`InputError` for what numpy cannot make one rectangular
+    array of (ragged lists, objects), naming ``name`` and its expected shape."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError):
+        pad = "; pad the rows and mark the padding in attention_mask" if "ids" in name else ""
+        raise InputError(f"{name} must be a rectangular array of shape {shape_hint}, got a "
+                         f"ragged {type(value).__name__} (rows of unequal length{pad})"
+                         ) from None
+    if arr.dtype == object:
+        flat = arr.ravel()
+        huge = [v for v in flat if isinstance(v, int) and not isinstance(v, bool)]
+        if huge and len(huge) == flat.size:
+            bad = max(huge, key=abs)
+            raise InputError(f"{name}: value {_short(bad, 40)} does not fit in int64; give "
+                             f"values in range (token ids in [0, vocab_size))")
+        raise InputError(f"{name} must be a rectangular numeric array of shape {shape_hint} "
+                         f"(rows of equal length), got an object array "
+                         f"{_short(value, 60)}")
+    return arr
+
+
+def _check_int_array(value: Any, name: str, shape_hint: str) -> np.ndarray:
+    """An integer array (any numpy integer dtype or Python ints); floats, bools and strings are
+    refused with an :class:`InputError` that names the dtype and the fix."""
+    arr = _as_array(value, name, shape_hint)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        hint = (" (cast exact integers with .astype(np.int64))"
+                if np.issubdtype(arr.dtype, np.floating) else "")
+        raise InputError(f"{name} must be an integer array of shape {shape_hint}, got "
+                         f"{arr.dtype} {arr.shape}{hint}")
+    return arr
+
+
+def check_mask(value: Any, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """An attention mask of ``shape``: every value exactly 0 (padding) or 1 (attend), bools or
+    any real dtype; returned in ``dtype``.
+
+    Raises:
+        InputError: ragged or non-numeric, a wrong shape, or a value other than 0/1 (2, -1,
+            NaN, inf), naming the first such value and where it is.
+    """
+    mask = _as_array(value, name, str(shape))
+    if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)
+            or np.issubdtype(mask.dtype, np.floating)):
+        raise InputError(f"{name} must hold 0/1 (or booleans), got {mask.dtype}")
+    if mask.shape != shape:
+        raise InputError(f"{name} must have shape (B, T) = {shape}, got {mask.shape}")
+    bad = np.argwhere((mask != 0) & (mask != 1))
+    if bad.size:
+        where = tuple(int(i) for i in bad[0])
+        raise InputError(f"{name} must hold only 0 (padding) and 1 (attend), got "
+                         f"{mask[where]!r} at {where} ({len(bad)} such value"
+                         f"{'s' if len(bad) != 1 else ''})")
+    return mask.astype(dtype)
 
 
 def _check_side(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str, prefix: str,
@@ -473,8 +541,8 @@ def _check_side(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str, prefix: 
         raise InputError(f"give exactly one of {ids_key} (B, T) and {emb_key} (B, T, D)")
     out: dict[str, np.ndarray] = {}
     if has_ids:
-        ids = np.asarray(inputs[ids_key])
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        ids = _check_int_array(inputs[ids_key], ids_key, "(B, T)")
+        if ids.ndim != 2:
             raise InputError(f"{ids_key} must be an integer array of shape (B, T), got "
                              f"{ids.dtype} {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
@@ -483,11 +551,21 @@ def _check_side(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str, prefix: 
         out[ids_key] = ids.astype(np.int64)
         b, t = ids.shape
     else:
-        emb = np.asarray(inputs[emb_key])
+        emb = _as_array(inputs[emb_key], emb_key, f"(B, T, d_model={spec.d_model})")
+        if emb.dtype == np.bool_ or not (np.issubdtype(emb.dtype, np.floating)
+                                         or np.issubdtype(emb.dtype, np.integer)):
+            raise InputError(f"{emb_key} must hold real numbers, got {emb.dtype}")
         if emb.ndim != 3 or emb.shape[-1] != spec.d_model:
             raise InputError(f"{emb_key} must have shape (B, T, d_model={spec.d_model}), "
                              f"got {emb.shape}")
-        out[emb_key] = emb.astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below
+            emb = emb.astype(dtype)
+        if not np.isfinite(emb).all():
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(emb))[0])
+            raise InputError(f"{emb_key} holds {emb[where]} at {where} "
+                             f"({int((~np.isfinite(emb)).sum())} non-finite values, after the "
+                             f"cast to {dtype}); give finite embeddings")
+        out[emb_key] = emb
         b, t = emb.shape[:2]
     if t == 0:
         raise InputError(f"{ids_key} has sequence length 0; give at least one token")
@@ -496,11 +574,8 @@ def _check_side(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str, prefix: 
         raise InputError(f"{what} is longer than max_len={spec.max_len}; shorten the input "
                          f"(xformer does not truncate silently)")
     mask = inputs.get(mask_key)
-    mask = np.ones((b, past + t)) if mask is None else np.asarray(mask)
-    if mask.shape != (b, past + t):
-        raise InputError(f"{mask_key} must have shape (B, T) = {(b, past + t)}, got "
-                         f"{mask.shape}")
-    out[mask_key] = mask.astype(dtype)
+    out[mask_key] = (np.ones((b, past + t), dtype) if mask is None
+                     else check_mask(mask, mask_key, (b, past + t), dtype))
     return out
 
 
@@ -557,19 +632,59 @@ def get_backend(name: str | None = None) -> Backend:
     return backend
 
 
+#: The most bytes of a config file xformer reads (a config is a few lines).
+CONFIG_LIMIT = 1 << 20
+
+
+def _read_config(path: Path) -> str:
+    """The text of config file ``path``: a regular, readable, UTF-8 file of at most
+    :data:`CONFIG_LIMIT` bytes (:func:`xformer.resources.read_capped`); raises
+    :class:`BackendError` naming the file and the fix."""
+    from .resources import read_capped
+
+    try:
+        data = read_capped(path, limit=CONFIG_LIMIT, what="config file")
+    except XformerError as e:  # read_capped's InputError: a problem of the backend config
+        raise BackendError(str(e)) from None
+    except OSError as e:
+        raise BackendError(f"config file {path} cannot be read ({e.strerror or e}); fix or "
+                           f"remove it") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BackendError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as "
+                           f"UTF-8 TOML or remove it") from None
+
+
 def _config_backend() -> tuple[str, str] | None:
     """``(backend, file shown as ./xformer.toml or ~/...)`` of the first config file that sets
-    ``backend``, or ``None``."""
+    ``backend``, or ``None``.
+
+    Raises:
+        BackendError: a config file that exists but is not a regular file, cannot be read, is
+            not UTF-8, is over :data:`CONFIG_LIMIT` bytes, is not valid TOML, or whose
+            ``backend`` is not a string; the message names the file.
+    """
     for path in (Path.cwd() / "xformer.toml", Path.home() / ".config" / "xformer" / "config.toml"):
-        if path.is_file():
-            try:
-                data = tomllib.loads(path.read_text())
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise BackendError(f"config file {path} is not valid TOML: {e}") from None
-            if "backend" in data:
-                shown = ("./xformer.toml" if path.parent == Path.cwd()
-                         else str(path).replace(str(Path.home()), "~", 1))
-                return str(data["backend"]), shown
+        try:
+            exists = path.exists() or path.is_symlink()
+        except OSError:
+            exists = True
+        if not exists:
+            continue
+        text = _read_config(path)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise BackendError(f"config file {path} is not valid TOML: {e}") from None
+        if "backend" in data:
+            if not isinstance(data["backend"], str) or not data["backend"].strip():
+                raise BackendError(f"config file {path}: backend must be a backend name "
+                                   f"(a string such as \"torch\"), got "
+                                   f"{_short(data['backend'], 60)}")
+            shown = ("./xformer.toml" if path.parent == Path.cwd()
+                     else str(path).replace(str(Path.home()), "~", 1))
+            return data["backend"], shown
     return None
 
 
@@ -607,10 +722,26 @@ def build(spec: ModelSpec, backend: str | None = None, dtype: str = "float32",
             framework initialisation otherwise.
 
     Raises:
-        BackendError: unknown or uninstalled backend. CheckpointError: weights that do not match.
+        SpecError: ``spec`` is not a :class:`~xformer.spec.ModelSpec` (a dict: use
+            ``ModelSpec.from_dict``; a path or preset name: ``ModelSpec.load`` /
+            ``ModelSpec.preset``). BackendError: unknown or uninstalled backend.
+        InputError: a dtype other than float32/float64. CheckpointError: weights that do not
+            match.
     """
     from .weights import check_weights
 
+    if not isinstance(spec, ModelSpec):
+        if isinstance(spec, Mapping):
+            fix = "ModelSpec.from_dict(d)"
+        elif isinstance(spec, (str, os.PathLike)):
+            fix = "ModelSpec.load(path) for a .json/.yaml file or ModelSpec.preset(name)"
+        else:
+            fix = "ModelSpec.from_dict, ModelSpec.load or ModelSpec.preset"
+        raise SpecError(f"build takes a ModelSpec, got {type(spec).__name__} "
+                        f"{_short(spec, 60)}; make one with {fix}")
+    if weights is not None and not isinstance(weights, Mapping):
+        raise CheckpointError(f"weights must be a mapping {{name: array}} (e.g. from "
+                              f"xformer.load_weights), got {type(weights).__name__}")
     be = get_backend(backend)
     dtype = check_dtype(dtype)
     model = be.build(spec, dtype)

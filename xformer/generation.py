@@ -19,7 +19,52 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, truncate
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int ``>= minimum``: Python ints and numpy integers; bools, floats (even
+    ``2.0``) and strings raise :class:`InputError` naming the value."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an integer >= {minimum}, got "
+                         f"{type(value).__name__} {_short(value)}")
+    if value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {_short(value)}")
+    return int(value)
+
+
+def _token(name: str, value: Any, vocab_size: int) -> int | None:
+    """``None`` or a token id in ``[0, vocab_size)`` (Python or numpy integer)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be a token id (an integer) or None, got "
+                         f"{type(value).__name__} {_short(value)}")
+    if not 0 <= value < vocab_size:
+        raise InputError(f"{name} {_short(value)} is outside [0, vocab_size={vocab_size})")
+    return int(value)
+
+
+def _array(value: Any, name: str) -> np.ndarray:
+    """``np.asarray(value)``; ragged rows and Python ints beyond int64 raise InputError (the
+    same rules as :func:`xformer.backend.check_inputs`, which :meth:`Backend.decode` applies
+    again; not imported from there: backend imports this module)."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError):
+        raise InputError(f"{name} must be a rectangular array of shape (B, T), got a ragged "
+                         f"{type(value).__name__} (rows of unequal length)") from None
+    if arr.dtype == object:
+        ints = [v for v in arr.ravel() if isinstance(v, int) and not isinstance(v, bool)]
+        if ints and len(ints) == arr.size:
+            raise InputError(f"{name}: value {_short(max(ints, key=abs), 40)} does not fit in "
+                             f"int64; give token ids in [0, vocab_size)")
+        raise InputError(f"{name} must be a numeric array of shape (B, T), got {_short(value)}")
+    return arr
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    return truncate(value, limit)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -68,21 +113,46 @@ def generate(backend, model: Any, input_ids, *, max_new_tokens: int = 20, num_be
         One list of generated ids per row, prompt excluded, ending at the first EOS if any.
 
     Raises:
-        InputError: no LM head, bad prompt, ``max_new_tokens < 1``, ``num_beams < 1``, or a
-            prompt plus ``max_new_tokens`` longer than ``max_len``.
+        InputError: no LM head; a bad prompt (ragged rows, not integers, ids that do not fit in
+            int64 or lie outside ``[0, vocab_size)``); ``max_new_tokens`` or ``num_beams``
+            not an integer >= 1 (bools and floats such as ``2.5`` are refused; numpy integers
+            are fine); ``eos_token_id`` / ``decoder_start_token_id`` not None or a token id;
+            a non-finite ``length_penalty``; an attention mask with values other than 0/1;
+            or a prompt plus ``max_new_tokens`` longer than ``max_len``.
     """
     spec = model.spec
     if spec.head != "lm":
         raise InputError("generate needs a spec with head = 'lm'")
-    if max_new_tokens < 1 or num_beams < 1:
-        raise InputError("max_new_tokens and num_beams must be >= 1")
-    input_ids = np.asarray(input_ids)
-    if input_ids.ndim != 2 or not np.issubdtype(input_ids.dtype, np.integer):
+    max_new_tokens = _count("max_new_tokens", max_new_tokens, 1)
+    num_beams = _count("num_beams", num_beams, 1)
+    if isinstance(length_penalty, (bool, np.bool_)) or not isinstance(
+            length_penalty, (int, float, np.integer, np.floating)) or not np.isfinite(
+            length_penalty):
+        raise InputError(f"length_penalty must be a finite number, got {_short(length_penalty)}")
+    input_ids = _array(input_ids, "input_ids")
+    if (input_ids.ndim != 2 or input_ids.dtype == np.bool_
+            or not np.issubdtype(input_ids.dtype, np.integer)):
         raise InputError(f"input_ids must be an integer array of shape (B, T), got "
                          f"{input_ids.dtype} {input_ids.shape}")
+    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= spec.vocab_size):
+        bad = input_ids.max() if input_ids.max() >= spec.vocab_size else input_ids.min()
+        raise InputError(f"token id {int(bad)} is outside [0, vocab_size={spec.vocab_size})")
     input_ids = input_ids.astype(np.int64)
-    eos = spec.eos_token_id if eos_token_id is None else eos_token_id
-    start = spec.bos_token_id if decoder_start_token_id is None else decoder_start_token_id
+    if attention_mask is not None:
+        attention_mask = _array(attention_mask, "attention_mask")
+        if not (attention_mask.dtype == np.bool_
+                or np.issubdtype(attention_mask.dtype, np.number)):
+            raise InputError(f"attention_mask must hold 0/1, got {attention_mask.dtype}")
+        bad = np.argwhere((attention_mask != 0) & (attention_mask != 1))
+        if bad.size:
+            where = tuple(int(i) for i in bad[0])
+            raise InputError(f"attention_mask must hold only 0 (padding) and 1 (attend), got "
+                             f"{attention_mask[where]!r} at {where}")
+    eos = _token("eos_token_id", spec.eos_token_id if eos_token_id is None else eos_token_id,
+                 spec.vocab_size)
+    start = _token("decoder_start_token_id",
+                   spec.bos_token_id if decoder_start_token_id is None
+                   else decoder_start_token_id, spec.vocab_size)
     first, key, used = _first_inputs(spec, input_ids, attention_mask, start)
     if used + max_new_tokens - 1 > spec.max_len:
         raise InputError(f"{used} prompt positions + {max_new_tokens} new tokens is longer "
