@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import (BackendError, CheckpointError, InputError, SpecError, XformerError,
                      truncate)
+from .inputs import as_array, check_int_array, check_mask  # noqa: F401 (check_mask: public)
 from .spec import ModelSpec
 
 DTYPES = ("float32", "float64")
@@ -457,7 +458,7 @@ def check_inputs(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str = "float
         b, t = out["attention_mask"].shape
         tt = inputs.get("token_type_ids")
         tt = (np.zeros((b, t), np.int64) if tt is None
-              else _check_int_array(tt, "token_type_ids", str((b, t))))
+              else check_int_array(tt, "token_type_ids", str((b, t))))
         if tt.shape != (b, t):
             raise InputError(f"token_type_ids must be integers of shape {(b, t)}, got "
                              f"{tt.dtype} {tt.shape}")
@@ -473,64 +474,6 @@ def _short(value: Any, limit: int = 80) -> str:
     return truncate(value, limit)
 
 
-def _as_array(value: Any, name: str, shape_hint: str) -> np.ndarray:
-    """``np.asarray(value)``, or :class:`InputError` for what numpy cannot make one rectangular
-    array of (ragged lists, objects), naming ``name`` and its expected shape."""
-    try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError, OverflowError):
-        pad = "; pad the rows and mark the padding in attention_mask" if "ids" in name else ""
-        raise InputError(f"{name} must be a rectangular array of shape {shape_hint}, got a "
-                         f"ragged {type(value).__name__} (rows of unequal length{pad})"
-                         ) from None
-    if arr.dtype == object:
-        flat = arr.ravel()
-        huge = [v for v in flat if isinstance(v, int) and not isinstance(v, bool)]
-        if huge and len(huge) == flat.size:
-            bad = max(huge, key=abs)
-            raise InputError(f"{name}: value {_short(bad, 40)} does not fit in int64; give "
-                             f"values in range (token ids in [0, vocab_size))")
-        raise InputError(f"{name} must be a rectangular numeric array of shape {shape_hint} "
-                         f"(rows of equal length), got an object array "
-                         f"{_short(value, 60)}")
-    return arr
-
-
-def _check_int_array(value: Any, name: str, shape_hint: str) -> np.ndarray:
-    """An integer array (any numpy integer dtype or Python ints); floats, bools and strings are
-    refused with an :class:`InputError` that names the dtype and the fix."""
-    arr = _as_array(value, name, shape_hint)
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        hint = (" (cast exact integers with .astype(np.int64))"
-                if np.issubdtype(arr.dtype, np.floating) else "")
-        raise InputError(f"{name} must be an integer array of shape {shape_hint}, got "
-                         f"{arr.dtype} {arr.shape}{hint}")
-    return arr
-
-
-def check_mask(value: Any, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """An attention mask of ``shape``: every value exactly 0 (padding) or 1 (attend), bools or
-    any real dtype; returned in ``dtype``.
-
-    Raises:
-        InputError: ragged or non-numeric, a wrong shape, or a value other than 0/1 (2, -1,
-            NaN, inf), naming the first such value and where it is.
-    """
-    mask = _as_array(value, name, str(shape))
-    if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)
-            or np.issubdtype(mask.dtype, np.floating)):
-        raise InputError(f"{name} must hold 0/1 (or booleans), got {mask.dtype}")
-    if mask.shape != shape:
-        raise InputError(f"{name} must have shape (B, T) = {shape}, got {mask.shape}")
-    bad = np.argwhere((mask != 0) & (mask != 1))
-    if bad.size:
-        where = tuple(int(i) for i in bad[0])
-        raise InputError(f"{name} must hold only 0 (padding) and 1 (attend), got "
-                         f"{mask[where]!r} at {where} ({len(bad)} such value"
-                         f"{'s' if len(bad) != 1 else ''})")
-    return mask.astype(dtype)
-
-
 def _check_side(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str, prefix: str,
                 past: int) -> dict[str, np.ndarray]:
     ids_key, emb_key, mask_key = (f"{prefix}input_ids", f"{prefix}inputs_embeds",
@@ -541,7 +484,7 @@ def _check_side(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str, prefix: 
         raise InputError(f"give exactly one of {ids_key} (B, T) and {emb_key} (B, T, D)")
     out: dict[str, np.ndarray] = {}
     if has_ids:
-        ids = _check_int_array(inputs[ids_key], ids_key, "(B, T)")
+        ids = check_int_array(inputs[ids_key], ids_key, "(B, T)")
         if ids.ndim != 2:
             raise InputError(f"{ids_key} must be an integer array of shape (B, T), got "
                              f"{ids.dtype} {ids.shape}")
@@ -551,7 +494,7 @@ def _check_side(spec: ModelSpec, inputs: Mapping[str, Any], dtype: str, prefix: 
         out[ids_key] = ids.astype(np.int64)
         b, t = ids.shape
     else:
-        emb = _as_array(inputs[emb_key], emb_key, f"(B, T, d_model={spec.d_model})")
+        emb = as_array(inputs[emb_key], emb_key, f"(B, T, d_model={spec.d_model})")
         if emb.dtype == np.bool_ or not (np.issubdtype(emb.dtype, np.floating)
                                          or np.issubdtype(emb.dtype, np.integer)):
             raise InputError(f"{emb_key} must hold real numbers, got {emb.dtype}")

@@ -415,14 +415,6 @@ def _split_backends(value: str, option: str = "--backends", *, unique: bool = Tr
     return items
 
 
-def check_finite(weights, source: str) -> None:
-    """:func:`xformer.weights.check_finite`: a ``CheckpointError`` naming the first tensor with
-    a NaN or an infinity, before any comparison or model is built."""
-    from .weights import check_finite as _check_finite
-
-    _check_finite(weights, source=source)
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """xformer's own warnings as one line, ``xformer: warning: ...``; others as Python does."""
     if filename.startswith(str(Path(__file__).resolve().parent)):
@@ -451,16 +443,6 @@ def _get_backend(name: str | None):
     except BackendError as e:
         raise BackendError(f"{e} (backend {name!r} from {source})") from None
     return be, f"xformer: backend {be.name} (from {source})"
-
-
-def _from_pretrained(path: str):
-    """``(spec, weights)`` of ``--model``: a model directory (:func:`xformer.from_pretrained`)
-    or an xformer ``.safetensors`` file that stores its spec (:func:`xformer.load_weights`)."""
-    from . import from_pretrained, load_weights
-
-    if Path(path).is_file():
-        return load_weights(path)
-    return from_pretrained(path)
 
 
 # ---------------------------------------------------------------------- commands
@@ -513,6 +495,7 @@ def cmd_embed(args) -> int:
     from .backend import build
     from .convert import from_pretrained
     from .resources import check_memory
+    from .weights import check_finite
 
     be, note = _get_backend(args.backend)
     spec, weights = from_pretrained(args.model)
@@ -545,7 +528,7 @@ def cmd_diff(args) -> int:
 
     from .conformance import Case, diff_traces, first_divergence, trace_run
     from .spec import ModelSpec, atomic_write_bytes
-    from .weights import load_weights, random_weights
+    from .weights import check_finite, load_weights, random_weights
 
     from .resources import check_memory
 
@@ -651,7 +634,9 @@ def cmd_generate(args) -> int:
     import numpy as np
 
     from .backend import build
+    from .convert import from_pretrained
     from .resources import check_memory
+    from .weights import check_finite
 
     items = [x.strip() for x in args.prompt_ids.split(",")]
     if not any(items):
@@ -659,7 +644,7 @@ def cmd_generate(args) -> int:
     if not all(re.fullmatch(r"[+-]?[0-9]+", x) for x in items):
         raise InputError(f"--prompt-ids must be comma-separated integers such as 0,5,7, got "
                          f"{truncate(args.prompt_ids)}")
-    spec, weights = _from_pretrained(args.model)
+    spec, weights = from_pretrained(args.model)
     # 100+ digits are out of any vocabulary; int() of them is not needed (nor, past 4300, legal)
     prompt = [int(x) if len(x) < 100 else spec.vocab_size for x in items]
     bad = next((k for k, i in enumerate(prompt) if not 0 <= i < spec.vocab_size), None)
@@ -689,11 +674,12 @@ def _load_model(args):
     """``(spec, weights, inputs or None, model dir or None)`` from the compare arguments."""
     import numpy as np
 
+    from .convert import from_pretrained
     from .spec import ModelSpec
-    from .weights import load_weights, random_weights
+    from .weights import check_finite, load_weights, random_weights
 
     if args.model:
-        spec, weights = _from_pretrained(args.model)
+        spec, weights = from_pretrained(args.model)
         check_finite(weights, f"--model {Path(args.model).name}")
         inputs = None
         if (Path(args.model) / "tokenizer.json").is_file():

@@ -54,8 +54,8 @@ from .errors import CheckpointError, SpecError, truncate
 from .resources import read_capped
 from .spec import ModelSpec
 from .weights import (atomic_write_dir, check_weights, header_tensors, load_pretrained,
-                      model_safetensors, read_safetensors, safetensors_bytes, safetensors_header,
-                      shape_problems)
+                      load_weights, model_safetensors, read_safetensors, safetensors_bytes,
+                      safetensors_header, shape_problems)
 
 #: ``model_type`` values of ``config.json`` that :func:`from_pretrained` imports.
 SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
@@ -93,7 +93,8 @@ def read_hf_config(root: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.ndarray]]:
-    """Import a model directory into ``(spec, canonical weights)``.
+    """Import a model directory, or an xformer checkpoint file, into ``(spec, canonical
+    weights)``.
 
     * Hugging Face directories (``config.json`` + ``model.safetensors``), dispatched on
       ``config.json``'s ``model_type``: ``bert`` (also when ``model_type`` is absent;
@@ -101,6 +102,9 @@ def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.nd
       ``head="none"``) and ``gpt2`` (:func:`import_gpt2`).
     * xformer directories (no ``config.json``, as :func:`xformer.weights.save_pretrained`
       writes them): :func:`xformer.weights.load_pretrained`.
+    * an xformer ``.safetensors`` file that stores its spec in its metadata (as ``xformer init
+      --out FILE.safetensors`` and :func:`xformer.weights.save_weights` write it):
+      :func:`xformer.weights.load_weights`.
 
     Raises:
         CheckpointError: the directory or a file is missing, an unsupported ``model_type``
@@ -108,6 +112,8 @@ def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.nd
         SpecError: an unsupported ``config.json`` or a malformed spec file.
     """
     root = Path(path)
+    if root.is_file():
+        return load_weights(root)
     model_safetensors(root)
     config = read_hf_config(root)
     if config is None:

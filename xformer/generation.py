@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, truncate
+from .inputs import check_int_array, check_mask
 
 
 def _count(name: str, value: Any, minimum: int) -> int:
@@ -43,24 +44,6 @@ def _token(name: str, value: Any, vocab_size: int) -> int | None:
     if not 0 <= value < vocab_size:
         raise InputError(f"{name} {_short(value)} is outside [0, vocab_size={vocab_size})")
     return int(value)
-
-
-def _array(value: Any, name: str) -> np.ndarray:
-    """``np.asarray(value)``; ragged rows and Python ints beyond int64 raise InputError (the
-    same rules as :func:`xformer.backend.check_inputs`, which :meth:`Backend.decode` applies
-    again; not imported from there: backend imports this module)."""
-    try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError, OverflowError):
-        raise InputError(f"{name} must be a rectangular array of shape (B, T), got a ragged "
-                         f"{type(value).__name__} (rows of unequal length)") from None
-    if arr.dtype == object:
-        ints = [v for v in arr.ravel() if isinstance(v, int) and not isinstance(v, bool)]
-        if ints and len(ints) == arr.size:
-            raise InputError(f"{name}: value {_short(max(ints, key=abs), 40)} does not fit in "
-                             f"int64; give token ids in [0, vocab_size)")
-        raise InputError(f"{name} must be a numeric array of shape (B, T), got {_short(value)}")
-    return arr
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -129,9 +112,8 @@ def generate(backend, model: Any, input_ids, *, max_new_tokens: int = 20, num_be
             length_penalty, (int, float, np.integer, np.floating)) or not np.isfinite(
             length_penalty):
         raise InputError(f"length_penalty must be a finite number, got {_short(length_penalty)}")
-    input_ids = _array(input_ids, "input_ids")
-    if (input_ids.ndim != 2 or input_ids.dtype == np.bool_
-            or not np.issubdtype(input_ids.dtype, np.integer)):
+    input_ids = check_int_array(input_ids, "input_ids", "(B, T)")
+    if input_ids.ndim != 2:
         raise InputError(f"input_ids must be an integer array of shape (B, T), got "
                          f"{input_ids.dtype} {input_ids.shape}")
     if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= spec.vocab_size):
@@ -139,15 +121,8 @@ def generate(backend, model: Any, input_ids, *, max_new_tokens: int = 20, num_be
         raise InputError(f"token id {int(bad)} is outside [0, vocab_size={spec.vocab_size})")
     input_ids = input_ids.astype(np.int64)
     if attention_mask is not None:
-        attention_mask = _array(attention_mask, "attention_mask")
-        if not (attention_mask.dtype == np.bool_
-                or np.issubdtype(attention_mask.dtype, np.number)):
-            raise InputError(f"attention_mask must hold 0/1, got {attention_mask.dtype}")
-        bad = np.argwhere((attention_mask != 0) & (attention_mask != 1))
-        if bad.size:
-            where = tuple(int(i) for i in bad[0])
-            raise InputError(f"attention_mask must hold only 0 (padding) and 1 (attend), got "
-                             f"{attention_mask[where]!r} at {where}")
+        attention_mask = check_mask(attention_mask, "attention_mask", input_ids.shape,
+                                    "float64")
     eos = _token("eos_token_id", spec.eos_token_id if eos_token_id is None else eos_token_id,
                  spec.vocab_size)
     start = _token("decoder_start_token_id",
