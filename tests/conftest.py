@@ -7,6 +7,7 @@ helpers (specs, inputs, error measures, cached models) are in backend_helpers.py
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
@@ -26,8 +27,6 @@ def backend(request):
     name = request.param
     if not is_installed(name):
         pytest.skip(f"{name} is not installed: pip install 'xformer[{name}]'")
-    if name == "tensorflow":
-        import tensorflow as tf
-
-        tf.get_logger().setLevel("ERROR")  # per-model tf.functions trip the retracing warning
+    if name == "tensorflow":  # per-model tf.functions trip the retracing warning
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)  # = tf.get_logger()
     return get_backend(name)

@@ -255,8 +255,9 @@ def _quiet_frameworks() -> None:
     """Silence framework log noise for the whole process: TensorFlow's C++ start-up log
     (``xformer_tensorflow.import_tensorflow`` makes it honour ``TF_CPP_MIN_LOG_LEVEL``, set to
     3 unless the user set it), and the Python loggers of TensorFlow, Keras and absl (retracing
-    notes and the like are about our many short-lived models, not the user's input); if
-    TensorFlow is already imported, its own logger and absl's verbosity too."""
+    notes and the like are about our many short-lived models, not the user's input;
+    ``tf.get_logger()`` is the ``tensorflow`` one); if absl is already imported, its verbosity
+    too."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("tensorflow", "keras", "absl", "h5py", "jax"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -264,11 +265,6 @@ def _quiet_frameworks() -> None:
         try:
             sys.modules["absl.logging"].set_verbosity("error")
         except Exception:  # pragma: no cover - an absl without set_verbosity
-            pass
-    if "tensorflow" in sys.modules:
-        try:
-            sys.modules["tensorflow"].get_logger().setLevel(logging.ERROR)
-        except Exception:  # pragma: no cover - a partly imported TensorFlow
             pass
 
 
