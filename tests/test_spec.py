@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from xformer import ModelSpec, SpecError
 from xformer.conformance import covering_specs, field_values
-from xformer.spec import ARCHITECTURES, CHOICES, PRESETS, choices, sinusoidal_table
+from xformer.spec import (ARCHITECTURES, CHOICES, CONDITIONAL, PRESETS, choices,
+                          sinusoidal_table)
 
 
 @st.composite
@@ -157,8 +158,8 @@ def test_choices_are_what_validation_accepts(arch):
             continue
         for value in values:
             changes = {field: value}
-            if field == "tie_embeddings" and "lm" in allowed["head"]:
-                changes["head"] = "lm"
+            if field in CONDITIONAL and CONDITIONAL[field][1] in allowed[CONDITIONAL[field][0]]:
+                changes[CONDITIONAL[field][0]] = CONDITIONAL[field][1]
             try:
                 base.replace(**changes)
                 accepted = True

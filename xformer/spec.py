@@ -32,10 +32,17 @@ from .resources import DEFAULT_LIMIT, read_capped
 
 ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
 NORM_POSITIONS = ("post", "pre")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
-POSITIONALS = ("learned", "sinusoidal")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+POSITIONALS = ("learned", "sinusoidal", "rope")
+NORMS = ("layernorm", "rmsnorm")
+FFNS = ("mlp", "glu")
+ROPE_STYLES = ("half", "interleaved")
 HEADS = ("pooler", "lm", "none")
 BOOLEAN = (True, False)
+#: A bias switch that defaults to ``bias`` (``None``) or overrides it.
+OPTIONAL_BOOLEAN = (None, True, False)
+#: ``norm_scale_offset``: ``0.0`` (``y * weight``) or ``1.0`` (Gemma: ``y * (1 + weight)``).
+NORM_SCALE_OFFSETS = (0.0, 1.0)
 
 #: Bounds that keep every size computation finite and every message short: each size field
 #: (``vocab_size``, ``d_model``, ``n_heads``, ``d_ff``, ``max_len``, ``type_vocab_size``) is at
@@ -52,10 +59,22 @@ YAML_MAX_NODES = 10_000
 #: conformance covers every value of every field (:func:`choices`,
 #: :func:`xformer.conformance.covering_specs`). A new value added here is a new case there.
 CHOICES: dict[str, tuple] = {
-    "architecture": ARCHITECTURES, "norm_position": NORM_POSITIONS, "activation": ACTIVATIONS,
-    "positional": POSITIONALS, "embedding_norm": BOOLEAN, "final_norm": BOOLEAN,
-    "embed_scale": BOOLEAN, "bias": BOOLEAN, "tie_embeddings": BOOLEAN,
+    "architecture": ARCHITECTURES, "norm": NORMS, "norm_position": NORM_POSITIONS,
+    "norm_scale_offset": NORM_SCALE_OFFSETS, "activation": ACTIVATIONS, "ffn": FFNS,
+    "positional": POSITIONALS, "rope_style": ROPE_STYLES, "embedding_norm": BOOLEAN,
+    "final_norm": BOOLEAN, "embed_scale": BOOLEAN, "bias": BOOLEAN,
+    "qkv_bias": OPTIONAL_BOOLEAN, "out_proj_bias": OPTIONAL_BOOLEAN,
+    "mlp_bias": OPTIONAL_BOOLEAN, "parallel_residual": BOOLEAN, "tie_embeddings": BOOLEAN,
     "share_embeddings": BOOLEAN, "head": HEADS,
+}
+
+#: Fields whose other values need another field's value: ``rope_style`` (and the numeric
+#: ``rope_theta``, ``rotary_fraction``) only with ``positional="rope"``; ``tie_embeddings`` only
+#: with ``head="lm"``; ``parallel_residual`` only pre-LN. Coverage cycles them over the specs
+#: where they apply.
+CONDITIONAL: dict[str, tuple[str, Any]] = {
+    "rope_style": ("positional", "rope"), "tie_embeddings": ("head", "lm"),
+    "parallel_residual": ("norm_position", "pre"),
 }
 
 #: The heads each architecture takes.
@@ -68,11 +87,12 @@ def choices(architecture: str) -> dict[str, tuple]:
     """The values each categorical field (:data:`CHOICES`, ``architecture`` left out) can take
     in a valid spec of ``architecture``: its heads (:data:`ARCHITECTURE_HEADS`),
     ``tie_embeddings`` only where a head is ``"lm"``, ``share_embeddings`` only in an
-    encoder-decoder (``(False,)`` otherwise)."""
+    encoder-decoder and ``parallel_residual`` only outside one (``(False,)`` otherwise)."""
     heads = ARCHITECTURE_HEADS[architecture]
     narrowed = {"head": heads,
                 "tie_embeddings": BOOLEAN if "lm" in heads else (False,),
-                "share_embeddings": BOOLEAN if architecture == "encoder-decoder" else (False,)}
+                "share_embeddings": BOOLEAN if architecture == "encoder-decoder" else (False,),
+                "parallel_residual": BOOLEAN if architecture != "encoder-decoder" else (False,)}
     return {k: narrowed.get(k, v) for k, v in CHOICES.items() if k != "architecture"}
 
 
@@ -103,7 +123,16 @@ class ModelSpec:
             with causal self-attention and cross-attention over the encoder output).
         vocab_size: number of token ids; ids must be in ``[0, vocab_size)``.
         d_model: hidden size ``D``.
-        n_heads: attention heads ``H``; ``d_model % n_heads == 0`` and ``d_head = D // H``.
+        n_heads: attention (query) heads ``H``; ``d_model % n_heads == 0`` unless ``head_dim``
+            is given; ``d_head = head_dim or D // H``.
+        n_kv_heads: key/value heads ``H_kv`` of grouped-query attention (Ainslie et al. 2023;
+            ``1`` = multi-query, Shazeer 2019); ``None`` = ``n_heads`` (multi-head). ``n_heads``
+            must be a multiple; query head ``h`` reads key/value head ``h // (H / H_kv)``
+            (Hugging Face ``repeat_kv``). ``k_proj``/``v_proj`` are ``(H_kv d_head, D)`` and
+            a decoding cache holds ``H_kv`` heads.
+        head_dim: size of one head when it is not ``d_model // n_heads`` (Gemma-7B: 16 heads of
+            256 on ``d_model`` 3072); ``q_proj`` is then ``(H head_dim, D)`` and ``out_proj``
+            ``(D, H head_dim)``. ``None`` = ``d_model // n_heads``.
         d_ff: inner size of the position-wise feed-forward network.
         n_layers: number of layers of the encoder (``encoder``, ``encoder-decoder``) or of the
             decoder (``decoder``).
@@ -111,21 +140,54 @@ class ModelSpec:
             Must be ``None`` for the other architectures.
         max_len: longest sequence accepted; a longer input raises ``InputError`` (no silent
             truncation). Also the number of rows of the learned position table.
+        norm: ``"layernorm"`` (Ba et al. 2016: ``(x - mean) / sqrt(var + eps) * w + b``) or
+            ``"rmsnorm"`` (Zhang & Sennrich 2019: ``x / sqrt(mean(x^2) + eps) * w``, no bias
+            and no centring; Llama, Mistral, Qwen2, Gemma); every norm of the model (embedding,
+            layer and final norms) is of this kind.
         norm_position: ``"post"`` (Vaswani 2017 §3.1, BERT: ``x = LN(x + f(x))``) or ``"pre"``
             (GPT-2, Xiong et al. 2020: ``x = x + f(LN(x))``).
         norm_eps: LayerNorm epsilon, always explicit (torch defaults to 1e-5, Keras to 1e-3,
             BERT uses 1e-12).
+        norm_scale_offset: ``0.0`` (the norm multiplies by its ``weight``) or ``1.0`` (Gemma:
+            by ``1 + weight``; the stored weight is then initialised to zeros, and Hugging Face
+            ``GemmaRMSNorm`` adds the 1 at run time).
         activation: ``"relu"``, ``"gelu"`` (exact: ``0.5 x (1 + erf(x / sqrt 2))``, Hendrycks &
-            Gimpel 2016) or ``"gelu_tanh"`` (``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``).
-        positional: ``"learned"`` (BERT) or ``"sinusoidal"`` (Vaswani 2017 §3.5: ``sin`` on even
-            dimensions, ``cos`` on odd ones).
+            Gimpel 2016), ``"gelu_tanh"`` (``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``)
+            or ``"silu"`` (``x sigmoid(x)``, Elfwing et al. 2018; Hugging Face ``"silu"``).
+        ffn: ``"mlp"`` (Vaswani 2017 §3.3: ``linear2(act(linear1(x)))``) or ``"glu"`` (Shazeer
+            2020: ``down_proj(act(gate_proj(x)) * up_proj(x))``; SwiGLU with ``"silu"``, GeGLU
+            with ``"gelu_tanh"``, as Llama's and Gemma's ``mlp``).
+        positional: ``"learned"`` (BERT), ``"sinusoidal"`` (Vaswani 2017 §3.5: ``sin`` on even
+            dimensions, ``cos`` on odd ones) or ``"rope"`` (rotary embeddings, Su et al. 2021:
+            no position table; the queries and keys of self-attention are rotated by their
+            absolute position, so cached decoding continues at ``past_length``; cross-attention
+            is not rotated).
+        rope_theta: the rotary base ``theta``: pair ``i`` of a head turns by ``p * theta^(-2i /
+            rotary_dim)`` at position ``p`` (Llama 2: 1e4, Llama 3: 5e5, Qwen2: 1e6).
+            ``positional="rope"`` only.
+        rope_style: which dimensions form a rotating pair: ``"half"`` (``i`` with ``i +
+            rotary_dim / 2``: GPT-NeoX, Hugging Face Llama's ``rotate_half``) or
+            ``"interleaved"`` (``2i`` with ``2i + 1``: Su et al. 2021, GPT-J's
+            ``rotate_every_two``, Meta's original Llama code). ``positional="rope"`` only.
+        rotary_fraction: the fraction of each head that rotates: the first ``rotary_dim =
+            int(d_head * rotary_fraction)`` dimensions (even, >= 2), the rest pass through
+            (GPT-NeoX ``rotary_pct``; Pythia 0.25). ``positional="rope"`` only.
         type_vocab_size: number of BERT segment (token type) embeddings; 0 for none; encoders
             only.
         embedding_norm: LayerNorm after summing embeddings (BERT).
         final_norm: LayerNorm after the last layer (pre-LN models).
         embed_scale: multiply token embeddings by ``sqrt(d_model)`` (Vaswani 2017 §3.4).
         bias: additive biases in every Linear and LayerNorm (as ``nn.TransformerEncoderLayer``'s
-            and nanoGPT's ``bias`` flag).
+            and nanoGPT's ``bias`` flag); the default of the three switches below. RMSNorm
+            never has a bias.
+        qkv_bias: biases of ``q_proj``, ``k_proj``, ``v_proj`` (Qwen2: true with ``bias``
+            false); ``None`` = ``bias``.
+        out_proj_bias: bias of the attention output projection; ``None`` = ``bias``.
+        mlp_bias: biases of the feed-forward projections (``linear1``/``linear2`` or
+            ``gate_proj``/``up_proj``/``down_proj``); ``None`` = ``bias``.
+        parallel_residual: ``x + attn(norm1(x)) + ffn(norm2(x))`` in one step (GPT-J,
+            GPT-NeoX ``use_parallel_residual``) instead of two sequential sub-layers; pre-LN
+            encoders and decoders only.
         tie_embeddings: the LM head's weight *is* the (target-side) token embedding table
             (GPT-2; Vaswani 2017 §3.4); needs ``head="lm"``.
         share_embeddings: ``encoder-decoder`` only: source and target share one token
@@ -149,19 +211,31 @@ class ModelSpec:
     vocab_size: int = 1000
     d_model: int = 64
     n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
     d_ff: int = 256
     n_layers: int = 2
     n_decoder_layers: int | None = None
     max_len: int = 128
+    norm: str = "layernorm"
     norm_position: str = "post"
     norm_eps: float = 1e-12
+    norm_scale_offset: float = 0.0
     activation: str = "gelu"
+    ffn: str = "mlp"
     positional: str = "learned"
+    rope_theta: float = 10000.0
+    rope_style: str = "half"
+    rotary_fraction: float = 1.0
     type_vocab_size: int = 0
     embedding_norm: bool = True
     final_norm: bool = False
     embed_scale: bool = False
     bias: bool = True
+    qkv_bias: bool | None = None
+    out_proj_bias: bool | None = None
+    mlp_bias: bool | None = None
+    parallel_residual: bool = False
     tie_embeddings: bool = False
     share_embeddings: bool = False
     head: str = "none"
@@ -182,7 +256,8 @@ class ModelSpec:
                 raise SpecError(f"spec field {name!r} must be >= {low}, got {truncate(value)}")
             if value > high:
                 raise SpecError(f"spec field {name!r} must be <= {high}, got {truncate(value)}")
-        for name, high in (("n_decoder_layers", None), ("bos_token_id", self.vocab_size),
+        for name, high in (("n_kv_heads", None), ("head_dim", None),
+                           ("n_decoder_layers", None), ("bos_token_id", self.vocab_size),
                            ("eos_token_id", self.vocab_size)):
             value = getattr(self, name)
             if value is None:
@@ -191,21 +266,14 @@ class ModelSpec:
                 raise SpecError(f"spec field {name!r} must be an integer or null, "
                                 f"got {truncate(value)}")
             low = 1 if high is None else 0
-            if value < low or (high is None and value > MAX_LAYERS) or (
+            top = MAX_LAYERS if name == "n_decoder_layers" else MAX_SIZE
+            if value < low or (high is None and value > top) or (
                     high is not None and value >= high):
-                allowed = (f">= {low}" if value < low else f"<= {MAX_LAYERS}") if (
+                allowed = (f">= {low}" if value < low else f"<= {top}") if (
                     high is None) else f"in [0, vocab_size={high})"
                 raise SpecError(f"spec field {name!r} must be {allowed}, got {truncate(value)}")
-        for name, allowed in CHOICES.items():
-            value = getattr(self, name)
-            if allowed is BOOLEAN:
-                if not isinstance(value, bool):
-                    raise SpecError(f"spec field {name!r} must be true or false, "
-                                    f"got {truncate(value)}")
-            elif not isinstance(value, str) or value not in allowed:
-                raise SpecError(f"spec field {name!r} must be one of {', '.join(allowed)}; "
-                                f"got {truncate(value)}")
-        for name in ("norm_eps", "dropout"):
+        for name in ("norm_eps", "dropout", "norm_scale_offset", "rope_theta",
+                     "rotary_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SpecError(f"spec field {name!r} must be a number, got {truncate(value)}")
@@ -214,13 +282,55 @@ class ModelSpec:
             except OverflowError:
                 raise SpecError(f"spec field {name!r} must be a number in range, "
                                 f"got {truncate(value)}") from None
+            if not math.isfinite(getattr(self, name)):
+                raise SpecError(f"spec field {name!r} must be finite, got {truncate(value)}")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if allowed is BOOLEAN or allowed is OPTIONAL_BOOLEAN:
+                if not (isinstance(value, bool) or (value is None and allowed is not BOOLEAN)):
+                    nullable = " or null (= bias)" if allowed is OPTIONAL_BOOLEAN else ""
+                    raise SpecError(f"spec field {name!r} must be true or false{nullable}, "
+                                    f"got {truncate(value)}")
+            elif allowed is NORM_SCALE_OFFSETS:
+                if value not in allowed:
+                    raise SpecError(f"spec field {name!r} must be 0 (norm * weight) or 1 "
+                                    f"(Gemma: norm * (1 + weight)), got {truncate(value)}")
+            elif not isinstance(value, str) or value not in allowed:
+                raise SpecError(f"spec field {name!r} must be one of {', '.join(allowed)}; "
+                                f"got {truncate(value)}")
         if not 0.0 < self.norm_eps < 1.0:
             raise SpecError(f"spec field 'norm_eps' must be in (0, 1), got {self.norm_eps}")
         if not 0.0 <= self.dropout < 1.0:
             raise SpecError(f"spec field 'dropout' must be in [0, 1), got {self.dropout}")
-        if self.d_model % self.n_heads:
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise SpecError(f"spec field 'd_model' ({self.d_model}) must be divisible by "
-                            f"'n_heads' ({self.n_heads})")
+                            f"'n_heads' ({self.n_heads}), or give 'head_dim'")
+        if self.n_kv_heads is not None and (self.n_kv_heads > self.n_heads
+                                            or self.n_heads % self.n_kv_heads):
+            raise SpecError(f"spec field 'n_kv_heads' ({self.n_kv_heads}) must divide "
+                            f"'n_heads' ({self.n_heads}): each key/value head serves the same "
+                            f"number of query heads")
+        if self.positional == "rope":
+            if self.rope_theta <= 1.0:
+                raise SpecError(f"spec field 'rope_theta' must be > 1, got {self.rope_theta}")
+            if not 0.0 < self.rotary_fraction <= 1.0:
+                raise SpecError(f"spec field 'rotary_fraction' must be in (0, 1], got "
+                                f"{self.rotary_fraction}")
+            if self.rotary_dim < 2 or self.rotary_dim % 2:
+                raise SpecError(f"spec fields 'rotary_fraction' ({self.rotary_fraction}) and "
+                                f"head size ({self.d_head}) give rotary_dim = "
+                                f"int(d_head * rotary_fraction) = {self.rotary_dim}; it must be "
+                                f"even and >= 2")
+        else:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in ("rope_theta", "rope_style", "rotary_fraction"):
+                if getattr(self, name) != defaults[name]:
+                    raise SpecError(f"spec field {name!r} is for positional = 'rope' (this "
+                                    f"spec has {self.positional!r}); remove it or set "
+                                    f"positional: rope")
+        if self.parallel_residual and self.norm_position != "pre":
+            raise SpecError("spec field 'parallel_residual' needs norm_position = 'pre' "
+                            "(GPT-J, GPT-NeoX: x + attn(norm1(x)) + ffn(norm2(x)))")
         if self.positional == "sinusoidal" and self.d_model % 2:
             raise SpecError(f"spec field 'd_model' must be even for sinusoidal positions, "
                             f"got {self.d_model}")
@@ -240,6 +350,10 @@ class ModelSpec:
         if arch != "encoder-decoder" and self.share_embeddings:
             raise SpecError("spec field 'share_embeddings' is for encoder-decoders; set it to "
                             "false")
+        if arch == "encoder-decoder" and self.parallel_residual:
+            raise SpecError("spec field 'parallel_residual' is for encoders and decoders (GPT-J, "
+                            "GPT-NeoX); an encoder-decoder layer has three sub-layers: set it "
+                            "to false")
         if self.tie_embeddings and self.head != "lm":
             raise SpecError("spec field 'tie_embeddings' needs head = 'lm'; set it to false")
         n = self.num_parameters()
@@ -251,8 +365,29 @@ class ModelSpec:
     # ------------------------------------------------------------------ derived
     @property
     def d_head(self) -> int:
-        """Size of one attention head, ``d_model // n_heads``."""
-        return self.d_model // self.n_heads
+        """Size of one attention head: ``head_dim``, else ``d_model // n_heads``."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads ``H_kv``: ``n_kv_heads``, else ``n_heads``."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dimensions of each head, ``int(d_head * rotary_fraction)`` (GPT-NeoX
+        ``rotary_ndims``); 0 unless ``positional="rope"``."""
+        return int(self.d_head * self.rotary_fraction) if self.positional == "rope" else 0
+
+    def has_bias(self, part: str) -> bool:
+        """Whether the Linear layers of ``part`` have biases: ``"qkv"`` (``q_proj``, ``k_proj``,
+        ``v_proj``), ``"out_proj"`` or ``"mlp"`` (the feed-forward projections): the part's
+        switch (``qkv_bias``, ``out_proj_bias``, ``mlp_bias``), or ``bias`` when it is
+        ``None``; ``"norm"``: ``bias`` with LayerNorm, never with RMSNorm."""
+        if part == "norm":
+            return self.bias and self.norm == "layernorm"
+        value = getattr(self, f"{part}_bias")
+        return self.bias if value is None else value
 
     @property
     def decoder_layers(self) -> int:
@@ -287,14 +422,16 @@ class ModelSpec:
         d, f = self.d_model, self.d_ff
         out: list[ParamSpec] = []
 
-        def linear(prefix: str, n_out: int, n_in: int) -> None:
+        def linear(prefix: str, n_out: int, n_in: int, bias: bool = self.bias) -> None:
             out.append(ParamSpec(f"{prefix}.weight", (n_out, n_in)))
-            if self.bias:
+            if bias:
                 out.append(ParamSpec(f"{prefix}.bias", (n_out,), "zeros"))
 
         def norm(prefix: str) -> None:
-            out.append(ParamSpec(f"{prefix}.weight", (d,), "ones"))
-            if self.bias:
+            # with norm_scale_offset 1 (Gemma) the stored weight is the scale minus 1
+            out.append(ParamSpec(f"{prefix}.weight", (d,),
+                                 "zeros" if self.norm_scale_offset else "ones"))
+            if self.has_bias("norm"):
                 out.append(ParamSpec(f"{prefix}.bias", (d,), "zeros"))
 
         def embeddings(prefix: str, word: bool = True) -> None:
@@ -309,12 +446,22 @@ class ModelSpec:
                 norm(f"{prefix}.norm")
 
         def attention(prefix: str) -> None:
-            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                linear(f"{prefix}.{proj}", d, d)
+            inner, kv = self.n_heads * self.d_head, self.kv_heads * self.d_head
+            qkv = self.has_bias("qkv")
+            linear(f"{prefix}.q_proj", inner, d, qkv)
+            linear(f"{prefix}.k_proj", kv, d, qkv)
+            linear(f"{prefix}.v_proj", kv, d, qkv)
+            linear(f"{prefix}.out_proj", d, inner, self.has_bias("out_proj"))
 
         def ffn(prefix: str) -> None:
-            linear(f"{prefix}.linear1", f, d)
-            linear(f"{prefix}.linear2", d, f)
+            mlp = self.has_bias("mlp")
+            if self.ffn == "glu":
+                linear(f"{prefix}.gate_proj", f, d, mlp)
+                linear(f"{prefix}.up_proj", f, d, mlp)
+                linear(f"{prefix}.down_proj", d, f, mlp)
+            else:
+                linear(f"{prefix}.linear1", f, d, mlp)
+                linear(f"{prefix}.linear2", d, f, mlp)
 
         def stack(name: str, n: int, cross: bool) -> None:
             for i in range(n):
@@ -369,7 +516,7 @@ class ModelSpec:
                 for sub, kind, norm in subs:
                     pair = [(f"{p}.{sub}", kind), (f"{p}.{norm}", "norm")]
                     out.extend(pair if self.norm_position == "post" else pair[::-1])
-                out.append((p, "layer"))
+                out.append((p, "layer"))  # parallel_residual: norm1, self_attn, norm2, ffn too
             if self.final_norm:
                 out.append((f"{name}.final_norm", "norm"))
 
@@ -786,13 +933,50 @@ _VASWANI = dict(architecture="encoder-decoder", vocab_size=37000, d_model=512, n
                 share_embeddings=True, tie_embeddings=True, head="lm", dropout=0.1,
                 bos_token_id=0, eos_token_id=1)
 
+_LLAMA = dict(architecture="decoder", norm="rmsnorm", norm_position="pre", activation="silu",
+              ffn="glu", positional="rope", rope_style="half", type_vocab_size=0,
+              embedding_norm=False, final_norm=True, embed_scale=False, bias=False, head="lm")
+_LLAMA_32_1B = {**_LLAMA, "vocab_size": 128256, "d_model": 2048, "n_heads": 32,
+                "n_kv_heads": 8, "d_ff": 8192, "n_layers": 16, "max_len": 131072,
+                "norm_eps": 1e-5, "rope_theta": 500000.0, "tie_embeddings": True,
+                "bos_token_id": 128000, "eos_token_id": 128001}
+_MISTRAL_7B = {**_LLAMA, "vocab_size": 32000, "d_model": 4096, "n_heads": 32, "n_kv_heads": 8,
+               "d_ff": 14336, "n_layers": 32, "max_len": 4096, "norm_eps": 1e-5,
+               "rope_theta": 10000.0, "tie_embeddings": False, "bos_token_id": 1,
+               "eos_token_id": 2}
+_QWEN2_05B = {**_LLAMA, "vocab_size": 151936, "d_model": 896, "n_heads": 14, "n_kv_heads": 2,
+              "d_ff": 4864, "n_layers": 24, "max_len": 32768, "norm_eps": 1e-6,
+              "rope_theta": 1000000.0, "qkv_bias": True, "tie_embeddings": True,
+              "bos_token_id": 151643, "eos_token_id": 151643}
+_GEMMA_2B = {**_LLAMA, "vocab_size": 256000, "d_model": 2048, "n_heads": 8, "n_kv_heads": 1,
+             "head_dim": 256, "d_ff": 16384, "n_layers": 18, "max_len": 8192, "norm_eps": 1e-6,
+             "norm_scale_offset": 1.0, "activation": "gelu_tanh", "embed_scale": True,
+             "rope_theta": 10000.0, "tie_embeddings": True, "bos_token_id": 2,
+             "eos_token_id": 1}
+_PYTHIA_160M = dict(architecture="decoder", vocab_size=50304, d_model=768, n_heads=12,
+                    d_ff=3072, n_layers=12, max_len=2048, norm="layernorm", norm_position="pre",
+                    norm_eps=1e-5, activation="gelu", ffn="mlp", positional="rope",
+                    rope_theta=10000.0, rope_style="half", rotary_fraction=0.25,
+                    type_vocab_size=0, embedding_norm=False, final_norm=True,
+                    embed_scale=False, bias=True, parallel_residual=True,
+                    tie_embeddings=False, head="lm", bos_token_id=0, eos_token_id=0)
+_TINY = dict(vocab_size=1000, d_model=64, n_heads=4, d_ff=128, n_layers=2, max_len=128,
+             bos_token_id=0, eos_token_id=0)
+
 #: Named specs. BERT sizes from Devlin et al. 2019 and Turc et al. 2019 ("Well-read students");
 #: MiniLM-L6-H384 from sentence-transformers/all-MiniLM-L6-v2's config.json; the pre-LN encoder
 #: follows Xiong et al. 2020; ``tiny`` is the built-in spec of ``xformer compare``. GPT-2 small
 #: from Radford et al. 2019 / Hugging Face ``gpt2`` config.json (124,439,808 parameters);
 #: ``vaswani-base`` is the base model of Vaswani et al. 2017 Table 3 (shared 37000-token BPE
 #: vocabulary, shared and tied embeddings §3.4, dropout 0.1 §5.4; eps 1e-5 as
-#: ``nn.Transformer``, the paper gives none). ``*-tiny`` are small variants for tests.
+#: ``nn.Transformer``, the paper gives none). The Llama family from the config.json of each
+#: published checkpoint: ``llama-3.2-1b`` (meta-llama/Llama-3.2-1B, 1,235,814,400 parameters;
+#: its ``llama3`` rope frequency scaling is not expressed, so long-context numbers differ),
+#: ``mistral-7b`` (mistralai/Mistral-7B-v0.1, 7,241,732,096; ``max_len`` is its 4096-token
+#: ``sliding_window``, within which sliding-window attention is plain causal attention),
+#: ``qwen2-0.5b`` (Qwen/Qwen2-0.5B, 494,032,768), ``gemma-2b`` (google/gemma-2b,
+#: 2,506,172,416), ``pythia-160m`` (EleutherAI/pythia-160m, GPT-NeoX, 162,322,944).
+#: ``*-tiny`` are small variants for tests.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=1000, d_model=64, n_heads=4, d_ff=256, n_layers=2, max_len=64,
                  norm_eps=1e-12, type_vocab_size=2, head="pooler"),
@@ -812,11 +996,37 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vaswani-base": _VASWANI,
     "vaswani-tiny": {**_VASWANI, "vocab_size": 1000, "d_model": 64, "n_heads": 4, "d_ff": 256,
                      "n_layers": 2, "n_decoder_layers": 2, "max_len": 128, "dropout": 0.0},
+    "llama-3.2-1b": _LLAMA_32_1B,
+    "llama-tiny": {**_LLAMA_32_1B, **_TINY, "n_kv_heads": 2},
+    "mistral-7b": _MISTRAL_7B,
+    "mistral-tiny": {**_MISTRAL_7B, **_TINY, "n_kv_heads": 2},
+    "qwen2-0.5b": _QWEN2_05B,
+    "qwen2-tiny": {**_QWEN2_05B, **_TINY, "n_kv_heads": 2},
+    "gemma-2b": _GEMMA_2B,
+    "gemma-tiny": {**_GEMMA_2B, **_TINY, "n_kv_heads": 1, "head_dim": 32},
+    "pythia-160m": _PYTHIA_160M,
+    "pythia-tiny": {**_PYTHIA_160M, **_TINY},
     "pre-ln-encoder-small": dict(vocab_size=8000, d_model=256, n_heads=4, d_ff=1024, n_layers=4,
                                  max_len=256, norm_position="pre", norm_eps=1e-5,
                                  activation="gelu_tanh", positional="learned", type_vocab_size=0,
                                  embedding_norm=False, final_norm=True, head="none"),
 }
+
+
+def rotary_table(max_len: int, rotary_dim: int, theta: float):
+    """The rotary angles' ``(cos, sin)`` of Su et al. 2021 (RoFormer eq. 34), float64 numpy,
+    each ``(max_len, rotary_dim // 2)``: pair ``i`` at position ``p`` turns by
+    ``p * theta^(-2i / rotary_dim)``. Every backend takes these tables (cast to its compute
+    dtype; ``rope_style`` says which dimensions form pair ``i``), as it takes
+    :func:`sinusoidal_table`, so the constants are bit-identical everywhere. Hugging Face
+    computes the angles in float32 whatever the model's dtype (docs/pitfalls.md).
+    """
+    import numpy as np
+
+    inv_freq = 1.0 / np.power(float(theta),
+                              np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    angle = np.arange(max_len, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angle), np.sin(angle)
 
 
 def sinusoidal_table(max_len: int, d_model: int):

@@ -21,7 +21,7 @@ No module here imports a framework; a backend or a reference imports its own whe
 from .case import TOLERANCES, Case, RunResult, Tolerance
 from .compare import ZERO_GRADIENTS, Diff, compare_runs, diff_tensors
 from .coverage import (DECODER_FIELD_VALUES, ENCODER_DECODER_FIELD_VALUES, FIELD_VALUES,
-                       SWITCHES, covering_specs, field_values)
+                       SWITCHES, VARIANTS, covering_specs, field_values)
 from .environment import environment
 from .generation import greedy_margins, run_generation
 from .references import Reference, available_references, get_reference, run_reference
@@ -31,7 +31,7 @@ from .trace import NodeDiff, NodeTrace, diff_traces, first_divergence, trace_run
 __all__ = [
     "Case", "DECODER_FIELD_VALUES", "Diff", "ENCODER_DECODER_FIELD_VALUES", "FIELD_VALUES",
     "NodeDiff", "NodeTrace", "Reference", "Report", "RunResult", "SWITCHES", "TOLERANCES",
-    "Target", "Tolerance", "ZERO_GRADIENTS", "available_references", "compare_runs",
+    "VARIANTS", "Target", "Tolerance", "ZERO_GRADIENTS", "available_references", "compare_runs",
     "covering_specs", "default_targets", "diff_tensors", "diff_traces", "environment",
     "field_values", "first_divergence", "get_reference", "greedy_margins", "run_case",
     "run_generation", "run_reference", "run_target", "trace_run",

@@ -9,12 +9,22 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SpecError
-from ..spec import ARCHITECTURES, ModelSpec, choices
+from ..spec import ARCHITECTURES, CONDITIONAL, ModelSpec, choices
 
 #: Integer fields whose zero and non-zero values build different models, and the values
 #: covered: ``type_vocab_size`` 0 has no segment embeddings (encoders only: the other
 #: architectures must keep 0).
 SWITCHES: dict[str, tuple[int, ...]] = {"type_vocab_size": (0, 2)}
+
+#: Numeric fields whose values build different code paths, and the values each covering spec
+#: cycles through: key/value heads (``"all"`` = ``None``, multi-head; ``1``, multi-query;
+#: ``"half"`` = ``n_heads // 2``, grouped), a ``head_dim`` override (``"override"`` = twice
+#: ``d_model // n_heads``), and with ``positional="rope"`` the rotary base and the rotated
+#: fraction (``1.0`` and a partial rotation, GPT-NeoX's ``rotary_pct``).
+VARIANTS: dict[str, tuple] = {
+    "n_kv_heads": ("all", 1, "half"), "head_dim": (None, "override"),
+    "rope_theta": (10000.0, 1e6), "rotary_fraction": (1.0, 0.5),
+}
 
 
 def field_values(architecture: str) -> dict[str, tuple]:
@@ -35,34 +45,49 @@ ENCODER_DECODER_FIELD_VALUES: dict[str, tuple] = field_values("encoder-decoder")
 
 
 def covering_specs(n: int = 6, seed: int = 0, architecture: str = "encoder") -> list[ModelSpec]:
-    """``n`` small random specs (``n >= 3``) of ``architecture`` in which every value of every
+    """``n`` small random specs (``n >= 4``) of ``architecture`` in which every value of every
     field in :func:`field_values` occurs at least once (each field cycles through its values
-    from a random offset); sizes and ``norm_eps`` are drawn at random too. ``tie_embeddings``
-    needs ``head="lm"``: it is false elsewhere and cycles through its values over the specs
-    whose head is ``"lm"`` (both occur once ``head`` has been ``"lm"`` twice)."""
+    from a random offset), and every :data:`VARIANTS` value too; sizes and ``norm_eps`` are
+    drawn at random. A field of :data:`xformer.spec.CONDITIONAL` (``tie_embeddings``,
+    ``rope_style``, ``parallel_residual``) keeps its default where its condition does not hold
+    and cycles through its values over the specs where it does (as do ``rope_theta`` and
+    ``rotary_fraction`` over the rotary specs): each value occurs once the condition has held
+    as many times as the field has values."""
     if architecture not in ARCHITECTURES:
         raise SpecError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got "
                         f"{architecture!r}")
     rng = np.random.default_rng(seed)
     values = field_values(architecture)
-    offsets = {k: int(rng.integers(len(v))) for k, v in values.items()}
+    offsets = {k: int(rng.integers(len(v))) for k, v in {**values, **VARIANTS}.items()}
+    held = dict.fromkeys([*CONDITIONAL, "rope"], 0)
     out = []
-    lm_heads = 0
     for i in range(n):
         fields = {k: v[(i + offsets[k]) % len(v)] for k, v in values.items()}
-        if fields.get("head") == "lm" and "tie_embeddings" in values:
-            ties = values["tie_embeddings"]
-            fields["tie_embeddings"] = ties[(lm_heads + offsets["tie_embeddings"]) % len(ties)]
-            lm_heads += 1
-        else:
-            fields["tie_embeddings"] = False
-        n_heads = int(rng.choice([1, 2, 4]))
+        for name, (cond, wanted) in CONDITIONAL.items():
+            if name not in values:
+                continue
+            if fields.get(cond) == wanted:
+                fields[name] = values[name][(held[name] + offsets[name]) % len(values[name])]
+                held[name] += 1
+            else:
+                fields[name] = ModelSpec.__dataclass_fields__[name].default
+        variant = {k: v[(i + offsets[k]) % len(v)] for k, v in VARIANTS.items()}
+        if fields.get("positional") == "rope":
+            for k in ("rope_theta", "rotary_fraction"):
+                fields[k] = VARIANTS[k][(held["rope"] + offsets[k]) % len(VARIANTS[k])]
+            held["rope"] += 1
+        n_heads = int(rng.choice([2, 4]))
+        d_model = n_heads * int(rng.choice([4, 8]))
+        kv = variant["n_kv_heads"]
+        fields["n_kv_heads"] = None if kv == "all" else (n_heads // 2 if kv == "half" else kv)
+        if variant["head_dim"] == "override":
+            fields["head_dim"] = 2 * (d_model // n_heads)
         extra = {}
         if architecture == "encoder-decoder":
             extra["n_decoder_layers"] = int(rng.integers(1, 3))
         out.append(ModelSpec(
             architecture=architecture,
-            vocab_size=int(rng.integers(20, 100)), d_model=n_heads * int(rng.choice([4, 8])),
+            vocab_size=int(rng.integers(20, 100)), d_model=d_model,
             n_heads=n_heads, d_ff=int(rng.integers(8, 40)), n_layers=int(rng.integers(1, 3)),
             max_len=int(rng.integers(8, 17)), norm_eps=float(rng.choice([1e-12, 1e-6, 1e-5])),
             **extra, **fields))
