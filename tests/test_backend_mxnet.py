@@ -31,8 +31,8 @@ BE = get_backend("mxnet")
 
 @pytest.mark.parametrize("spec", covering_params())
 def test_one_gluon_parameter_per_weight(spec):
-    """A tied LM head / shared table is one Gluon Parameter, not a second one; with
-    ``bias=False`` LayerNorm's beta exists in Gluon but is a frozen zero, not trained."""
+    """A tied LM head / shared table is one Gluon Parameter, not a second one; a LayerNorm
+    without a bias (``bias=False``) keeps Gluon's beta, but as a frozen zero, not trained."""
     model = BE.build(spec, "float32")
     cls = {"encoder": modules.EncoderModel, "decoder": modules.DecoderModel,
            "encoder-decoder": modules.EncoderDecoderModel}[spec.architecture]
@@ -41,12 +41,13 @@ def test_one_gluon_parameter_per_weight(spec):
     assert len([p for p in params if p.grad_req != "null"]) == len(spec.parameters())
     names = modules.canonical_parameters(model)
     assert list(names) == [p.name for p in spec.parameters()]
-    if not spec.bias:
-        assert not [n for n in names if n.endswith(".bias")]
-        betas = [p for n, p in model._collect_params_with_prefix().items()
-                 if n.endswith(".beta")]
+    assert {n: tuple(p.shape) for n, p in names.items()} == spec.parameter_shapes()
+    betas = [p for n, p in model._collect_params_with_prefix().items() if n.endswith(".beta")]
+    if spec.norm == "layernorm" and not spec.has_bias("norm"):
         assert betas and all(p.grad_req == "null" and not p.data().asnumpy().any()
                              for p in betas)
+    elif spec.norm == "rmsnorm":
+        assert not betas
 
 
 # ---------------------------------------------------------------------- the native blocks

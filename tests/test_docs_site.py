@@ -17,9 +17,9 @@ import pytest
 from xformer.show import PACKAGES, class_source, node_classes
 
 ROOT = Path(__file__).resolve().parent.parent
-NODES = ["Embeddings", "MultiHeadAttention", "FeedForward", "EncoderLayer", "Encoder", "Pooler",
-         "EncoderModel", "DecoderLayer", "Decoder", "LMHead", "DecoderModel",
-         "EncoderDecoderModel"]
+NODES = ["LayerNorm", "RMSNorm", "RotaryEmbedding", "Embeddings", "MultiHeadAttention",
+         "FeedForward", "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
+         "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel"]
 TABS = ["PyTorch", "TensorFlow (Keras 3)", "MXNet (Gluon)"]
 
 
@@ -62,7 +62,7 @@ def test_site_has_the_manual(site):
     for name in NODES:
         assert f'href="nodes/{name}/"' in home, f"{name} missing from the nav"
     examples = site / "examples" / "index.html"
-    assert _tab_labels(examples) == TABS * 3
+    assert _tab_labels(examples) == TABS * 4  # encoder, decoder, enc-dec, Llama family
     assert 'backend="mxnet"' in _text(examples)
     design = _text(site / "design" / "index.html")
     assert "How to add a spec field" in design and "How to add a backend" in design

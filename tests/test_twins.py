@@ -19,6 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "backends"
 FILES = {name: ROOT / f"xformer_{name}" / "modules.py" for name in ("torch", "tensorflow", "mxnet")}
 FRAMEWORK_BASES = {"nn.Module", "keras.layers.Layer", "keras.Model", "HybridBlock"}
+#: The frameworks' own LayerNorm layers (torch and Gluon ``nn.LayerNorm``, Keras
+#: ``LayerNormalization``), which xformer's ``LayerNorm`` extends: one label,
+#: ``<framework LayerNorm>``; Gluon passes such a block its ``gamma`` / ``beta``.
+FRAMEWORK_LAYER_NORMS = {"nn.LayerNorm", "keras.layers.LayerNormalization"}
+GLUON_LAYER_NORM_PARAMETERS = {"gamma", "beta"}
 PLUMBING = {"self", "device", "training", "F"}
 CALL_METHODS = ("forward", "call", "hybrid_forward")
 GLUON_DECLARATIONS = ("self.params.get", "self.params.get_constant")
@@ -63,10 +68,13 @@ def describe(source: str) -> list[tuple[str, tuple[str, ...], list[str], list[st
     for cls in classes:
         if cls.name not in wanted:
             continue
-        bases = tuple("<framework>" if ast.unparse(b) in FRAMEWORK_BASES else ast.unparse(b)
-                      for b in cls.bases)
+        labels = {**dict.fromkeys(FRAMEWORK_BASES, "<framework>"),
+                  **dict.fromkeys(FRAMEWORK_LAYER_NORMS, "<framework LayerNorm>")}
+        bases = tuple(labels.get(ast.unparse(b), ast.unparse(b)) for b in cls.bases)
         methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
         drop = PLUMBING | _gluon_parameters(cls)
+        if "<framework LayerNorm>" in bases:
+            drop |= GLUON_LAYER_NORM_PARAMETERS
         init = _parameters(methods["__init__"], drop) if "__init__" in methods else None
         call = next((_parameters(methods[m], drop) for m in CALL_METHODS if m in methods), None)
         out.append((cls.name, bases, init, call))
@@ -80,7 +88,8 @@ def twins():
 
 def test_the_same_classes_in_the_same_order(twins):
     names = {be: [c[0] for c in classes] for be, classes in twins.items()}
-    assert names["torch"][:3] == ["_SpecLayer", "Embeddings", "MultiHeadAttention"]
+    assert names["torch"][:6] == ["_SpecLayer", "LayerNorm", "RMSNorm", "RotaryEmbedding",
+                                  "Embeddings", "MultiHeadAttention"]
     assert "EncoderDecoderModel" in names["torch"]
     assert names["tensorflow"] == names["torch"]
     assert names["mxnet"] == names["torch"]
@@ -106,7 +115,11 @@ def test_agreed_names(twins):
                                         "inputs_embeds"]
     for name in ("DecoderModel", "EncoderDecoderModel"):
         assert table[name][1] == ("_CausalModel",)
-    assert {table[n][1] for n in ("Embeddings", "Encoder", "LMHead")} == {("_SpecLayer",)}
+    assert {table[n][1] for n in ("Embeddings", "Encoder", "LMHead", "RMSNorm",
+                                  "RotaryEmbedding", "GatedFeedForward")} == {("_SpecLayer",)}
+    assert table["LayerNorm"][1] == ("<framework LayerNorm>",)
+    assert table["RotaryEmbedding"][3] == ["x", "past_length"]
+    assert table["GatedFeedForward"][2:] == table["FeedForward"][2:]
 
 
 def test_mxnet_call_matches_hybrid_forward():

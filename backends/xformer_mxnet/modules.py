@@ -17,23 +17,32 @@ Gluon specifics:
   by the token table's own ``Parameter`` (``var()`` in the graph, ``data()`` imperatively), so
   the table's gradient sums the lookup and the head;
 * cached (incremental) decoding (``past_key_values`` / ``use_cache``, Hugging Face's legacy
-  layout) runs imperatively (:func:`imperative`) even in a hybridized model, whose graph is kept
-  for full-sequence calls;
+  layout, ``H_kv`` heads per cached tensor) runs imperatively (:func:`imperative`) even in a
+  hybridized model, whose graph is kept for full-sequence calls; positions (learned, sinusoidal
+  and rotary) are taken with ``F.take`` at ``F.contrib.arange_like(x, start=past_length)``, so
+  a hybridized graph has ``past_length = 0`` and an imperative cached call a Python int;
 * every ``nn.Dense`` has ``flatten=False`` (the Gluon default flattens ``(B, T, D)`` to
   ``(B, T * D)``) and its weight is ``(out_features, in_features)``, the canonical layout;
-* LayerNorm is :class:`LayerNorm`: Gluon's, with ``epsilon=spec.norm_eps`` (never the Gluon
-  default ``1e-5``), composed from ``F.mean`` / ``F.sqrt`` in float64 because the fused
-  operator takes ``eps`` as a C++ ``float``; with ``spec.bias=False`` its ``beta`` stays a
-  frozen zero (``grad_req="null"``) and is no canonical parameter;
+* norms (:func:`_norm`, ``spec.norm``): :class:`LayerNorm` is Gluon's, with
+  ``epsilon=spec.norm_eps`` (never the Gluon default ``1e-5``), composed from ``F.mean`` /
+  ``F.sqrt`` in float64 because the fused operator takes ``eps`` as a C++ ``float``; with no
+  norm bias (``spec.has_bias("norm")``) its ``beta`` stays a frozen zero (``grad_req="null"``)
+  and is no canonical parameter; :class:`RMSNorm` is composed (``F.rsqrt``; MXNet 1.9.1 has no
+  RMSNorm operator); both multiply by ``spec.norm_scale_offset + weight`` (Gemma);
+* rotary embeddings (:class:`RotaryEmbedding`) hold ``xformer.spec.rotary_table`` as
+  ``Constant`` s in the compute dtype, as the sinusoidal table; grouped-query attention repeats
+  each key/value head with ``F.repeat`` (Hugging Face ``repeat_kv``) after the cache;
 * GELU is composed from ``F.erf`` / ``F.tanh``: ``LeakyReLU(act_type="gelu")`` is off by ~3e-7
   even in float64 (docs/design.md §5); in float64 ``erf``'s gradient is recomputed
-  (:func:`erf_exact_grad`): MXNet's own is off by 3e-8;
+  (:func:`erf_exact_grad`): MXNet's own is off by 3e-8; SiLU is ``x * F.sigmoid(x)``;
 * the dtype is explicit everywhere: ``Dense`` and ``Embedding`` get ``dtype=``, ``LayerNorm``
-  (which has no ``dtype`` argument) is ``cast``, the sinusoidal table is a ``Constant`` of the
-  compute dtype, the attention mask is cast to it.
+  (which has no ``dtype`` argument) is ``cast``, ``RMSNorm``'s weight is made in the dtype, the
+  sinusoidal and rotary tables are ``Constant`` s of the compute dtype, the attention mask is
+  cast to it.
 
 Canonical names are the Gluon attribute paths (``block._collect_params_with_prefix()``), with
-LayerNorm ``gamma`` / ``beta`` read as ``weight`` / ``bias``: see :func:`canonical_parameters`.
+LayerNorm ``gamma`` / ``beta`` read as ``weight`` / ``bias`` (RMSNorm's parameter is already
+``weight``): see :func:`canonical_parameters`.
 
 Example::
 
@@ -65,13 +74,14 @@ from mxnet.gluon import HybridBlock, nn  # noqa: E402
 from mxnet.gluon.parameter import Constant  # noqa: E402
 
 from xformer.errors import InputError  # noqa: E402
-from xformer.spec import ModelSpec, sinusoidal_table  # noqa: E402
+from xformer.spec import ModelSpec, rotary_table, sinusoidal_table  # noqa: E402
 
-__all__ = ["erf_exact_grad", "gelu", "gelu_tanh", "relu", "ACTIVATIONS", "LayerNorm",
-           "Embeddings", "MultiHeadAttention", "FeedForward", "EncoderLayer", "Encoder", "Pooler",
-           "EncoderModel", "DecoderLayer", "Decoder", "LMHead", "DecoderModel",
-           "EncoderDecoderModel", "causal_allowed", "allowed_bias", "imperative",
-           "cache_length", "reorder_cache", "canonical_parameters"]
+__all__ = ["erf_exact_grad", "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm",
+           "RMSNorm", "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "FeedForward",
+           "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
+           "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel",
+           "causal_allowed", "allowed_bias", "imperative", "cache_length", "reorder_cache",
+           "canonical_parameters"]
 
 
 # ---------------------------------------------------------------------- activations
@@ -109,45 +119,27 @@ def relu(F, x, exact_grad: bool = False):
     return F.relu(x)
 
 
+def silu(F, x, exact_grad: bool = False):
+    """SiLU / swish ``x * sigmoid(x)`` (Elfwing et al. 2018; Hugging Face ``SiLUActivation``,
+    the activation of Llama's gated FFN), from ``F.sigmoid`` (whose gradient ``s (1 - s)`` is
+    computed in ``x``'s dtype: ``exact_grad`` is unused); any shape, the dtype of ``x``."""
+    return x * F.sigmoid(x)
+
+
 #: ``spec.activation`` -> function ``(F, x, exact_grad)``.
-ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
+ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh, "silu": silu}
 
 
 # ---------------------------------------------------------------------- helpers
-def _dense(spec: ModelSpec, units: int, in_units: int, dtype: str) -> nn.Dense:
-    return nn.Dense(units, in_units=in_units, use_bias=spec.bias, flatten=False, dtype=dtype)
+def _dense(units: int, in_units: int, use_bias: bool, dtype: str) -> nn.Dense:
+    """``nn.Dense`` on the last axis (``flatten=False``), weight ``(units, in_units)``."""
+    return nn.Dense(units, in_units=in_units, use_bias=use_bias, flatten=False, dtype=dtype)
 
 
-class _LayerNorm(nn.LayerNorm):
-    """Gluon's ``nn.LayerNorm`` (same ``gamma`` / ``beta`` parameters) over the last axis, with
-    ``epsilon=spec.norm_eps``, ``center=spec.bias`` and the model dtype; Ba et al. 2016:
-    ``(x - mean) / sqrt(var + eps) * gamma + beta``, biased variance.
-
-    In float64 the formula is composed from ``F.mean`` / ``F.sqrt`` in the reference's op
-    order, because MXNet 1.9.1's fused ``LayerNorm`` operator is not float64 end to end: its
-    ``eps`` is a C++ ``float`` (``eps=1e-5`` becomes ``1e-5 - 2.5e-14``: ~1e-13 relative error
-    in the output, ~7e-10 with ``eps=0.1``) and it computes the variance in one pass (1.9e-13 for
-    inputs with mean 1000). float32 uses the fused operator. ``(B, T, D)`` -> ``(B, T, D)``.
-    Private (not a node class of the twins); public as :data:`LayerNorm`.
-    """
-
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
-        super().__init__(axis=-1, epsilon=spec.norm_eps, center=spec.bias, scale=True,
-                         in_channels=spec.d_model, **kwargs)
-        self.cast(dtype)  # Gluon's LayerNorm has no dtype argument
-        self._composed = np.dtype(dtype) == np.float64
-
-    def hybrid_forward(self, F, data, gamma, beta):
-        if not self._composed:
-            return super().hybrid_forward(F, data, gamma, beta)
-        centered = F.broadcast_sub(data, F.mean(data, axis=-1, keepdims=True))
-        var = F.mean(F.square(centered), axis=-1, keepdims=True)
-        y = F.broadcast_mul(F.broadcast_div(centered, F.sqrt(var + self._epsilon)), gamma)
-        return F.broadcast_add(y, beta)  # a frozen zero when not center, as the fused op does
-
-
-#: The float64-exact LayerNorm, ``LayerNorm(spec, dtype)``.
-LayerNorm = _LayerNorm
+def _norm(spec: ModelSpec, dtype: str) -> HybridBlock:
+    """The norm of ``spec.norm``: :class:`LayerNorm` or :class:`RMSNorm`, ``(B, T, D)`` ->
+    ``(B, T, D)`` in ``dtype``."""
+    return (RMSNorm if spec.norm == "rmsnorm" else LayerNorm)(spec, dtype)
 
 
 def _residual(x, sublayer, norm, dropout, norm_first: bool):
@@ -232,19 +224,154 @@ class _SpecLayer(HybridBlock):
         self.spec = spec
 
 
+# ---------------------------------------------------------------------- norms and rotary
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm (Ba et al. 2016) over the last axis: Gluon's ``nn.LayerNorm`` (same ``gamma``
+    / ``beta`` parameters, canonical ``weight`` / ``bias``) with ``epsilon=spec.norm_eps``,
+    ``center=spec.has_bias("norm")`` and the model dtype:
+    ``(x - mean) / sqrt(var + eps) * (offset + gamma) + beta``, biased variance,
+    ``offset = spec.norm_scale_offset`` (1 for Gemma, whose stored weight is the scale minus 1:
+    Hugging Face ``GemmaRMSNorm``; ``gamma`` then starts at zeros).
+
+    In float64 the formula is composed from ``F.mean`` / ``F.sqrt`` in the reference's op
+    order, because MXNet 1.9.1's fused ``LayerNorm`` operator is not float64 end to end: its
+    ``eps`` is a C++ ``float`` (``eps=1e-5`` becomes ``1e-5 - 2.5e-14``: ~1e-13 relative error
+    in the output, ~7e-10 with ``eps=0.1``) and it computes the variance in one pass (1.9e-13 for
+    inputs with mean 1000). float32 uses the fused operator. Without a norm bias ``beta`` stays
+    a frozen zero (``grad_req="null"``), as Gluon makes it.
+
+    Args:
+        spec: uses ``d_model, norm_eps, norm_scale_offset, bias, norm``.
+        dtype: ``"float32"`` or ``"float64"`` (Gluon's LayerNorm has none: the block is
+            ``cast``).
+
+    Call ``(x)``: ``(B, T, D)`` (any leading axes) -> the same shape, ``dtype``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        offset = spec.norm_scale_offset
+        super().__init__(axis=-1, epsilon=spec.norm_eps, center=spec.has_bias("norm"),
+                         scale=True, gamma_initializer="zeros" if offset else "ones",
+                         in_channels=spec.d_model, **kwargs)
+        self.spec = spec
+        self.cast(dtype)  # Gluon's LayerNorm has no dtype argument
+        self._offset = offset
+        self._composed = np.dtype(dtype) == np.float64
+
+    def hybrid_forward(self, F, x, gamma, beta):
+        if self._offset:
+            gamma = gamma + self._offset
+        if not self._composed:
+            return super().hybrid_forward(F, x, gamma, beta)
+        centered = F.broadcast_sub(x, F.mean(x, axis=-1, keepdims=True))
+        var = F.mean(F.square(centered), axis=-1, keepdims=True)
+        y = F.broadcast_mul(F.broadcast_div(centered, F.sqrt(var + self._epsilon)), gamma)
+        return F.broadcast_add(y, beta)  # a frozen zero when not center, as the fused op does
+
+
+class RMSNorm(_SpecLayer):
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4; Hugging Face ``LlamaRMSNorm``, and
+    ``GemmaRMSNorm`` with the offset) over the last axis, composed in the model dtype
+    (MXNet 1.9.1 has no RMSNorm operator):
+    ``x * rsqrt(mean(x^2) + eps) * (offset + weight)``, ``offset = spec.norm_scale_offset``.
+
+    One parameter ``weight`` ``(D,)`` (canonical ``...weight``), initialised to ones, or to
+    zeros when ``norm_scale_offset`` is 1 (``spec.parameters()``); no bias.
+
+    Args:
+        spec: uses ``d_model, norm_eps, norm_scale_offset``.
+        dtype: ``"float32"`` or ``"float64"``.
+
+    Call ``(x)``: ``(B, T, D)`` (any leading axes) -> the same shape, ``dtype``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, **kwargs)
+        self._epsilon, self._offset = spec.norm_eps, spec.norm_scale_offset
+        with self.name_scope():
+            self.weight = self.params.get("weight", shape=(spec.d_model,), dtype=dtype,
+                                          init="zeros" if self._offset else "ones")
+
+    def hybrid_forward(self, F, x, weight=None):
+        scale = weight + self._offset if self._offset else weight
+        mean_square = F.mean(F.square(x), axis=-1, keepdims=True)
+        return F.broadcast_mul(F.broadcast_mul(x, F.rsqrt(mean_square + self._epsilon)), scale)
+
+
+class RotaryEmbedding(_SpecLayer):
+    """Rotary position embedding (RoFormer, Su et al. 2021 eq. 34; Hugging Face
+    ``apply_rotary_pos_emb``, GPT-NeoX's partial rotation): the first ``rotary_dim``
+    dimensions of every head turn pairwise by the angles of position ``p``,
+    ``(a, b) -> (a cos - b sin, b cos + a sin)``; pairs ``(i, i + rotary_dim / 2)`` with
+    ``rope_style="half"`` (Llama's ``rotate_half``) or ``(2i, 2i + 1)`` with ``"interleaved"``
+    (the paper's, GPT-J); the other ``d_head - rotary_dim`` dimensions pass through
+    (``xformer.reference.rotate``).
+
+    The angles are ``xformer.spec.rotary_table(max_len, rotary_dim, rope_theta)``, computed once
+    in float64 and held as the non-trainable ``Constant`` s ``cos`` / ``sin``
+    ``(max_len, rotary_dim / 2)`` in the compute dtype (as ``Embeddings.position_table``), so
+    every backend rotates by bit-identical constants; rows are taken with ``F.take`` at
+    ``F.contrib.arange_like`` positions, so the block hybridizes.
+
+    Args:
+        spec: uses ``max_len, d_head, rotary_dim (rotary_fraction), rope_theta, rope_style``.
+        dtype: ``"float32"`` or ``"float64"``.
+
+    Call ``(x, past_length=0)``: ``x`` ``(B, heads, T, d_head)`` (queries or keys) at positions
+    ``past_length .. past_length + T - 1``; ``past_length`` a Python int (imperative calls
+    only: a hybridized graph has ``past_length = 0``). Returns the same shape and dtype,
+    differentiable w.r.t. ``x``. Positions past ``max_len`` are the caller's to refuse
+    (``F.take`` would clip them).
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, **kwargs)
+        self._dim, self._style = spec.rotary_dim, spec.rope_style
+        cos, sin = (t.astype(dtype) for t in rotary_table(spec.max_len, spec.rotary_dim,
+                                                           spec.rope_theta))
+        with self.name_scope():
+            self.cos = self.params.get_constant("cos", mx.nd.array(cos, dtype=dtype))
+            self.sin = self.params.get_constant("sin", mx.nd.array(sin, dtype=dtype))
+
+    def hybrid_forward(self, F, x, past_length=0, cos=None, sin=None):
+        r, half = self._dim, self._dim // 2
+        positions = F.contrib.arange_like(x, axis=2, start=past_length)  # (T,) past .. past+T-1
+        # (T, r/2) -> (1, 1, T, r/2): MXNet's broadcast ops need operands of the same rank
+        cos, sin = (F.expand_dims(F.expand_dims(F.take(t, positions), axis=0), axis=0)
+                    for t in (cos, sin))
+        rot = F.slice_axis(x, axis=-1, begin=0, end=r)                     # (B, H, T, r)
+        if self._style == "half":
+            a = F.slice_axis(rot, axis=-1, begin=0, end=half)
+            b = F.slice_axis(rot, axis=-1, begin=half, end=r)
+        else:  # (B, H, T, r/2, 2): pair i is (2i, 2i + 1)
+            rot = F.reshape(rot, shape=(0, 0, 0, -4, -1, 2))
+            a = F.slice_axis(rot, axis=-1, begin=0, end=1)
+            b = F.slice_axis(rot, axis=-1, begin=1, end=2)
+            cos, sin = F.expand_dims(cos, axis=-1), F.expand_dims(sin, axis=-1)
+        out = F.concat(F.broadcast_mul(a, cos) - F.broadcast_mul(b, sin),
+                       F.broadcast_mul(b, cos) + F.broadcast_mul(a, sin), dim=-1)
+        if self._style != "half":
+            out = F.reshape(out, shape=(0, 0, 0, -3))                      # (B, H, T, r)
+        if r == self.spec.d_head:
+            return out
+        return F.concat(out, F.slice_axis(x, axis=-1, begin=r, end=None), dim=-1)
+
+
 # ---------------------------------------------------------------------- blocks
 class Embeddings(_SpecLayer):
-    """Token + position (+ segment) embeddings, then LayerNorm (BERT, Devlin et al. 2019 §3.2)
+    """Token + position (+ segment) embeddings, then the norm (BERT, Devlin et al. 2019 §3.2)
     and dropout.
 
     ``x = word_embeddings[input_ids] * s + positions[:T] (+ token_type_embeddings[ids])``, with
     ``s = sqrt(d_model)`` if ``spec.embed_scale`` (Vaswani 2017 §3.4) else 1; positions are the
     learned table ``position_embeddings`` or the fixed ``sinusoidal_table`` (Vaswani 2017 §3.5),
-    held as a non-trainable ``Constant`` ``position_table`` in the compute dtype.
+    held as a non-trainable ``Constant`` ``position_table`` in the compute dtype; with
+    ``positional="rope"`` nothing is added here (the attention rotates queries and keys,
+    :class:`RotaryEmbedding`).
 
     Args:
         spec: the model; uses ``vocab_size, d_model, max_len, positional, type_vocab_size,
-            embedding_norm, embed_scale, norm_eps, bias, dropout``.
+            embedding_norm, embed_scale, dropout`` and the norm's fields (:func:`_norm`).
         word_embeddings: own a token table; ``False`` for the target side of an
             encoder-decoder with ``share_embeddings`` (it is then called with
             ``inputs_embeds`` looked up in the source side's table).
@@ -270,14 +397,14 @@ class Embeddings(_SpecLayer):
                 self.word_embeddings = nn.Embedding(spec.vocab_size, d, dtype=dtype)
             if spec.positional == "learned":
                 self.position_embeddings = nn.Embedding(spec.max_len, d, dtype=dtype)
-            else:
+            elif spec.positional == "sinusoidal":
                 table = sinusoidal_table(spec.max_len, d).astype(dtype)
                 self.position_table = self.params.get_constant(
                     "position_table", mx.nd.array(table, dtype=dtype))
             if spec.type_vocab_size:
                 self.token_type_embeddings = nn.Embedding(spec.type_vocab_size, d, dtype=dtype)
             if spec.embedding_norm:
-                self.norm = _LayerNorm(spec, dtype)
+                self.norm = _norm(spec, dtype)
             self.dropout = nn.Dropout(spec.dropout)
 
     def embed_tokens(self, input_ids):
@@ -295,9 +422,10 @@ class Embeddings(_SpecLayer):
         positions = F.contrib.arange_like(x, axis=1, start=past_length)  # (T,) past .. past+T-1
         if self.spec.positional == "learned":
             pos = self.position_embeddings(positions)                    # (T, D)
-        else:
+            x = F.broadcast_add(x, F.expand_dims(pos, axis=0))
+        elif self.spec.positional == "sinusoidal":
             pos = F.take(position_table, positions)
-        x = F.broadcast_add(x, F.expand_dims(pos, axis=0))
+            x = F.broadcast_add(x, F.expand_dims(pos, axis=0))
         if self.spec.type_vocab_size:
             if token_type_ids is None:  # all segment 0: one (T, D) block, broadcast over B
                 tt = self.token_type_embeddings(F.zeros_like(positions))
@@ -314,86 +442,116 @@ class Embeddings(_SpecLayer):
 class MultiHeadAttention(_SpecLayer):
     """Multi-head attention (Vaswani 2017 §3.2.2; scaling and mask as Hugging Face
     ``BertSelfAttention``; layout as GluonNLP's ``DotProductAttentionCell``, heads folded into
-    the batch for ``F.batch_dot``). Self-attention by default; cross-attention (queries from
+    the batch for ``F.batch_dot``), with grouped-query attention (Ainslie et al. 2023) and
+    rotary positions (Su et al. 2021). Self-attention by default; cross-attention (queries from
     ``x``, keys and values from ``key_value_states``) when built with ``cross_attention=True``.
 
     ``softmax(Q K^T / sqrt(d_head) + attention_bias) V``, then ``out_proj``; ``attention_bias``
     is additive and finite (:func:`allowed_bias`). Dropout on the attention probabilities
-    (training only).
+    (training only). ``H = n_heads`` query heads and ``H_kv = spec.kv_heads`` key/value heads
+    of ``d_head`` each: query head ``h`` reads key/value head ``h // (H / H_kv)`` (each key/value
+    head is repeated ``H / H_kv`` times consecutively with ``F.repeat``, Hugging Face
+    ``repeat_kv``; not at all when ``H_kv == H``). In self-attention with
+    ``positional="rope"`` the new queries and keys are rotated (:class:`RotaryEmbedding`) at
+    their absolute positions ``past .. past + T - 1`` before the keys join the cache, so the
+    cache holds rotated keys with ``H_kv`` heads.
 
     Args:
-        spec: uses ``d_model, n_heads, bias, dropout``.
+        spec: uses ``d_model, n_heads, n_kv_heads, head_dim, dropout``, the bias switches
+            (``spec.has_bias("qkv")``, ``spec.has_bias("out_proj")``) and, for
+            self-attention, ``positional`` and the rotary fields.
         cross_attention: cached keys/values (``past_key_value``) are the projected encoder
             output, reused as they are; self-attention appends the new keys/values to them.
+            Cross-attention is never rotated.
         dtype: ``"float32"`` or ``"float64"``.
 
-    Children ``q_proj, k_proj, v_proj, out_proj``: ``nn.Dense(d_model, flatten=False)``.
+    Children ``q_proj`` (``D -> H d_head``), ``k_proj`` / ``v_proj`` (``D -> H_kv d_head``),
+    ``out_proj`` (``H d_head -> D``): ``nn.Dense(flatten=False)``; ``rotary``: a
+    :class:`RotaryEmbedding` (self-attention with ``positional="rope"``) or ``None``.
 
     Call ``(x, attention_bias=None, key_value_states=None, past_key_value=None,
     use_cache=False)``: ``x`` ``(B, T, D)``; ``attention_bias`` broadcastable to
     ``(B, H, T, S)`` (``(B, 1, 1, S)`` key padding, ``(B or 1, 1, T, past + T)`` causal) or
     ``None``; ``key_value_states`` ``(B, S, D)`` (cross-attention); ``past_key_value``
-    ``(k, v)`` each ``(B, H, S_past, d_head)`` or ``None`` (imperative calls only). Returns
-    ``(B, T, D)``, or ``((B, T, D), (k, v))`` with ``use_cache`` (the keys/values to cache).
+    ``(k, v)`` each ``(B, H_kv, S_past, d_head)`` or ``None`` (imperative calls only). Returns
+    ``(B, T, D)``, or ``((B, T, D), (k, v))`` with ``use_cache`` (the keys/values to cache,
+    ``(B, H_kv, S, d_head)``).
     """
 
     def __init__(self, spec: ModelSpec, cross_attention: bool = False, dtype: str = "float32",
                  **kwargs):
         super().__init__(spec, **kwargs)
-        self._heads, self._d_head = spec.n_heads, spec.d_head
+        self._heads, self._kv_heads, self._d_head = spec.n_heads, spec.kv_heads, spec.d_head
         self.cross_attention = cross_attention
-        d = spec.d_model
+        d, qkv = spec.d_model, spec.has_bias("qkv")
+        inner, kv = spec.n_heads * spec.d_head, spec.kv_heads * spec.d_head
         with self.name_scope():
-            self.q_proj = _dense(spec, d, d, dtype)
-            self.k_proj = _dense(spec, d, d, dtype)
-            self.v_proj = _dense(spec, d, d, dtype)
-            self.out_proj = _dense(spec, d, d, dtype)
+            self.q_proj = _dense(inner, d, qkv, dtype)
+            self.k_proj = _dense(kv, d, qkv, dtype)
+            self.v_proj = _dense(kv, d, qkv, dtype)
+            self.out_proj = _dense(d, inner, spec.has_bias("out_proj"), dtype)
+            self.rotary = (RotaryEmbedding(spec, dtype=dtype)
+                           if spec.positional == "rope" and not cross_attention else None)
             self.dropout = nn.Dropout(spec.dropout)
 
-    def _split_heads(self, F, x):
-        # (B, T, D) -> (B, T, H, dh) -> (B, H, T, dh)
-        return F.transpose(F.reshape(x, shape=(0, 0, self._heads, -1)), axes=(0, 2, 1, 3))
+    @staticmethod
+    def _split_heads(F, x, heads: int):
+        # (B, T, heads * dh) -> (B, T, heads, dh) -> (B, heads, T, dh)
+        return F.transpose(F.reshape(x, shape=(0, 0, heads, -1)), axes=(0, 2, 1, 3))
 
     @staticmethod
     def _fold(F, x):
         # (B, H, T, dh) -> (B * H, T, dh), the layout of batch_dot
         return F.reshape(x, shape=(-1, 0, 0), reverse=True)
 
-    def _keys_values(self, F, x, key_value_states, past_key_value):
-        """``(k, v)`` ``(B, H, S, dh)``: the cached encoder projections (cross-attention with a
-        cache), or this call's projections, after the cached ones in self-attention."""
+    def _keys_values(self, F, x, key_value_states, past_key_value, past: int):
+        """``(k, v)`` ``(B, H_kv, S, dh)``: the cached encoder projections (cross-attention with
+        a cache), or this call's projections (keys rotated at ``past ..``), after the cached
+        ones in self-attention."""
         if self.cross_attention and past_key_value is not None:  # projected once
             return past_key_value
         source = key_value_states if self.cross_attention else x
         if source is None:
             raise ValueError("cross-attention needs key_value_states or a cached "
                              "past_key_value")
-        new = [self._split_heads(F, proj(source)) for proj in (self.k_proj, self.v_proj)]
+        k, v = (self._split_heads(F, proj(source), self._kv_heads)
+                for proj in (self.k_proj, self.v_proj))
+        if self.rotary is not None:
+            k = self.rotary(k, past)
         if past_key_value is None:
-            return tuple(new)
-        return tuple(F.concat(old, fresh, dim=2) for old, fresh in zip(past_key_value, new))
+            return k, v
+        return tuple(F.concat(old, new, dim=2) for old, new in zip(past_key_value, (k, v)))
 
     def hybrid_forward(self, F, x, attention_bias=None, key_value_states=None,
                        past_key_value=None, use_cache=False):
-        q = self._split_heads(F, self.q_proj(x))
-        k, v = self._keys_values(F, x, key_value_states, past_key_value)
-        scores = F.batch_dot(self._fold(F, q), self._fold(F, k), transpose_b=True)
+        # positions already cached (a Python int: cached calls run imperatively)
+        past = 0 if past_key_value is None else int(past_key_value[0].shape[2])
+        q = self._split_heads(F, self.q_proj(x), self._heads)
+        if self.rotary is not None:
+            q = self.rotary(q, past)
+        k, v = self._keys_values(F, x, key_value_states, past_key_value, past)
+        keys, values = k, v
+        if self._kv_heads != self._heads:  # (B, H_kv, S, dh) -> (B, H, S, dh)
+            group = self._heads // self._kv_heads
+            keys, values = (F.repeat(t, repeats=group, axis=1) for t in (k, v))
+        scores = F.batch_dot(self._fold(F, q), self._fold(F, keys), transpose_b=True)
         scores = scores / math.sqrt(self._d_head)                               # (B*H, T, S)
         if attention_bias is not None:
             scores = F.reshape(scores, shape=(-1, self._heads, 0, 0), reverse=True)
             scores = F.broadcast_add(scores, attention_bias)                     # (B, H, T, S)
             scores = F.reshape(scores, shape=(-1, 0, 0), reverse=True)
         probs = self.dropout(F.softmax(scores, axis=-1))
-        ctx = F.batch_dot(probs, self._fold(F, v))                              # (B*H, T, dh)
+        ctx = F.batch_dot(probs, self._fold(F, values))                         # (B*H, T, dh)
         ctx = F.reshape(ctx, shape=(-1, self._heads, 0, 0), reverse=True)       # (B, H, T, dh)
-        ctx = F.reshape(F.transpose(ctx, axes=(0, 2, 1, 3)), shape=(0, 0, -1))  # (B, T, D)
+        ctx = F.reshape(F.transpose(ctx, axes=(0, 2, 1, 3)), shape=(0, 0, -1))  # (B, T, H dh)
         out = self.out_proj(ctx)
         return (out, (k, v)) if use_cache else out
 
 
 class FeedForward(_SpecLayer):
     """Position-wise feed-forward network (Vaswani 2017 §3.3):
-    ``linear2(dropout(act(linear1(x))))``, ``act`` = ``spec.activation``.
+    ``linear2(dropout(act(linear1(x))))``, ``act`` = ``spec.activation``, biases iff
+    ``spec.has_bias("mlp")``.
 
     Children ``linear1`` (``d_model -> d_ff``) and ``linear2`` (``d_ff -> d_model``).
     Call ``(x)``: ``(B, T, D)`` -> ``(B, T, D)``.
@@ -403,9 +561,10 @@ class FeedForward(_SpecLayer):
         super().__init__(spec, **kwargs)
         self._act = ACTIVATIONS[spec.activation]
         self._exact_grad = np.dtype(dtype) == np.float64
+        bias = spec.has_bias("mlp")
         with self.name_scope():
-            self.linear1 = _dense(spec, spec.d_ff, spec.d_model, dtype)
-            self.linear2 = _dense(spec, spec.d_model, spec.d_ff, dtype)
+            self.linear1 = _dense(spec.d_ff, spec.d_model, bias, dtype)
+            self.linear2 = _dense(spec.d_model, spec.d_ff, bias, dtype)
             self.dropout = nn.Dropout(spec.dropout)
 
     def hybrid_forward(self, F, x):
@@ -413,28 +572,60 @@ class FeedForward(_SpecLayer):
         return self.linear2(self.dropout(hidden))
 
 
+class GatedFeedForward(_SpecLayer):
+    """Gated feed-forward network (GLU variants, Shazeer 2020; Hugging Face ``LlamaMLP``,
+    SwiGLU with ``activation="silu"``, GeGLU with ``"gelu_tanh"``):
+    ``down_proj(dropout(act(gate_proj(x)) * up_proj(x)))``, ``act`` = ``spec.activation``,
+    biases iff ``spec.has_bias("mlp")``. Used when ``spec.ffn == "glu"``.
+
+    Children ``gate_proj`` and ``up_proj`` (``d_model -> d_ff``), ``down_proj``
+    (``d_ff -> d_model``). Call ``(x)``: ``(B, T, D)`` -> ``(B, T, D)``.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
+        super().__init__(spec, **kwargs)
+        self._act = ACTIVATIONS[spec.activation]
+        self._exact_grad = np.dtype(dtype) == np.float64
+        bias = spec.has_bias("mlp")
+        with self.name_scope():
+            self.gate_proj = _dense(spec.d_ff, spec.d_model, bias, dtype)
+            self.up_proj = _dense(spec.d_ff, spec.d_model, bias, dtype)
+            self.down_proj = _dense(spec.d_model, spec.d_ff, bias, dtype)
+            self.dropout = nn.Dropout(spec.dropout)
+
+    def hybrid_forward(self, F, x):
+        gate = self._act(F, self.gate_proj(x), exact_grad=self._exact_grad)
+        return self.down_proj(self.dropout(gate * self.up_proj(x)))
+
+
 class EncoderLayer(_SpecLayer):
     """One encoder layer: self-attention and feed-forward sub-layers, each through
     :func:`_residual` (post-LN as Vaswani 2017 §3.1 and BERT, pre-LN as GPT-2 and Xiong et al.
-    2020).
+    2020), or both from the same input with ``spec.parallel_residual`` (GPT-J, GPT-NeoX
+    ``use_parallel_residual``): ``x + dropout1(attn(norm1(x))) + dropout2(ffn(norm2(x)))``.
 
     Children ``self_attn`` (:class:`MultiHeadAttention`), ``norm1``, ``ffn``
-    (:class:`FeedForward`), ``norm2``, ``dropout1`` / ``dropout2`` (on the residual branches).
+    (:class:`FeedForward`, or :class:`GatedFeedForward` with ``spec.ffn="glu"``), ``norm2``
+    (:func:`_norm`: ``spec.norm``), ``dropout1`` / ``dropout2`` (on the residual branches).
     Call ``(x, attention_bias=None)``: ``(B, T, D)`` -> ``(B, T, D)``.
     """
 
     def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
         super().__init__(spec, **kwargs)
-        self._pre = spec.norm_position == "pre"
+        self._pre, self._parallel = spec.norm_position == "pre", spec.parallel_residual
         with self.name_scope():
             self.self_attn = MultiHeadAttention(spec, dtype=dtype)
-            self.norm1 = _LayerNorm(spec, dtype)
-            self.ffn = FeedForward(spec, dtype=dtype)
-            self.norm2 = _LayerNorm(spec, dtype)
+            self.norm1 = _norm(spec, dtype)
+            self.ffn = (GatedFeedForward(spec, dtype=dtype) if spec.ffn == "glu" else
+                        FeedForward(spec, dtype=dtype))
+            self.norm2 = _norm(spec, dtype)
             self.dropout1 = nn.Dropout(spec.dropout)
             self.dropout2 = nn.Dropout(spec.dropout)
 
     def hybrid_forward(self, F, x, attention_bias=None):
+        if self._parallel:
+            return (x + self.dropout1(self.self_attn(self.norm1(x), attention_bias))
+                    + self.dropout2(self.ffn(self.norm2(x))))
         x = _residual(x, lambda y: self.self_attn(y, attention_bias), self.norm1,
                       self.dropout1, self._pre)
         return _residual(x, self.ffn, self.norm2, self.dropout2, self._pre)
@@ -452,7 +643,7 @@ class Encoder(_SpecLayer):
         with self.name_scope():
             self.layers = _sequential(lambda: EncoderLayer(spec, dtype=dtype), spec.n_layers)
             if spec.final_norm:
-                self.final_norm = _LayerNorm(spec, dtype)
+                self.final_norm = _norm(spec, dtype)
 
     def hybrid_forward(self, F, x, attention_bias=None):
         for layer in self.layers:
@@ -469,7 +660,7 @@ class Pooler(_SpecLayer):
     def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
         super().__init__(spec, **kwargs)
         with self.name_scope():
-            self.dense = _dense(spec, spec.d_model, spec.d_model, dtype)
+            self.dense = _dense(spec.d_model, spec.d_model, spec.bias, dtype)
 
     def hybrid_forward(self, F, x):
         first = F.reshape(F.slice_axis(x, axis=1, begin=0, end=1), shape=(0, -1))  # (B, D)
@@ -587,7 +778,10 @@ class DecoderLayer(_SpecLayer):
     """One decoder layer: causal self-attention (``self_attn``, ``norm1``), cross-attention over
     the encoder output (``cross_attn``, ``norm2``; encoder-decoders only) and the feed-forward
     network (``ffn``, ``norm2``, or ``norm3`` after cross-attention), each sub-layer through
-    :func:`_residual` as in :class:`EncoderLayer` (``nn.TransformerDecoderLayer``'s names).
+    :func:`_residual` as in :class:`EncoderLayer` (``nn.TransformerDecoderLayer``'s names), or,
+    with ``spec.parallel_residual`` (decoders only, no cross-attention; GPT-NeoX),
+    ``x + dropout1(attn(norm1(x))) + dropout2(ffn(norm2(x)))``. ``ffn`` is a
+    :class:`GatedFeedForward` with ``spec.ffn="glu"``; the norms follow ``spec.norm``.
 
     Args:
         spec: as :class:`EncoderLayer`.
@@ -598,27 +792,28 @@ class DecoderLayer(_SpecLayer):
     past_key_value=None, use_cache=False)``: ``x`` ``(B, T, D)``; ``attention_bias``
     ``(B or 1, 1, T, past + T)`` (causal and padding, :func:`allowed_bias`);
     ``encoder_hidden_states`` ``(B, S, D)`` and ``encoder_attention_bias`` ``(B, 1, 1, S)``
-    (cross-attention); ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k, cross_v)``
-    (imperative calls only). Returns ``(B, T, D)``, or ``((B, T, D), present)`` with
-    ``use_cache``.
+    (cross-attention); ``past_key_value`` ``(k, v)`` or ``(k, v, cross_k, cross_v)``, each
+    ``(B, H_kv, past, d_head)`` (imperative calls only; self-attention keys already rotated).
+    Returns ``(B, T, D)``, or ``((B, T, D), present)`` with ``use_cache``.
     """
 
     def __init__(self, spec: ModelSpec, cross_attention: bool = False, dtype: str = "float32",
                  **kwargs):
         super().__init__(spec, **kwargs)
-        self._pre = spec.norm_position == "pre"
+        self._pre, self._parallel = spec.norm_position == "pre", spec.parallel_residual
         self.cross_attention = cross_attention
         with self.name_scope():
             self.self_attn = MultiHeadAttention(spec, dtype=dtype)
-            self.norm1 = _LayerNorm(spec, dtype)
+            self.norm1 = _norm(spec, dtype)
             if cross_attention:
                 self.cross_attn = MultiHeadAttention(spec, cross_attention=True, dtype=dtype)
-                self.norm2 = _LayerNorm(spec, dtype)
-            self.ffn = FeedForward(spec, dtype=dtype)
+                self.norm2 = _norm(spec, dtype)
+            self.ffn = (GatedFeedForward(spec, dtype=dtype) if spec.ffn == "glu" else
+                        FeedForward(spec, dtype=dtype))
             if cross_attention:
-                self.norm3 = _LayerNorm(spec, dtype)
+                self.norm3 = _norm(spec, dtype)
             else:
-                self.norm2 = _LayerNorm(spec, dtype)
+                self.norm2 = _norm(spec, dtype)
             self.dropout1 = nn.Dropout(spec.dropout)
             self.dropout2 = nn.Dropout(spec.dropout)
             self.dropout3 = nn.Dropout(spec.dropout)
@@ -635,8 +830,12 @@ class DecoderLayer(_SpecLayer):
                 return y
             return sublayer
 
-        x = _residual(x, attention(self.self_attn, attention_bias, None, past[:2]),
-                      self.norm1, self.dropout1, self._pre)
+        self_attention = attention(self.self_attn, attention_bias, None, past[:2])
+        if self._parallel:  # no cross-attention (the spec refuses it for encoder-decoders)
+            x = (x + self.dropout1(self_attention(self.norm1(x)))
+                 + self.dropout2(self.ffn(self.norm2(x))))
+            return (x, tuple(present)) if use_cache else x
+        x = _residual(x, self_attention, self.norm1, self.dropout1, self._pre)
         if not self.cross_attention:
             x = _residual(x, self.ffn, self.norm2, self.dropout2, self._pre)
         else:
@@ -665,7 +864,7 @@ class Decoder(_SpecLayer):
                 lambda: DecoderLayer(spec, cross_attention=cross_attention, dtype=dtype),
                 spec.decoder_layers)
             if spec.final_norm:
-                self.final_norm = _LayerNorm(spec, dtype)
+                self.final_norm = _norm(spec, dtype)
 
     def hybrid_forward(self, F, x, attention_bias=None, encoder_hidden_states=None,
                        encoder_attention_bias=None, past_key_values=None, use_cache=False):
@@ -761,7 +960,7 @@ class DecoderModel(_CausalModel):
     * ``input_ids`` ``(B, T)`` or ``inputs_embeds`` ``(B, T, D)`` (already scaled);
     * ``attention_mask`` ``(B, past + T)``, 1 = attend, 0 = padding; ``None`` = all ones;
     * ``past_key_values``: what a previous call with ``use_cache=True`` returned (per layer
-      ``(k, v)`` ``(B, H, past, d_head)``); positions then start at ``past``;
+      ``(k, v)`` ``(B, H_kv, past, d_head)``); positions then start at ``past``;
     * ``use_cache``: also return the new ``past_key_values`` (``past + T`` long).
 
     Returns, as a tuple (a single NDArray when it is one), the outputs of
@@ -930,11 +1129,14 @@ def canonical_parameters(model: EncoderModel) -> dict:
     """``{canonical name: gluon.Parameter}`` of a model, in ``spec.parameters()`` order.
 
     Names are the attribute paths of ``model._collect_params_with_prefix()`` with LayerNorm
-    ``gamma`` / ``beta`` renamed ``weight`` / ``bias``; ``Constant`` s (the sinusoidal table)
-    and, with ``spec.bias=False``, LayerNorm's frozen zero ``beta`` are left out.
+    ``gamma`` / ``beta`` renamed ``weight`` / ``bias`` (RMSNorm's ``weight``, the FFN's
+    ``gate_proj`` / ``up_proj`` / ``down_proj`` are named as they are); ``Constant`` s (the
+    sinusoidal table, the rotary ``cos`` / ``sin``) and, without a norm bias
+    (``spec.has_bias("norm")``), LayerNorm's frozen zero ``beta`` are left out.
 
     Raises:
-        RuntimeError: the model's parameters do not match ``spec.parameters()`` (a bug).
+        RuntimeError: the model's parameter names or shapes do not match ``spec.parameters()``
+            (a bug).
     """
     found = {}
     for path, param in model._collect_params_with_prefix().items():
@@ -942,7 +1144,7 @@ def canonical_parameters(model: EncoderModel) -> dict:
             continue
         head, _, leaf = path.rpartition(".")
         if leaf in ("gamma", "beta"):
-            if leaf == "beta" and not model.spec.bias:
+            if leaf == "beta" and not model.spec.has_bias("norm"):
                 continue
             path = f"{head}.{'weight' if leaf == 'gamma' else 'bias'}"
         found[path] = param
@@ -950,4 +1152,7 @@ def canonical_parameters(model: EncoderModel) -> dict:
     if set(found) != set(expected):
         raise RuntimeError(f"Gluon parameters {sorted(set(found) - set(expected))} are not "
                            f"canonical; missing {sorted(set(expected) - set(found))}")
+    wrong = {n: (found[n].shape, s) for n, s in expected.items() if found[n].shape != tuple(s)}
+    if wrong:
+        raise RuntimeError(f"Gluon parameter shapes (found, canonical) differ: {wrong}")
     return {name: found[name] for name in expected}

@@ -16,8 +16,9 @@ import tempfile
 
 from .backend import TensorFlowBackend
 
-_MODULE_NAMES = ("gelu", "gelu_tanh", "relu", "ACTIVATIONS", "Embeddings", "MultiHeadAttention",
-                 "FeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
+_MODULE_NAMES = ("gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm",
+                 "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "FeedForward",
+                 "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
                  "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel",
                  "causal_allowed", "allowed_bias", "past_length")
 

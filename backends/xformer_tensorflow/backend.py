@@ -188,13 +188,16 @@ class TensorFlowBackend(Backend):
     def variables(self, model: Any) -> dict[str, tuple[Any, bool]]:
         """``{canonical name: (keras.Variable, transposed)}``, by walking the attribute path of
         each name (``encoder.layers.0.ffn.linear1.weight`` -> ``model.encoder.layers[0].ffn
-        .linear1.kernel``, transposed: Keras kernels are ``(in, out)``)."""
+        .linear1.kernel``, transposed: Keras kernels are ``(in, out)``; a ``LayerNorm``'s
+        ``weight`` / ``bias`` are ``gamma`` / ``beta``, an ``RMSNorm``'s ``weight`` is
+        ``weight``)."""
         layers = self.keras.layers
         leaves = {(layers.Dense, "weight"): ("kernel", True),
                   (layers.Dense, "bias"): ("bias", False),
                   (layers.Embedding, "weight"): ("embeddings", False),
                   (layers.LayerNormalization, "weight"): ("gamma", False),
                   (layers.LayerNormalization, "bias"): ("beta", False),
+                  (self.modules.RMSNorm, "weight"): ("weight", False),
                   (self.modules.LMHead, "weight"): ("kernel", True)}
         out = {}
         for p in model.spec.parameters():

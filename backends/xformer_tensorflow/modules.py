@@ -7,19 +7,28 @@ call parameters (``tests/test_twins.py``) and the same attribute names, computin
 :mod:`xformer.reference` (docs/design.md §3). Every layer takes a :class:`~xformer.ModelSpec`, is
 registered with ``keras.saving`` and round-trips through ``get_config`` / ``from_config``.
 
+Every norm is a :class:`LayerNorm` or an :class:`RMSNorm` (``spec.norm``), every feed-forward
+network a :class:`FeedForward` or a :class:`GatedFeedForward` (``spec.ffn``), and self-attention
+owns a :class:`RotaryEmbedding` when ``spec.positional == "rope"``.
+
 Attribute paths mirror the canonical parameter names of :meth:`xformer.ModelSpec.parameters`:
 ``model.encoder.layers[0].self_attn.q_proj.kernel`` holds
 ``encoder.layers.0.self_attn.q_proj.weight`` transposed (a Keras ``Dense`` kernel is
 ``(in, out)``, the canonical layout ``(out, in)``); ``Embedding.embeddings`` is ``weight``;
-``LayerNormalization.gamma`` / ``beta`` are ``weight`` / ``bias``.
+:class:`LayerNorm` (a ``keras.layers.LayerNormalization``) ``gamma`` / ``beta`` are ``weight`` /
+``bias``; :class:`RMSNorm` ``weight`` is ``weight``. Constants (the sinusoidal and rotary tables)
+are numpy arrays cast once to the compute dtype, never Keras variables.
 
 Keras specifics (docs/design.md §5): every sub-layer gets ``dtype`` explicitly (a Keras parent's
-dtype does not reach sub-layers created without one); ``LayerNormalization`` gets
-``epsilon=spec.norm_eps`` (the Keras default is 1e-3); GELU is composed from ``ops.erf`` /
-``ops.tanh`` with constants in the input dtype (``tf.nn.gelu`` is off by ~5e-9 in float64 and
-``keras.ops.gelu`` defaults to the tanh form); ``training`` switches dropout; the key/value cache
-is a plain tuple of tensors, so cached decoding also runs inside ``tf.function``, where
-:func:`past_length` may be a traced scalar.
+dtype does not reach sub-layers created without one); :class:`LayerNorm` gets
+``epsilon=spec.norm_eps`` (the Keras default is 1e-3); GELU and SiLU are composed from
+``ops.erf`` / ``ops.tanh`` / ``ops.sigmoid`` with constants in the input dtype (``tf.nn.gelu`` is
+off by ~5e-9 in float64 and ``keras.ops.gelu`` defaults to the tanh form); ``training`` switches
+dropout; the key/value cache is a plain tuple of tensors, per decoder layer ``(k, v)`` of
+``(B, H_kv, T_past, d_head)`` (``H_kv = spec.kv_heads`` key/value heads, not their repeated
+copies; the keys already rotated with ``positional="rope"``), plus ``(cross_k, cross_v)``
+``(B, H_kv, S, d_head)`` for an encoder-decoder, so cached decoding also runs inside
+``tf.function``, where :func:`past_length` may be a traced scalar.
 
 Example::
 
@@ -41,13 +50,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from xformer.errors import InputError
-from xformer.spec import ModelSpec, sinusoidal_table
+from xformer.errors import InputError, SpecError
+from xformer.spec import ModelSpec, rotary_table, sinusoidal_table
 
-__all__ = ["gelu", "gelu_tanh", "relu", "ACTIVATIONS", "Embeddings", "MultiHeadAttention",
-           "FeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer",
-           "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel", "causal_allowed",
-           "allowed_bias", "past_length"]
+__all__ = ["gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm",
+           "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "FeedForward",
+           "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
+           "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel",
+           "causal_allowed", "allowed_bias", "past_length"]
 
 _PACKAGE = "xformer"
 
@@ -74,23 +84,33 @@ def relu(x):
     return ops.relu(x)
 
 
+def silu(x):
+    """SiLU (swish), ``x * sigmoid(x)`` (Elfwing et al. 2018; Hugging Face ``ACT2FN["silu"]``),
+    composed from ``ops.sigmoid``."""
+    return x * ops.sigmoid(x)
+
+
 #: ``spec.activation`` -> function.
-ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
+ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh, "silu": silu}
 
 
 # ---------------------------------------------------------------------- helpers
-def _layer_norm(spec: ModelSpec, dtype, name: str) -> keras.layers.LayerNormalization:
-    """Keras' own LayerNorm with the spec's epsilon, ``beta`` only when ``spec.bias``."""
-    return keras.layers.LayerNormalization(epsilon=spec.norm_eps, center=spec.bias, scale=True,
-                                           dtype=dtype, name=name)
+def _norm(spec: ModelSpec, dtype, name: str) -> LayerNorm | RMSNorm:
+    """The norm that ``spec.norm`` names: a :class:`LayerNorm` or an :class:`RMSNorm`."""
+    cls = RMSNorm if spec.norm == "rmsnorm" else LayerNorm
+    return cls(spec, dtype=dtype, name=name)
 
 
-def _dense(spec: ModelSpec, units: int, dtype, name: str, **kwargs) -> keras.layers.Dense:
-    return keras.layers.Dense(units, use_bias=spec.bias, dtype=dtype, name=name, **kwargs)
+def _dense(spec: ModelSpec, units: int, dtype, name: str, part: str | None = None,
+           **kwargs) -> keras.layers.Dense:
+    """A ``keras.layers.Dense`` with a bias iff ``spec.has_bias(part)`` (``"qkv"``,
+    ``"out_proj"``, ``"mlp"``), or iff ``spec.bias`` when ``part`` is ``None`` (the pooler)."""
+    use_bias = spec.bias if part is None else spec.has_bias(part)
+    return keras.layers.Dense(units, use_bias=use_bias, dtype=dtype, name=name, **kwargs)
 
 
 def _residual(x, sublayer, norm, dropout, norm_first: bool):
-    """A residual sub-layer (attention or FFN) with its LayerNorm ``norm`` and ``dropout`` (a
+    """A residual sub-layer (attention or FFN) with its norm ``norm`` and ``dropout`` (a
     ``keras.layers.Dropout`` with ``training`` bound): pre-LN ``x + dropout(sublayer(norm(x)))``
     when ``norm_first``, else post-LN ``norm(x + dropout(sublayer(x)))``."""
     if norm_first:
@@ -126,12 +146,17 @@ def allowed_bias(allowed, dtype):
 
 
 def past_length(past_key_values):
-    """Positions already in a key/value cache (``past_key_values[0][0]`` is ``(B, H, T_past,
+    """Positions already in a key/value cache (``past_key_values[0][0]`` is ``(B, H_kv, T_past,
     d_head)``): a Python int when the shape is static, else a scalar tensor; 0 without a
     cache."""
     if not past_key_values:
         return 0
-    k = past_key_values[0][0]
+    return _cached_positions(past_key_values[0][0])
+
+
+def _cached_positions(k):
+    """``T_past`` of one cached key tensor ``(B, H_kv, T_past, d_head)``: a Python int when the
+    shape is static, else a scalar tensor."""
     return k.shape[2] if k.shape[2] is not None else ops.shape(k)[2]
 
 
@@ -149,16 +174,186 @@ class _SpecLayer(keras.layers.Layer):
         return input_shape
 
 
+# ---------------------------------------------------------------------- norms and positions
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LayerNorm(keras.layers.LayerNormalization):
+    """Layer normalisation over the last axis (Ba et al. 2016): Keras' own
+    ``LayerNormalization`` configured by the spec,
+    ``(x - mean) / sqrt(var + eps) * (offset + gamma) + beta`` with the biased variance,
+    ``eps = spec.norm_eps`` (never Keras' default 1e-3), ``beta`` iff ``spec.has_bias("norm")``
+    and ``offset = spec.norm_scale_offset`` (1.0: Gemma's ``1 + weight``).
+
+    ``gamma`` / ``beta`` are the canonical ``weight`` / ``bias``; ``gamma`` starts at ones, or at
+    zeros with an offset of 1 (:meth:`~xformer.spec.ModelSpec.parameters`). With offset 0 the
+    layer is exactly ``LayerNormalization``; otherwise it calls the same
+    ``keras.ops.layer_normalization`` with ``offset + gamma``.
+
+    Args:
+        spec: the model spec (``norm_eps``, ``bias``, ``norm``, ``norm_scale_offset``).
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
+
+    Call args:
+        x: ``(..., D)``.
+
+    Returns:
+        ``(..., D)`` in the layer dtype.
+
+    Example::
+
+        >>> norm = LayerNorm(ModelSpec(d_model=8, n_heads=2), dtype="float64")
+        >>> y = norm(np.arange(16.0).reshape(2, 8)).numpy()
+        >>> np.allclose(y.mean(-1), 0), [w.name for w in norm.weights]
+        (True, ['gamma', 'beta'])
+    """
+
+    def __init__(self, spec: ModelSpec, *, dtype=None, **kwargs):
+        spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
+        super().__init__(epsilon=spec.norm_eps, center=spec.has_bias("norm"), scale=True,
+                         gamma_initializer="zeros" if spec.norm_scale_offset else "ones",
+                         dtype=dtype, **kwargs)
+        self.spec = spec
+
+    def call(self, x):
+        if not self.spec.norm_scale_offset:
+            return super().call(x)
+        offset = ops.convert_to_tensor(self.spec.norm_scale_offset, dtype=self.gamma.dtype)
+        y = ops.layer_normalization(x, offset + self.gamma, self.beta, self.axis, self.epsilon)
+        return ops.cast(y, self.compute_dtype)
+
+    def get_config(self):
+        # The base layer's config (name, dtype, trainable) and the spec: every
+        # LayerNormalization argument follows from the spec.
+        return {**keras.layers.Layer.get_config(self), "spec": self.spec.to_dict()}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RMSNorm(_SpecLayer):
+    """Root-mean-square normalisation over the last axis (Zhang & Sennrich 2019, eq. 4; Hugging
+    Face ``LlamaRMSNorm``, and ``GemmaRMSNorm`` with the offset):
+    ``x * rsqrt(mean(x^2) + eps) * (offset + weight)``, ``eps = spec.norm_eps``,
+    ``offset = spec.norm_scale_offset``; no centring and no bias. Computed in the layer dtype by
+    ``keras.ops.rms_normalization`` (what ``keras.layers.RMSNormalization`` calls).
+
+    Holds one variable, ``weight`` ``(D,)`` (the canonical ``weight``), initialised to ones, or
+    to zeros with an offset of 1 (:meth:`~xformer.spec.ModelSpec.parameters`).
+
+    Args:
+        spec: the model spec (``d_model``, ``norm_eps``, ``norm_scale_offset``).
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
+
+    Call args:
+        x: ``(..., D)``.
+
+    Returns:
+        ``(..., D)`` in the layer dtype.
+
+    Example::
+
+        >>> norm = RMSNorm(ModelSpec(d_model=8, n_heads=2, norm="rmsnorm"), dtype="float64")
+        >>> y = norm(np.full((2, 8), 3.0)).numpy()
+        >>> np.allclose(y, 1.0, atol=1e-9), tuple(norm.weight.shape)
+        (True, (8,))
+    """
+
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
+        self.weight = None
+
+    def build(self, input_shape=None):
+        if self.weight is None:
+            self.weight = self.add_weight(
+                shape=(self.spec.d_model,), name="weight",
+                initializer="zeros" if self.spec.norm_scale_offset else "ones")
+
+    def call(self, x):
+        scale = self.weight
+        if self.spec.norm_scale_offset:
+            scale = ops.convert_to_tensor(self.spec.norm_scale_offset,
+                                          dtype=self.compute_dtype) + scale
+        return ops.rms_normalization(x, scale=scale, axis=-1, epsilon=self.spec.norm_eps)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RotaryEmbedding(_SpecLayer):
+    """Rotary position embedding of queries or keys (Su et al. 2021, RoFormer eq. 34; Hugging
+    Face ``LlamaRotaryEmbedding`` / ``apply_rotary_pos_emb``; GPT-NeoX ``rotary_pct``):
+    :func:`xformer.reference.rotate`.
+
+    The first ``r = spec.rotary_dim`` dimensions of every head turn pairwise by the angles
+    ``p * theta^(-2i / r)`` of the token's absolute position ``p`` (``theta = spec.rope_theta``):
+    ``(a, b) -> (a cos - b sin, b cos + a sin)``, pair ``i`` being ``(i, i + r / 2)`` with
+    ``spec.rope_style == "half"`` (GPT-NeoX, Llama's ``rotate_half``) or ``(2i, 2i + 1)`` with
+    ``"interleaved"`` (GPT-J, RoFormer); the other ``d_head - r`` dimensions pass through.
+
+    ``cos`` / ``sin`` are :func:`xformer.spec.rotary_table` ``(max_len, r / 2)`` (float64 numpy,
+    the same numbers on every backend) cast once to the compute dtype and held as constant
+    tensors, not Keras variables (a ``tf.function`` captures them rather than copying them into
+    its graph).
+
+    Args:
+        spec: a spec with ``positional="rope"`` (``max_len``, ``d_head``, ``rope_theta``,
+            ``rope_style``, ``rotary_fraction``).
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
+
+    Call args:
+        x: ``(B, heads, T, d_head)`` queries (``n_heads``) or keys (``kv_heads``).
+        past_length: positions already cached: ``x``'s positions are ``past_length ..
+            past_length + T - 1`` (``past_length + T <= max_len``, checked by
+            :class:`Embeddings`). An int or a scalar tensor.
+
+    Returns:
+        ``(B, heads, T, d_head)`` in the layer dtype.
+
+    Raises:
+        SpecError: ``spec.positional`` is not ``"rope"``.
+
+    Example::
+
+        >>> spec = ModelSpec(architecture="decoder", d_model=8, n_heads=2, head="lm",
+        ...                  positional="rope")
+        >>> rope = RotaryEmbedding(spec, dtype="float64")
+        >>> tuple(rope(np.ones((1, 2, 3, 4)), past_length=5).shape)
+        (1, 2, 3, 4)
+    """
+
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
+        spec = self.spec
+        if spec.positional != "rope":
+            raise SpecError(f"RotaryEmbedding needs positional='rope', got "
+                            f"{spec.positional!r}")
+        self.cos, self.sin = (ops.convert_to_tensor(table.astype(self.compute_dtype))
+                              for table in rotary_table(spec.max_len, spec.rotary_dim,
+                                                        spec.rope_theta))
+
+    def call(self, x, past_length=0):
+        r = self.spec.rotary_dim
+        cos, sin = (ops.slice(table, (past_length, 0), (ops.shape(x)[2], r // 2))
+                    for table in (self.cos, self.sin))  # (T, r / 2): broadcast over B, heads
+        if self.spec.rope_style == "half":
+            a, b = x[..., : r // 2], x[..., r // 2: r]
+            rotated = ops.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+        else:
+            a, b = x[..., 0:r:2], x[..., 1:r:2]
+            rotated = ops.reshape(ops.stack([a * cos - b * sin, b * cos + a * sin], axis=-1),
+                                  (*ops.shape(x)[:-1], r))
+        if r == self.spec.d_head:
+            return rotated
+        return ops.concatenate([rotated, x[..., r:]], axis=-1)
+
+
 # ---------------------------------------------------------------------- layers
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class Embeddings(_SpecLayer):
-    """Token + position (+ segment) embeddings, then LayerNorm (BERT, Devlin et al. 2019 §3;
+    """Token + position (+ segment) embeddings, then a norm (BERT, Devlin et al. 2019 §3;
     Hugging Face ``BertEmbeddings``) and dropout.
 
     ``x = word_embeddings[input_ids] * (sqrt(D) if embed_scale)`` (Vaswani 2017 §3.4), or
     ``inputs_embeds``; ``+ positions[:T]`` (learned table, or the fixed sinusoidal table of
-    Vaswani 2017 §3.5 held as a non-trainable constant); ``+ token_type_embeddings[
-    token_type_ids]`` when ``type_vocab_size > 0``; ``norm`` when ``embedding_norm``.
+    Vaswani 2017 §3.5 held as a non-trainable constant; nothing with ``positional="rope"``,
+    whose positions enter in self-attention, :class:`RotaryEmbedding`); ``+
+    token_type_embeddings[token_type_ids]`` when ``type_vocab_size > 0``; ``norm``
+    (:class:`LayerNorm` or :class:`RMSNorm`) when ``embedding_norm``.
 
     Args:
         spec: the model spec.
@@ -208,7 +403,7 @@ class Embeddings(_SpecLayer):
         if spec.type_vocab_size:
             self.token_type_embeddings = keras.layers.Embedding(
                 spec.type_vocab_size, spec.d_model, dtype=dtype, name="token_type_embeddings")
-        self.norm = _layer_norm(spec, dtype, "norm") if spec.embedding_norm else None
+        self.norm = _norm(spec, dtype, "norm") if spec.embedding_norm else None
         self.dropout = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout")
         # Not a weight: the same float64 table on every backend, cast once to the compute dtype.
         self._sinusoidal = (sinusoidal_table(spec.max_len, spec.d_model)
@@ -254,7 +449,9 @@ class Embeddings(_SpecLayer):
             raise InputError(f"{what} is longer than max_len={self.spec.max_len}; "
                              f"shorten the input (xformer does not truncate silently)")
         t = ops.shape(x)[1]
-        if isinstance(past_length, int) and past_length == 0:  # the plain forward pass
+        if self.spec.positional == "rope":  # positions enter in self-attention
+            pass
+        elif isinstance(past_length, int) and past_length == 0:  # the plain forward pass
             if self.position_embeddings is not None:
                 x = x + self.position_embeddings(ops.arange(t, dtype="int32"))[None]
             else:
@@ -286,16 +483,23 @@ class Embeddings(_SpecLayer):
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class MultiHeadAttention(_SpecLayer):
     """Multi-head scaled dot-product attention (Vaswani 2017 §3.2.1-3.2.2; scaling and
-    additive bias as Hugging Face ``BertSelfAttention``). Self-attention by default;
+    additive bias as Hugging Face ``BertSelfAttention``), with grouped-query attention (Ainslie
+    et al. 2023) and rotary positions (Su et al. 2021). Self-attention by default;
     cross-attention (queries from ``x``, keys and values from ``key_value_states``) when built
     with ``cross_attention=True``.
 
-    ``softmax(Q K^T / sqrt(d_head) + attention_bias) V`` per head, heads split as
-    ``(B, T, H, d_head)``, then ``out_proj``. Dropout on the attention probabilities in
-    training.
+    ``softmax(Q K^T / sqrt(d_head) + attention_bias) V`` per head, then ``out_proj``: ``q_proj``
+    gives ``H = n_heads`` heads, ``k_proj`` / ``v_proj`` give ``H_kv = kv_heads`` heads, each of
+    ``d_head`` (split as ``(B, T, heads, d_head)``); query head ``h`` reads key/value head
+    ``h // (H / H_kv)`` (``ops.repeat`` on the head axis, Hugging Face ``repeat_kv``; no repeat
+    when ``H_kv == H``). With ``positional="rope"`` self-attention owns ``rotary``
+    (:class:`RotaryEmbedding`, else ``None``), which turns the new queries and keys at their
+    absolute positions ``past .. past + T - 1`` before the keys join the cache, so the cache
+    holds rotated keys. Dropout on the attention probabilities in training.
 
     Args:
-        spec: the model spec (``d_model``, ``n_heads``, ``bias``, ``dropout``).
+        spec: the model spec (``d_model``, ``n_heads``, ``n_kv_heads``, ``head_dim``, ``bias``,
+            ``qkv_bias``, ``out_proj_bias``, ``positional``, ``dropout``).
         cross_attention: cached keys/values (``past_key_value``) are the projected encoder
             output, reused as they are; self-attention appends the new keys/values to them.
         dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
@@ -306,12 +510,13 @@ class MultiHeadAttention(_SpecLayer):
             of the key padding ``(B, 1, 1, S)`` or of padding times causality
             ``(B, 1, T, S)``); ``None`` attends everywhere. ``S`` counts cached keys too.
         key_value_states: ``(B, S, D)`` the encoder output (cross-attention); default ``x``.
-        past_key_value: ``(k, v)``, each ``(B, H, S_past, d_head)``, or ``None``.
+        past_key_value: ``(k, v)``, each ``(B, H_kv, S_past, d_head)``, or ``None``.
         use_cache: also return the keys/values to cache.
         training: dropout on when true.
 
     Returns:
-        ``(B, T, D)``, or ``((B, T, D), (k, v))`` with ``use_cache``.
+        ``(B, T, D)``, or ``((B, T, D), (k, v))`` with ``use_cache``, ``k`` / ``v``
+        ``(B, H_kv, S, d_head)`` (not repeated; ``k`` rotated with ``positional="rope"``).
 
     Example::
 
@@ -323,32 +528,39 @@ class MultiHeadAttention(_SpecLayer):
 
     def __init__(self, spec: ModelSpec, cross_attention: bool = False, dtype=None, **kwargs):
         super().__init__(spec, dtype=dtype, **kwargs)
-        d, dtype = self.spec.d_model, self.dtype_policy
+        spec, dtype = self.spec, self.dtype_policy
         self.cross_attention = bool(cross_attention)
-        self.q_proj = _dense(self.spec, d, dtype, "q_proj")
-        self.k_proj = _dense(self.spec, d, dtype, "k_proj")
-        self.v_proj = _dense(self.spec, d, dtype, "v_proj")
-        self.out_proj = _dense(self.spec, d, dtype, "out_proj")
-        self.dropout = keras.layers.Dropout(self.spec.dropout, dtype=dtype, name="dropout")
+        inner, kv = spec.n_heads * spec.d_head, spec.kv_heads * spec.d_head
+        self.q_proj = _dense(spec, inner, dtype, "q_proj", part="qkv")
+        self.k_proj = _dense(spec, kv, dtype, "k_proj", part="qkv")
+        self.v_proj = _dense(spec, kv, dtype, "v_proj", part="qkv")
+        self.out_proj = _dense(spec, spec.d_model, dtype, "out_proj", part="out_proj")
+        self.rotary = (RotaryEmbedding(spec, dtype=dtype, name="rotary")
+                       if spec.positional == "rope" and not cross_attention else None)
+        self.dropout = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout")
 
     def build(self, input_shape=None):
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
             proj.build((None, None, self.spec.d_model))
+        self.out_proj.build((None, None, self.spec.n_heads * self.spec.d_head))
 
-    def _split_heads(self, y, b):
-        """``(B, S, D)`` -> ``(B, H, S, d_head)``."""
-        shape = (b, ops.shape(y)[1], self.spec.n_heads, self.spec.d_head)
+    def _split_heads(self, y, b, heads):
+        """``(B, S, heads * d_head)`` -> ``(B, heads, S, d_head)``."""
+        shape = (b, ops.shape(y)[1], heads, self.spec.d_head)
         return ops.transpose(ops.reshape(y, shape), (0, 2, 1, 3))
 
-    def _keys_values(self, x, b, key_value_states, past_key_value):
-        """This call's keys and values, each ``(B, H, S, d_head)``: the cached encoder ones of
-        a cross-attention, else projected from ``key_value_states`` (or ``x``) and, in
-        self-attention, appended to the cached positions."""
+    def _keys_values(self, x, b, key_value_states, past_key_value, past):
+        """This call's keys and values, each ``(B, H_kv, S, d_head)``: the cached encoder ones
+        of a cross-attention, else projected from ``key_value_states`` (or ``x``) and, in
+        self-attention, rotated at positions ``past ..`` (rope) and appended to the cached
+        positions."""
         if self.cross_attention and past_key_value is not None:
             return tuple(past_key_value)
         source = x if key_value_states is None else key_value_states
-        k = self._split_heads(self.k_proj(source), b)
-        v = self._split_heads(self.v_proj(source), b)
+        k = self._split_heads(self.k_proj(source), b, self.spec.kv_heads)
+        v = self._split_heads(self.v_proj(source), b, self.spec.kv_heads)
+        if self.rotary is not None:
+            k = self.rotary(k, past_length=past)
         if past_key_value is not None:
             k = ops.concatenate([past_key_value[0], k], axis=2)
             v = ops.concatenate([past_key_value[1], v], axis=2)
@@ -356,10 +568,17 @@ class MultiHeadAttention(_SpecLayer):
 
     def call(self, x, attention_bias=None, key_value_states=None, past_key_value=None,
              use_cache=False, training=None):
-        dtype = self.compute_dtype
+        spec, dtype = self.spec, self.compute_dtype
         b, t = ops.shape(x)[0], ops.shape(x)[1]
-        q = self._split_heads(self.q_proj(x), b)
-        k, v = self._keys_values(x, b, key_value_states, past_key_value)
+        past = 0 if past_key_value is None else _cached_positions(past_key_value[0])
+        q = self._split_heads(self.q_proj(x), b, spec.n_heads)
+        if self.rotary is not None:
+            q = self.rotary(q, past_length=past)
+        k, v = self._keys_values(x, b, key_value_states, past_key_value, past)
+        present = (k, v)
+        groups = spec.n_heads // spec.kv_heads
+        if groups > 1:  # query head h reads kv head h // groups (Hugging Face repeat_kv)
+            k, v = ops.repeat(k, groups, axis=1), ops.repeat(v, groups, axis=1)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
         scores = scores / ops.convert_to_tensor(math.sqrt(self.spec.d_head), dtype=dtype)
         if attention_bias is not None:
@@ -370,9 +589,9 @@ class MultiHeadAttention(_SpecLayer):
             probs = ops.softmax(scores, axis=-1)
         probs = self.dropout(probs, training=training)
         ctx = ops.reshape(ops.transpose(ops.matmul(probs, v), (0, 2, 1, 3)),
-                          (b, t, self.spec.d_model))
+                          (b, t, spec.n_heads * spec.d_head))
         out = self.out_proj(ctx)
-        return (out, (k, v)) if use_cache else out
+        return (out, present) if use_cache else out
 
     def get_config(self):
         return {**super().get_config(), "cross_attention": self.cross_attention}
@@ -381,10 +600,12 @@ class MultiHeadAttention(_SpecLayer):
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class FeedForward(_SpecLayer):
     """Position-wise feed-forward network ``linear2(dropout(act(linear1(x))))``
-    (Vaswani 2017 §3.3), ``act`` from ``spec.activation`` (:data:`ACTIVATIONS`).
+    (Vaswani 2017 §3.3), ``act`` from ``spec.activation`` (:data:`ACTIVATIONS`); biases iff
+    ``spec.has_bias("mlp")``. Used with ``spec.ffn == "mlp"``.
 
     Args:
-        spec: the model spec (``d_model``, ``d_ff``, ``activation``, ``bias``, ``dropout``).
+        spec: the model spec (``d_model``, ``d_ff``, ``activation``, ``bias``, ``mlp_bias``,
+            ``dropout``).
         dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
 
     Call args:
@@ -403,10 +624,10 @@ class FeedForward(_SpecLayer):
     def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
         super().__init__(spec, dtype=dtype, **kwargs)
         dtype = self.dtype_policy
-        self.linear1 = _dense(self.spec, self.spec.d_ff, dtype, "linear1")
+        self.linear1 = _dense(self.spec, self.spec.d_ff, dtype, "linear1", part="mlp")
         self.activation = ACTIVATIONS[self.spec.activation]
         self.dropout = keras.layers.Dropout(self.spec.dropout, dtype=dtype, name="dropout")
-        self.linear2 = _dense(self.spec, self.spec.d_model, dtype, "linear2")
+        self.linear2 = _dense(self.spec, self.spec.d_model, dtype, "linear2", part="mlp")
 
     def build(self, input_shape=None):
         self.linear1.build((None, None, self.spec.d_model))
@@ -418,14 +639,62 @@ class FeedForward(_SpecLayer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class EncoderLayer(_SpecLayer):
-    """One Transformer encoder layer: self-attention (``self_attn``, ``norm1``,
-    ``dropout1``) then feed-forward (``ffn``, ``norm2``, ``dropout2``), each through
-    :func:`_residual`: ``norm_position="post"`` (Vaswani 2017 §3.1, BERT) or ``"pre"`` (GPT-2;
-    Xiong et al. 2020).
+class GatedFeedForward(_SpecLayer):
+    """Gated feed-forward network ``down_proj(dropout(act(gate_proj(x)) * up_proj(x)))``
+    (Shazeer 2020, "GLU Variants Improve Transformer": SwiGLU with ``silu``, GeGLU with
+    ``gelu``; Hugging Face ``LlamaMLP``), ``act`` from ``spec.activation``
+    (:data:`ACTIVATIONS`); biases iff ``spec.has_bias("mlp")``. Used with ``spec.ffn == "glu"``.
 
     Args:
-        spec: the model spec.
+        spec: the model spec (``d_model``, ``d_ff``, ``activation``, ``bias``, ``mlp_bias``,
+            ``dropout``).
+        dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
+
+    Call args:
+        x: ``(B, T, D)``. training: dropout on when true.
+
+    Returns:
+        ``(B, T, D)``.
+
+    Example::
+
+        >>> spec = ModelSpec(d_model=8, n_heads=2, d_ff=32, ffn="glu", activation="silu")
+        >>> ffn = GatedFeedForward(spec, dtype="float64")
+        >>> tuple(ffn(np.ones((2, 3, 8))).shape), tuple(ffn.gate_proj.kernel.shape)
+        ((2, 3, 8), (8, 32))
+    """
+
+    def __init__(self, spec: ModelSpec, dtype=None, **kwargs):
+        super().__init__(spec, dtype=dtype, **kwargs)
+        spec, dtype = self.spec, self.dtype_policy
+        self.gate_proj = _dense(spec, spec.d_ff, dtype, "gate_proj", part="mlp")
+        self.up_proj = _dense(spec, spec.d_ff, dtype, "up_proj", part="mlp")
+        self.activation = ACTIVATIONS[spec.activation]
+        self.dropout = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout")
+        self.down_proj = _dense(spec, spec.d_model, dtype, "down_proj", part="mlp")
+
+    def build(self, input_shape=None):
+        self.gate_proj.build((None, None, self.spec.d_model))
+        self.up_proj.build((None, None, self.spec.d_model))
+        self.down_proj.build((None, None, self.spec.d_ff))
+
+    def call(self, x, training=None):
+        y = self.activation(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(self.dropout(y, training=training))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class EncoderLayer(_SpecLayer):
+    """One Transformer encoder layer: self-attention (``self_attn``, ``norm1``,
+    ``dropout1``) then feed-forward (``ffn``: :class:`FeedForward` or :class:`GatedFeedForward`
+    by ``spec.ffn``; ``norm2``, ``dropout2``), each through :func:`_residual`:
+    ``norm_position="post"`` (Vaswani 2017 §3.1, BERT) or ``"pre"`` (GPT-2; Xiong et al. 2020);
+    with ``spec.parallel_residual`` both read the same input in one step,
+    ``x + dropout1(self_attn(norm1(x))) + dropout2(ffn(norm2(x)))`` (GPT-J; GPT-NeoX
+    ``use_parallel_residual``).
+
+    Args:
+        spec: the model spec (``norm``, ``norm_position``, ``ffn``, ``parallel_residual``).
         dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
 
     Call args:
@@ -446,9 +715,10 @@ class EncoderLayer(_SpecLayer):
         super().__init__(spec, dtype=dtype, **kwargs)
         spec, dtype = self.spec, self.dtype_policy
         self.self_attn = MultiHeadAttention(spec, dtype=dtype, name="self_attn")
-        self.norm1 = _layer_norm(spec, dtype, "norm1")
-        self.ffn = FeedForward(spec, dtype=dtype, name="ffn")
-        self.norm2 = _layer_norm(spec, dtype, "norm2")
+        self.norm1 = _norm(spec, dtype, "norm1")
+        self.ffn = (GatedFeedForward if spec.ffn == "glu" else FeedForward)(
+            spec, dtype=dtype, name="ffn")
+        self.norm2 = _norm(spec, dtype, "norm2")
         self.dropout1 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout1")
         self.dropout2 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout2")
 
@@ -458,11 +728,15 @@ class EncoderLayer(_SpecLayer):
 
     def call(self, x, attention_bias=None, training=None):
         pre = self.spec.norm_position == "pre"
-        x = _residual(x, lambda y: self.self_attn(y, attention_bias=attention_bias,
-                                                  training=training),
-                      self.norm1, functools.partial(self.dropout1, training=training), pre)
-        return _residual(x, functools.partial(self.ffn, training=training), self.norm2,
-                         functools.partial(self.dropout2, training=training), pre)
+        attend = functools.partial(self.self_attn, attention_bias=attention_bias,
+                                   training=training)
+        ffn = functools.partial(self.ffn, training=training)
+        dropout1 = functools.partial(self.dropout1, training=training)
+        dropout2 = functools.partial(self.dropout2, training=training)
+        if self.spec.parallel_residual:  # GPT-NeoX use_parallel_residual (pre-LN only)
+            return x + dropout1(attend(self.norm1(x))) + dropout2(ffn(self.norm2(x)))
+        x = _residual(x, attend, self.norm1, dropout1, pre)
+        return _residual(x, ffn, self.norm2, dropout2, pre)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -483,7 +757,7 @@ class Encoder(_SpecLayer):
         spec, dtype = self.spec, self.dtype_policy
         self.layers = [EncoderLayer(spec, dtype=dtype, name=f"layers_{i}")
                        for i in range(spec.n_layers)]
-        self.final_norm = _layer_norm(spec, dtype, "final_norm") if spec.final_norm else None
+        self.final_norm = _norm(spec, dtype, "final_norm") if spec.final_norm else None
 
     def build(self, input_shape=None):
         _build_stack(self)
@@ -619,13 +893,17 @@ class EncoderModel(_SpecModel):
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class DecoderLayer(_SpecLayer):
     """One Transformer decoder layer: causal self-attention, cross-attention over the encoder
-    output (encoder-decoders only), then feed-forward, each through :func:`_residual` with its
-    own LayerNorm: ``norm1`` (self-attention), ``norm2`` (cross-attention), ``norm3`` (FFN), or
-    ``norm1`` / ``norm2`` without cross-attention (GPT-2's ``ln_1`` / ``ln_2``;
-    ``nn.TransformerDecoderLayer``'s ``norm1..3``).
+    output (encoder-decoders only), then feed-forward (:class:`FeedForward` or
+    :class:`GatedFeedForward` by ``spec.ffn``), each through :func:`_residual` with its own norm
+    (:class:`LayerNorm` or :class:`RMSNorm`): ``norm1`` (self-attention), ``norm2``
+    (cross-attention), ``norm3`` (FFN), or ``norm1`` / ``norm2`` without cross-attention (GPT-2's
+    ``ln_1`` / ``ln_2``; ``nn.TransformerDecoderLayer``'s ``norm1..3``). With
+    ``spec.parallel_residual`` (no cross-attention; the spec forbids it in encoder-decoders)
+    ``x + dropout1(self_attn(norm1(x))) + dropout2(ffn(norm2(x)))`` in one step (GPT-J; GPT-NeoX
+    ``use_parallel_residual``).
 
     Args:
-        spec: the model spec.
+        spec: the model spec (``norm``, ``norm_position``, ``ffn``, ``parallel_residual``).
         cross_attention: build ``cross_attn`` / ``norm3`` (encoder-decoders).
         dtype: as :class:`Embeddings`. **kwargs: base layer arguments (``name``).
 
@@ -636,7 +914,8 @@ class DecoderLayer(_SpecLayer):
         encoder_hidden_states: ``(B, S, D)`` the encoder output (cross-attention), or ``None``
             when ``past_key_value`` holds its projected keys/values.
         encoder_attention_bias: ``(B, 1, 1, S)`` source key-padding bias, or ``None``.
-        past_key_value: ``(k, v)``, or ``(k, v, cross_k, cross_v)`` with cross-attention.
+        past_key_value: ``(k, v)``, or ``(k, v, cross_k, cross_v)`` with cross-attention, each
+            ``(B, H_kv, past or S, d_head)``.
         use_cache: also return this layer's new cache entry.
         training: dropout on when true.
 
@@ -656,17 +935,18 @@ class DecoderLayer(_SpecLayer):
         spec, dtype = self.spec, self.dtype_policy
         self.has_cross_attention = bool(cross_attention)
         self.self_attn = MultiHeadAttention(spec, dtype=dtype, name="self_attn")
-        self.norm1 = _layer_norm(spec, dtype, "norm1")
+        self.norm1 = _norm(spec, dtype, "norm1")
         self.cross_attn = None
+        ffn = GatedFeedForward if spec.ffn == "glu" else FeedForward
         if cross_attention:
             self.cross_attn = MultiHeadAttention(spec, cross_attention=True, dtype=dtype,
                                                  name="cross_attn")
-            self.norm2 = _layer_norm(spec, dtype, "norm2")
-            self.ffn = FeedForward(spec, dtype=dtype, name="ffn")
-            self.norm3 = _layer_norm(spec, dtype, "norm3")
+            self.norm2 = _norm(spec, dtype, "norm2")
+            self.ffn = ffn(spec, dtype=dtype, name="ffn")
+            self.norm3 = _norm(spec, dtype, "norm3")
         else:
-            self.ffn = FeedForward(spec, dtype=dtype, name="ffn")
-            self.norm2 = _layer_norm(spec, dtype, "norm2")
+            self.ffn = ffn(spec, dtype=dtype, name="ffn")
+            self.norm2 = _norm(spec, dtype, "norm2")
             self.norm3 = None
         self.dropout1 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout1")
         self.dropout2 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout2")
@@ -697,8 +977,12 @@ class DecoderLayer(_SpecLayer):
             return functools.partial(layer, training=training)
 
         self_cache = None if past[0] is None else past[:2]
-        x = _residual(x, attending(self.self_attn, attention_bias, None, self_cache),
-                      self.norm1, bound(self.dropout1), pre)
+        self_attend = attending(self.self_attn, attention_bias, None, self_cache)
+        if self.spec.parallel_residual:  # GPT-NeoX use_parallel_residual (no cross-attention)
+            x = (x + bound(self.dropout1)(self_attend(self.norm1(x)))
+                 + bound(self.dropout2)(bound(self.ffn)(self.norm2(x))))
+            return (x, tuple(present)) if use_cache else x
+        x = _residual(x, self_attend, self.norm1, bound(self.dropout1), pre)
         norm, dropout = self.norm2, self.dropout2  # the FFN's, without cross-attention
         if self.cross_attn is not None:
             cross_cache = None if len(past) < 4 or past[2] is None else past[2:]
@@ -748,7 +1032,7 @@ class Decoder(_SpecLayer):
         self.has_cross_attention = bool(cross_attention)
         self.layers = [DecoderLayer(spec, cross_attention=cross_attention, dtype=dtype,
                                     name=f"layers_{i}") for i in range(spec.decoder_layers)]
-        self.final_norm = _layer_norm(spec, dtype, "final_norm") if spec.final_norm else None
+        self.final_norm = _norm(spec, dtype, "final_norm") if spec.final_norm else None
 
     def build(self, input_shape=None):
         _build_stack(self)
@@ -878,8 +1162,8 @@ class DecoderModel(_CausalModel):
     Call args (Hugging Face names):
         input_ids: ``(B, T)`` token ids, or ``inputs_embeds`` ``(B, T, D)`` (already scaled).
         attention_mask: ``(B, past + T)`` 1/0 padding mask; ``None`` = all ones.
-        past_key_values: per layer ``(k, v)`` ``(B, H, past, d_head)`` from a previous call with
-            ``use_cache=True``; the new tokens get positions ``past ..``.
+        past_key_values: per layer ``(k, v)`` ``(B, H_kv, past, d_head)`` from a previous call
+            with ``use_cache=True``; the new tokens get positions ``past ..``.
         use_cache: also return ``"past_key_values"``.
         training: dropout on when true (off by default).
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from .backend import TorchBackend
 
-_MODULES = ("gelu", "gelu_tanh", "relu", "ACTIVATIONS", "Embeddings", "MultiHeadAttention",
-            "FeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer",
-            "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel", "causal_allowed",
-            "allowed_bias")
+_MODULES = ("gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm",
+            "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "FeedForward",
+            "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
+            "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel",
+            "causal_allowed", "allowed_bias")
 
 __all__ = ["TorchBackend", "nn_transformer_reference", *_MODULES]
 

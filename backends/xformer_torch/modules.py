@@ -17,6 +17,9 @@ and call parameters (``tests/test_twins.py`` checks both), computing
                                                  FeedForward ) x n_decoder_layers ) -> LMHead
     \\____________________________ EncoderDecoderModel _________________________________/
 
+    every norm: LayerNorm or RMSNorm (spec.norm); FeedForward or GatedFeedForward (spec.ffn);
+    self-attention owns a RotaryEmbedding with spec.positional = "rope"
+
 The inner blocks take the additive mask as ``attention_bias`` (``(B, 1, T_q, T_k)``
 broadcastable, padding and causality already combined, finite), cross-attention inputs as
 ``encoder_hidden_states`` / ``encoder_attention_bias``, a layer's cache as ``past_key_value``
@@ -25,16 +28,21 @@ Face's 0/1 ``attention_mask``.
 
 Module paths mirror the canonical parameter names of :meth:`xformer.ModelSpec.parameters`, so
 ``EncoderModel(spec).state_dict().keys()`` *are* the canonical names (Linear weights
-``(out_features, in_features)``, LayerNorm ``weight``/``bias``) and loading a canonical checkpoint
-is ``load_state_dict``.
+``(out_features, in_features)``, LayerNorm ``weight``/``bias``, RMSNorm ``weight``) and loading a
+canonical checkpoint is ``load_state_dict``. Constants (sinusoidal and rotary tables) are
+non-persistent buffers, never in the ``state_dict``.
 
 PyTorch specifics (docs/design.md §3, §5):
 
 * every sub-module gets ``dtype`` (``torch.float32`` or ``torch.float64``) explicitly, and every
-  constant (sinusoidal table, mask bias) is made in that dtype;
-* LayerNorm is ``nn.LayerNorm(eps=spec.norm_eps, bias=spec.bias)``, never torch's default 1e-5;
-* GELU is composed from ``torch.erf`` / ``torch.tanh`` (:func:`gelu`, :func:`gelu_tanh`) instead
-  of ``F.gelu``;
+  constant (sinusoidal and rotary tables, mask bias) is made in that dtype from the float64
+  tables of :mod:`xformer.spec` (:func:`~xformer.spec.sinusoidal_table`,
+  :func:`~xformer.spec.rotary_table`);
+* :class:`LayerNorm` is ``nn.LayerNorm(eps=spec.norm_eps, bias=spec.has_bias("norm"))``, never
+  torch's default 1e-5; :class:`RMSNorm` calls ``F.rms_norm`` (as ``nn.RMSNorm`` does) with
+  ``eps=spec.norm_eps``; both scale by ``spec.norm_scale_offset + weight``;
+* GELU and SiLU are composed from ``torch.erf`` / ``torch.tanh`` / ``torch.sigmoid``
+  (:func:`gelu`, :func:`gelu_tanh`, :func:`silu`) instead of ``F.gelu`` / ``F.silu``;
 * attention is written out (``softmax(Q K^T / sqrt(d_head) + bias) V``, Hugging Face
   ``BertSelfAttention``'s eager path) rather than calling ``F.scaled_dot_product_attention``: on
   CPU (torch 2.13) the fused SDPA kernel returns wrong gradients for a fully padded row when the
@@ -42,8 +50,9 @@ PyTorch specifics (docs/design.md §3, §5):
   weights come back as 1 instead of ``1/T`` in the backward pass), while its forward is right.
 
 Incremental decoding uses Hugging Face's legacy cache format: per decoder layer a tuple
-``(k, v)`` of ``(B, H, T_past, d_head)`` tensors, plus ``(cross_k, cross_v)`` ``(B, H, S, d_head)``
-for an encoder-decoder.
+``(k, v)`` of ``(B, H_kv, T_past, d_head)`` tensors (``H_kv = spec.kv_heads`` key/value heads,
+not their repeated copies; the keys already rotated with ``positional="rope"``), plus
+``(cross_k, cross_v)`` ``(B, H_kv, S, d_head)`` for an encoder-decoder.
 
 Example::
 
@@ -67,12 +76,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xformer.errors import InputError
-from xformer.spec import ModelSpec, sinusoidal_table
+from xformer.spec import ModelSpec, rotary_table, sinusoidal_table
 
 __all__ = [
-    "gelu", "gelu_tanh", "relu", "ACTIVATIONS", "Embeddings", "MultiHeadAttention",
-    "FeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder",
-    "LMHead", "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias",
+    "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm", "RotaryEmbedding",
+    "Embeddings", "MultiHeadAttention", "FeedForward", "GatedFeedForward", "EncoderLayer",
+    "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder", "LMHead", "DecoderModel",
+    "EncoderDecoderModel", "causal_allowed", "allowed_bias",
 ]
 
 
@@ -94,8 +104,14 @@ def relu(x: Tensor) -> Tensor:
     return F.relu(x)
 
 
+def silu(x: Tensor) -> Tensor:
+    """SiLU (swish), ``x sigmoid(x)`` (Elfwing et al. 2018, eq. 1; Hugging Face ``"silu"``), in
+    ``x``'s dtype. Composed from ``torch.sigmoid`` as the other backends compose it."""
+    return x * torch.sigmoid(x)
+
+
 #: ``spec.activation`` -> function.
-ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh}
+ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh, "silu": silu}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -105,12 +121,13 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
 
 
-def _layer_norm(spec: ModelSpec, dtype: torch.dtype, device) -> nn.LayerNorm:
-    return nn.LayerNorm(spec.d_model, eps=spec.norm_eps, bias=spec.bias, dtype=dtype,
-                        device=device)
+def _norm(spec: ModelSpec, dtype: torch.dtype, device) -> LayerNorm | RMSNorm:
+    """The norm of ``spec.norm``: a :class:`LayerNorm` or an :class:`RMSNorm`."""
+    cls = RMSNorm if spec.norm == "rmsnorm" else LayerNorm
+    return cls(spec, dtype=dtype, device=device)
 
 
-def _residual(x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.LayerNorm,
+def _residual(x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.Module,
               dropout: nn.Dropout, norm_first: bool) -> Tensor:
     """One residual sub-layer of an encoder or decoder layer: ``x + dropout(sublayer(norm(x)))``
     when ``norm_first`` (pre-LN: GPT-2, Xiong et al. 2020), else ``norm(x + dropout(
@@ -142,19 +159,140 @@ class _SpecLayer(nn.Module):
         self.spec = spec
 
 
+# ---------------------------------------------------------------------- norms, positions
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last axis as the spec says (Ba et al. 2016):
+    ``(x - mean) / sqrt(var + eps) * (offset + weight) + bias``, biased variance.
+
+    ``eps = spec.norm_eps`` (never torch's default 1e-5), a ``bias`` iff
+    ``spec.has_bias("norm")``, ``offset = spec.norm_scale_offset``: 0 is exactly
+    ``nn.LayerNorm`` (``F.layer_norm(x, (D,), weight, bias, eps)``); 1 scales by ``1 + weight``
+    (Gemma's convention, there on RMSNorm: Hugging Face ``GemmaRMSNorm`` adds the 1 at run
+    time), the stored ``weight`` then initialised to zeros as
+    :meth:`xformer.ModelSpec.parameters` says. Still an
+    ``nn.LayerNorm``: ``weight`` / ``bias`` ``(D,)`` are the canonical ``...norm.weight`` /
+    ``...norm.bias``.
+
+    Args:
+        spec: uses ``d_model, norm_eps, norm_scale_offset, bias, norm``.
+        dtype, device: as :class:`Embeddings`.
+
+    Shapes: ``x`` ``(..., D)`` -> ``(..., D)`` in ``dtype``.
+    """
+
+    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(spec.d_model, eps=spec.norm_eps, bias=spec.has_bias("norm"),
+                         dtype=dtype, device=device)
+        self.scale_offset = spec.norm_scale_offset
+        if self.scale_offset:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight + self.scale_offset if self.scale_offset else self.weight
+        return F.layer_norm(x, self.normalized_shape, weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale_offset={self.scale_offset}"
+
+
+class RMSNorm(_SpecLayer):
+    """Root-mean-square norm (Zhang & Sennrich 2019, eq. 4; Hugging Face ``LlamaRMSNorm``, and
+    ``GemmaRMSNorm`` with the offset): ``x / sqrt(mean(x^2) + eps) * (offset + weight)`` over the
+    last axis, no centring and no bias, computed by ``F.rms_norm`` (as ``nn.RMSNorm``) in the
+    model dtype (Hugging Face computes in float32 whatever the dtype).
+
+    Args:
+        spec: uses ``d_model, norm_eps, norm_scale_offset``; ``offset = norm_scale_offset``.
+        dtype, device: as :class:`Embeddings`.
+
+    One parameter, ``weight`` ``(D,)`` (canonical ``...norm.weight``), initialised to ones, or
+    to zeros when ``norm_scale_offset`` is 1 (:meth:`xformer.ModelSpec.parameters`).
+
+    Shapes: ``x`` ``(..., D)`` -> ``(..., D)`` in ``dtype``.
+    """
+
+    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(spec)
+        self.eps = spec.norm_eps
+        self.scale_offset = spec.norm_scale_offset
+        init = torch.zeros if self.scale_offset else torch.ones
+        self.weight = nn.Parameter(init(spec.d_model, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight + self.scale_offset if self.scale_offset else self.weight
+        return F.rms_norm(x, self.weight.shape, weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, scale_offset={self.scale_offset}"
+
+
+class RotaryEmbedding(_SpecLayer):
+    """Rotary position embedding (Su et al. 2021, RoFormer eq. 34) of the queries or keys of
+    self-attention: at absolute position ``p`` pair ``i`` of the first ``rotary_dim`` dimensions
+    of each head turns by ``p * theta^(-2i / rotary_dim)``, ``(a, b) -> (a cos - b sin,
+    b cos + a sin)``; the other ``d_head - rotary_dim`` dimensions pass through (GPT-NeoX
+    ``rotary_pct``). Pair ``i`` is ``(i, i + rotary_dim / 2)`` for ``spec.rope_style="half"``
+    (GPT-NeoX, Hugging Face Llama's ``rotate_half``) or ``(2i, 2i + 1)`` for ``"interleaved"``
+    (GPT-J's ``rotate_every_two``, Meta's Llama); :func:`xformer.reference.rotate`.
+
+    The angles are :func:`xformer.spec.rotary_table` ``(max_len, rotary_dim / 2)``, computed
+    once in float64 and cast to ``dtype``: the non-persistent buffers ``cos`` and ``sin``
+    (constants, not parameters, not in the ``state_dict``).
+
+    Args:
+        spec: uses ``max_len, rotary_dim`` (``d_head, rotary_fraction``), ``rope_theta,
+            rope_style``.
+        dtype, device: as :class:`Embeddings`.
+
+    Shapes: ``x`` ``(B, heads, T, d_head)`` -> the same shape and dtype, positions
+    ``past_length .. past_length + T - 1`` (a Python ``int``: the cached length in decoding);
+    ``past_length + T <= max_len`` (checked by :class:`Embeddings`). Differentiable in ``x``.
+    """
+
+    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(spec)
+        self.rotary_dim, self.style = spec.rotary_dim, spec.rope_style
+        cos, sin = rotary_table(spec.max_len, spec.rotary_dim, spec.rope_theta)
+        self.register_buffer("cos", torch.as_tensor(cos, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("sin", torch.as_tensor(sin, dtype=dtype, device=device),
+                             persistent=False)
+
+    def forward(self, x: Tensor, past_length: int = 0) -> Tensor:
+        t = x.shape[-2]
+        cos = self.cos[past_length:past_length + t]  # (T, rotary_dim / 2)
+        sin = self.sin[past_length:past_length + t]
+        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
+        if self.style == "half":
+            a, b = rot.chunk(2, dim=-1)
+            rot = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        else:  # "interleaved": (a0, b0, a1, b1, ...)
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+    def extra_repr(self) -> str:
+        return f"rotary_dim={self.rotary_dim}, style={self.style!r}"
+
+
 # ---------------------------------------------------------------------- blocks
 class Embeddings(_SpecLayer):
-    """Token + position (+ segment) embeddings, then LayerNorm if ``spec.embedding_norm``.
+    """Token + position (+ segment) embeddings, then the norm if ``spec.embedding_norm``.
 
     ``x = word_embeddings[input_ids] * s + positions[:T] + token_type_embeddings[token_type_ids]``
     with ``s = sqrt(d_model)`` if ``spec.embed_scale`` (Vaswani 2017 §3.4) else 1; positions are
-    the learned table ``position_embeddings`` (BERT, Devlin 2019 §3.2) or the fixed table of
-    Vaswani 2017 §3.5 (:func:`xformer.spec.sinusoidal_table`, a non-persistent buffer, not a
-    parameter).
+    the learned table ``position_embeddings`` (BERT, Devlin 2019 §3.2), the fixed table of
+    Vaswani 2017 §3.5 (:func:`xformer.spec.sinusoidal_table`, the non-persistent buffer
+    ``position_table``, not a parameter), or nothing with ``positional="rope"`` (the positions
+    rotate the queries and keys instead: :class:`RotaryEmbedding`).
 
     Args:
         spec: the model; uses ``vocab_size, d_model, max_len, positional, type_vocab_size,
-            embedding_norm, embed_scale, norm_eps, bias``.
+            embedding_norm, embed_scale`` and the norm's fields (:class:`LayerNorm`,
+            :class:`RMSNorm`).
         word_embeddings: whether to own a token table; ``False`` for the target side of an
             encoder-decoder with ``share_embeddings``, which looks up the source side's table
             (passed to :meth:`embed_tokens` as ``weight``).
@@ -179,16 +317,15 @@ class Embeddings(_SpecLayer):
         self.scale = math.sqrt(spec.d_model) if spec.embed_scale else None
         self.word_embeddings = (nn.Embedding(spec.vocab_size, spec.d_model, **factory)
                                 if word_embeddings else None)
-        if spec.positional == "learned":
-            self.position_embeddings = nn.Embedding(spec.max_len, spec.d_model, **factory)
-        else:
-            self.position_embeddings = None
-            table = torch.as_tensor(sinusoidal_table(spec.max_len, spec.d_model), **factory)
-            self.register_buffer("position_table", table, persistent=False)
+        self.position_embeddings = (nn.Embedding(spec.max_len, spec.d_model, **factory)
+                                    if spec.positional == "learned" else None)
+        table = (torch.as_tensor(sinusoidal_table(spec.max_len, spec.d_model), **factory)
+                 if spec.positional == "sinusoidal" else None)
+        self.register_buffer("position_table", table, persistent=False)
         self.token_type_embeddings = (
             nn.Embedding(spec.type_vocab_size, spec.d_model, **factory)
             if spec.type_vocab_size else None)
-        self.norm = _layer_norm(spec, dtype, device) if spec.embedding_norm else None
+        self.norm = _norm(spec, dtype, device) if spec.embedding_norm else None
 
     def embed_tokens(self, input_ids: Tensor, weight: Tensor | None = None) -> Tensor:
         """``word_embeddings[input_ids]`` times ``sqrt(d_model)`` if ``embed_scale``: what
@@ -208,8 +345,9 @@ class Embeddings(_SpecLayer):
             raise InputError(f"{what} is longer than max_len={self.max_len}; "
                              f"shorten the input (xformer does not truncate silently)")
         positions = (self.position_embeddings.weight if self.position_embeddings is not None
-                     else self.position_table)
-        x = inputs_embeds + positions[past_length:past_length + t]
+                     else self.position_table)  # None with rope
+        x = (inputs_embeds if positions is None
+             else inputs_embeds + positions[past_length:past_length + t])
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long,
@@ -227,60 +365,86 @@ class MultiHeadAttention(_SpecLayer):
     (queries from ``x``, keys and values from ``key_value_states``) when built with
     ``cross_attention=True``.
 
+    Grouped-query attention (Ainslie et al. 2023; multi-query with ``H_kv = 1``, Shazeer 2019):
+    ``k_proj`` / ``v_proj`` give ``H_kv = spec.kv_heads`` heads, and query head ``h`` reads
+    key/value head ``h // (H / H_kv)`` (each key/value head repeated ``H / H_kv`` times
+    consecutively, Hugging Face ``repeat_kv``); the cache keeps the ``H_kv`` heads. With
+    ``spec.positional="rope"`` self-attention owns ``rotary`` (a :class:`RotaryEmbedding`,
+    else ``None``; never for cross-attention) and rotates the new queries and keys at their
+    absolute positions ``past .. past + T - 1`` (``past`` = the cached length) before the keys
+    join the cache, so the cache holds rotated keys (Su et al. 2021; Hugging Face
+    ``LlamaAttention``).
+
     Args:
-        spec: uses ``d_model, n_heads, bias, dropout``.
+        spec: uses ``d_model, n_heads, n_kv_heads, head_dim`` (``d_head``), ``qkv_bias,
+            out_proj_bias`` (``has_bias``), ``dropout``, and ``positional`` with the rotary
+            fields.
         cross_attention: the cached keys/values (``past_key_value``) are the projected encoder
             output, reused as they are; self-attention appends the new keys/values to them.
         dtype, device: as :class:`Embeddings`.
 
+    Parameters: ``q_proj`` ``(H d_head, D)``, ``k_proj`` / ``v_proj`` ``(H_kv d_head, D)``
+    (biases iff ``spec.has_bias("qkv")``), ``out_proj`` ``(D, H d_head)`` (bias iff
+    ``spec.has_bias("out_proj")``).
+
     Shapes: ``x`` ``(B, T, D)``; ``key_value_states`` ``(B, S, D)`` (cross-attention; default
     ``x``); ``attention_bias`` additive, broadcastable to ``(B, H, T, S_total)`` (``(B, 1, 1, S)``
     from :meth:`EncoderModel.key_padding_bias`, ``(B, 1, T, past + T)`` causal) or ``None``;
-    ``past_key_value`` ``(k, v)`` each ``(B, H, S_past, d_head)`` or ``None``. Returns
-    ``(B, T, D)``, or ``((B, T, D), (k, v))`` with ``use_cache`` (the keys/values to cache).
-    Dropout (``spec.dropout``) acts on the attention probabilities in training mode only.
+    ``past_key_value`` ``(k, v)`` each ``(B, H_kv, S_past, d_head)`` or ``None``. Returns
+    ``(B, T, D)``, or ``((B, T, D), (k, v))`` with ``use_cache`` (the keys/values to cache,
+    ``(B, H_kv, S_total, d_head)``). Dropout (``spec.dropout``) acts on the attention
+    probabilities in training mode only.
     """
 
     def __init__(self, spec: ModelSpec, *, cross_attention: bool = False,
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
-        factory = {"dtype": dtype, "device": device, "bias": spec.bias}
-        d = spec.d_model
+        factory = {"dtype": dtype, "device": device}
+        d, qkv_bias = spec.d_model, spec.has_bias("qkv")
         self.cross_attention = cross_attention
-        self.n_heads, self.d_head = spec.n_heads, spec.d_head
-        self.q_proj = nn.Linear(d, d, **factory)
-        self.k_proj = nn.Linear(d, d, **factory)
-        self.v_proj = nn.Linear(d, d, **factory)
-        self.out_proj = nn.Linear(d, d, **factory)
+        self.n_heads, self.n_kv_heads, self.d_head = spec.n_heads, spec.kv_heads, spec.d_head
+        inner, kv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        self.q_proj = nn.Linear(d, inner, bias=qkv_bias, **factory)
+        self.k_proj = nn.Linear(d, kv, bias=qkv_bias, **factory)
+        self.v_proj = nn.Linear(d, kv, bias=qkv_bias, **factory)
+        self.out_proj = nn.Linear(inner, d, bias=spec.has_bias("out_proj"), **factory)
+        self.rotary = (RotaryEmbedding(spec, **factory)
+                       if spec.positional == "rope" and not cross_attention else None)
         self.dropout = nn.Dropout(spec.dropout)
 
-    def _split_heads(self, y: Tensor) -> Tensor:  # (B, S, D) -> (B, H, S, d_head)
-        return y.view(y.shape[0], y.shape[1], self.n_heads, self.d_head).transpose(1, 2)
+    def _split_heads(self, y: Tensor, heads: int) -> Tensor:
+        # (B, S, heads d_head) -> (B, heads, S, d_head)
+        return y.view(y.shape[0], y.shape[1], heads, self.d_head).transpose(1, 2)
 
-    def _keys_values(self, x: Tensor, key_value_states: Tensor | None,
-                     past_key_value: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-        if self.cross_attention and past_key_value is not None:  # the encoder's, projected once
-            return past_key_value
-        source = x if key_value_states is None else key_value_states
-        kv = (self._split_heads(self.k_proj(source)), self._split_heads(self.v_proj(source)))
-        if past_key_value is None:
-            return kv
-        # self-attention: the new positions go after the cached ones
-        return tuple(torch.cat((cached, new), dim=2) for cached, new in zip(past_key_value, kv))
+    def _repeat_kv(self, y: Tensor) -> Tensor:
+        # (B, H_kv, S, d_head) -> (B, H, S, d_head): kv head j serves query heads j*g .. j*g+g-1
+        groups = self.n_heads // self.n_kv_heads
+        return y if groups == 1 else y.repeat_interleave(groups, dim=1)
 
     def forward(self, x: Tensor, attention_bias: Tensor | None = None,
                 key_value_states: Tensor | None = None,
                 past_key_value: tuple[Tensor, Tensor] | None = None, use_cache: bool = False
                 ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
-        b, t, d = x.shape
-        q = self._split_heads(self.q_proj(x))
-        k, v = self._keys_values(x, key_value_states, past_key_value)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
+        b, t, _ = x.shape
+        q = self._split_heads(self.q_proj(x), self.n_heads)
+        if self.cross_attention and past_key_value is not None:  # the encoder's, projected once
+            k, v = past_key_value
+        else:
+            source = x if key_value_states is None else key_value_states
+            k = self._split_heads(self.k_proj(source), self.n_kv_heads)
+            v = self._split_heads(self.v_proj(source), self.n_kv_heads)
+            if self.rotary is not None:  # the new positions come after the cached ones
+                past = 0 if past_key_value is None else past_key_value[0].shape[2]
+                q, k = self.rotary(q, past), self.rotary(k, past)
+            if past_key_value is not None:  # self-attention: append to the cache
+                k = torch.cat((past_key_value[0], k), dim=2)
+                v = torch.cat((past_key_value[1], v), dim=2)
+        scores = q @ self._repeat_kv(k).transpose(-2, -1) / math.sqrt(self.d_head)
         if attention_bias is not None:
             scores = scores + attention_bias
         probs = self.dropout(scores.softmax(dim=-1))
-        context = (probs @ v).transpose(1, 2).reshape(b, t, d)
+        context = (probs @ self._repeat_kv(v)).transpose(1, 2).reshape(b, t, -1)
         out = self.out_proj(context)
         return (out, (k, v)) if use_cache else out
 
@@ -290,7 +454,7 @@ class FeedForward(_SpecLayer):
     ``linear2(dropout(act(linear1(x))))``, ``act`` from ``spec.activation``.
 
     Args:
-        spec: uses ``d_model, d_ff, activation, bias, dropout``.
+        spec: uses ``d_model, d_ff, activation, mlp_bias`` (``has_bias("mlp")``), ``dropout``.
         dtype, device: as :class:`Embeddings`.
 
     Shapes: ``(B, T, D)`` -> ``(B, T, D)`` (inner ``(B, T, d_ff)``).
@@ -299,7 +463,7 @@ class FeedForward(_SpecLayer):
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
-        factory = {"dtype": dtype, "device": device, "bias": spec.bias}
+        factory = {"dtype": dtype, "device": device, "bias": spec.has_bias("mlp")}
         self.linear1 = nn.Linear(spec.d_model, spec.d_ff, **factory)
         self.activation = ACTIVATIONS[spec.activation]
         self.dropout = nn.Dropout(spec.dropout)
@@ -309,13 +473,49 @@ class FeedForward(_SpecLayer):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
+class GatedFeedForward(_SpecLayer):
+    """Gated linear unit feed-forward network (Shazeer 2020, "GLU Variants Improve
+    Transformer", eq. 5-6; Hugging Face ``LlamaMLP``): ``down_proj(dropout(act(gate_proj(x)) *
+    up_proj(x)))``, ``act`` from ``spec.activation`` (SwiGLU with ``"silu"``: Llama, Mistral,
+    Qwen2; GeGLU with ``"gelu_tanh"``: Gemma). Used for ``spec.ffn="glu"``.
+
+    Args:
+        spec: uses ``d_model, d_ff, activation, mlp_bias`` (``has_bias("mlp")``), ``dropout``.
+        dtype, device: as :class:`Embeddings`.
+
+    Parameters: ``gate_proj`` / ``up_proj`` ``(d_ff, D)``, ``down_proj`` ``(D, d_ff)``, biases iff
+    ``spec.has_bias("mlp")``.
+
+    Shapes: ``(B, T, D)`` -> ``(B, T, D)`` (inner ``(B, T, d_ff)``).
+    """
+
+    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(spec)
+        factory = {"dtype": dtype, "device": device, "bias": spec.has_bias("mlp")}
+        self.gate_proj = nn.Linear(spec.d_model, spec.d_ff, **factory)
+        self.up_proj = nn.Linear(spec.d_model, spec.d_ff, **factory)
+        self.activation = ACTIVATIONS[spec.activation]
+        self.dropout = nn.Dropout(spec.dropout)
+        self.down_proj = nn.Linear(spec.d_ff, spec.d_model, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.dropout(self.activation(self.gate_proj(x)) * self.up_proj(x)))
+
+
 class EncoderLayer(_SpecLayer):
     """One encoder layer: self-attention (``self_attn``, ``norm1``) and feed-forward (``ffn``,
     ``norm2``) sub-layers, each through :func:`_residual` (post- or pre-LN per
-    ``spec.norm_position``; residual branches go through dropout in training mode only).
+    ``spec.norm_position``; residual branches go through dropout in training mode only), or
+    with ``spec.parallel_residual`` both on the same input in one step, ``x + dropout1(
+    self_attn(norm1(x))) + dropout2(ffn(norm2(x)))`` (GPT-J; GPT-NeoX
+    ``use_parallel_residual``). ``ffn`` is a :class:`GatedFeedForward` with ``spec.ffn="glu"``,
+    else a :class:`FeedForward`; the norms are :class:`LayerNorm` or :class:`RMSNorm`
+    (``spec.norm``).
 
     Args:
-        spec: uses ``norm_position, norm_eps, bias, dropout`` and those of the sub-layers.
+        spec: uses ``norm_position, parallel_residual, ffn, dropout`` and the fields of the
+            norms and sub-layers.
         dtype, device: as :class:`Embeddings`.
 
     Shapes: ``x`` ``(B, T, D)``, ``attention_bias`` as :class:`MultiHeadAttention`; returns
@@ -326,14 +526,19 @@ class EncoderLayer(_SpecLayer):
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
         self.norm_first = spec.norm_position == "pre"
+        self.parallel_residual = spec.parallel_residual
         self.self_attn = MultiHeadAttention(spec, dtype=dtype, device=device)
-        self.norm1 = _layer_norm(spec, dtype, device)
-        self.ffn = FeedForward(spec, dtype=dtype, device=device)
-        self.norm2 = _layer_norm(spec, dtype, device)
+        self.norm1 = _norm(spec, dtype, device)
+        self.ffn = (GatedFeedForward if spec.ffn == "glu" else FeedForward)(
+            spec, dtype=dtype, device=device)
+        self.norm2 = _norm(spec, dtype, device)
         self.dropout1 = nn.Dropout(spec.dropout)
         self.dropout2 = nn.Dropout(spec.dropout)
 
     def forward(self, x: Tensor, attention_bias: Tensor | None = None) -> Tensor:
+        if self.parallel_residual:
+            return (x + self.dropout1(self.self_attn(self.norm1(x), attention_bias))
+                    + self.dropout2(self.ffn(self.norm2(x))))
         x = _residual(x, lambda y: self.self_attn(y, attention_bias), self.norm1,
                       self.dropout1, self.norm_first)
         return _residual(x, self.ffn, self.norm2, self.dropout2, self.norm_first)
@@ -351,7 +556,7 @@ class Encoder(_SpecLayer):
         super().__init__(spec)
         self.layers = nn.ModuleList(
             EncoderLayer(spec, dtype=dtype, device=device) for _ in range(spec.n_layers))
-        self.final_norm = _layer_norm(spec, dtype, device) if spec.final_norm else None
+        self.final_norm = _norm(spec, dtype, device) if spec.final_norm else None
 
     def forward(self, x: Tensor, attention_bias: Tensor | None = None) -> Tensor:
         for layer in self.layers:
@@ -453,7 +658,9 @@ class DecoderLayer(_SpecLayer):
     the encoder output (``cross_attn``, ``norm2``; encoder-decoders only) and the feed-forward
     network (``ffn``, ``norm2``, or ``norm3`` after cross-attention), each sub-layer through
     :func:`_residual` as in :class:`EncoderLayer` (``nn.TransformerDecoderLayer``'s order and
-    names, Vaswani 2017 §3.1).
+    names, Vaswani 2017 §3.1); with ``spec.parallel_residual`` (no cross-attention) self-attention
+    and ``ffn`` read the same input, ``x + dropout1(self_attn(norm1(x))) +
+    dropout2(ffn(norm2(x)))`` (GPT-NeoX). ``ffn`` and the norms as in :class:`EncoderLayer`.
 
     Args:
         spec: as :class:`EncoderLayer`.
@@ -463,8 +670,8 @@ class DecoderLayer(_SpecLayer):
     Shapes: ``x`` ``(B, T, D)``; ``attention_bias`` ``(B or 1, 1, T, past + T)`` (causal and
     padding, :func:`allowed_bias`); ``encoder_hidden_states`` ``(B, S, D)`` and
     ``encoder_attention_bias`` ``(B, 1, 1, S)`` (cross-attention); ``past_key_value``
-    ``(k, v)`` or ``(k, v, cross_k, cross_v)``. Returns ``(B, T, D)``, or
-    ``((B, T, D), present_key_value)`` with ``use_cache``.
+    ``(k, v)`` or ``(k, v, cross_k, cross_v)``, each ``(B, H_kv, past or S, d_head)``. Returns
+    ``(B, T, D)``, or ``((B, T, D), present_key_value)`` with ``use_cache``.
     """
 
     def __init__(self, spec: ModelSpec, *, cross_attention: bool = False,
@@ -472,17 +679,19 @@ class DecoderLayer(_SpecLayer):
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
         self.norm_first = spec.norm_position == "pre"
+        self.parallel_residual = spec.parallel_residual
         self.self_attn = MultiHeadAttention(spec, dtype=dtype, device=device)
-        self.norm1 = _layer_norm(spec, dtype, device)
+        self.norm1 = _norm(spec, dtype, device)
         if cross_attention:
             self.cross_attn = MultiHeadAttention(spec, cross_attention=True, dtype=dtype,
                                                  device=device)
-            self.norm2 = _layer_norm(spec, dtype, device)
+            self.norm2 = _norm(spec, dtype, device)
         else:
             self.cross_attn = None
-        self.ffn = FeedForward(spec, dtype=dtype, device=device)
+        self.ffn = (GatedFeedForward if spec.ffn == "glu" else FeedForward)(
+            spec, dtype=dtype, device=device)
         # the FFN's norm: norm3 after cross-attention, else norm2 (GPT-2's ln_2)
-        setattr(self, "norm3" if cross_attention else "norm2", _layer_norm(spec, dtype, device))
+        setattr(self, "norm3" if cross_attention else "norm2", _norm(spec, dtype, device))
         self.dropout1 = nn.Dropout(spec.dropout)
         self.dropout2 = nn.Dropout(spec.dropout)
         self.dropout3 = nn.Dropout(spec.dropout)
@@ -502,8 +711,12 @@ class DecoderLayer(_SpecLayer):
                 return y
             return sublayer
 
-        x = _residual(x, attend(self.self_attn, attention_bias, None, past[:2]), self.norm1,
-                      self.dropout1, self.norm_first)
+        self_attention = attend(self.self_attn, attention_bias, None, past[:2])
+        if self.parallel_residual:  # the spec allows it only without cross-attention
+            x = (x + self.dropout1(self_attention(self.norm1(x)))
+                 + self.dropout2(self.ffn(self.norm2(x))))
+            return (x, tuple(present)) if use_cache else x
+        x = _residual(x, self_attention, self.norm1, self.dropout1, self.norm_first)
         ffn_norm, ffn_dropout = self.norm2, self.dropout2
         if self.cross_attn is not None:
             x = _residual(x, attend(self.cross_attn, encoder_attention_bias,
@@ -529,7 +742,7 @@ class Decoder(_SpecLayer):
         self.layers = nn.ModuleList(
             DecoderLayer(spec, cross_attention=cross_attention, dtype=dtype, device=device)
             for _ in range(spec.decoder_layers))
-        self.final_norm = _layer_norm(spec, dtype, device) if spec.final_norm else None
+        self.final_norm = _norm(spec, dtype, device) if spec.final_norm else None
 
     def forward(self, x: Tensor, attention_bias: Tensor | None = None,
                 encoder_hidden_states: Tensor | None = None,
@@ -621,7 +834,7 @@ class DecoderModel(_CausalModel):
         input_ids: ``(B, T)`` int64, or inputs_embeds: ``(B, T, D)`` (already scaled).
         attention_mask: ``(B, past + T)``, 1 = attend, 0 = padding; default all ones.
         past_key_values: the ``"past_key_values"`` of the previous call (cached decoding):
-            per layer ``(k, v)`` ``(B, H, past, d_head)``; positions then start at ``past``.
+            per layer ``(k, v)`` ``(B, H_kv, past, d_head)``; positions then start at ``past``.
         use_cache: also return ``"past_key_values"`` (now ``past + T`` long).
 
     Returns:

@@ -59,10 +59,14 @@ def covering_specs(n: int = 6, seed: int = 0, architecture: str = "encoder") -> 
     rng = np.random.default_rng(seed)
     values = field_values(architecture)
     offsets = {k: int(rng.integers(len(v))) for k, v in {**values, **VARIANTS}.items()}
+    # a field with few values steps every spec or every second one (drawn per field), so that
+    # two-valued fields do not always pair the same way (rmsnorm with offset 1 and layernorm
+    # with offset 0, say): more pairs of values are covered with the same n
+    strides = {k: 1 if 2 * len(v) > n else int(rng.integers(1, 3)) for k, v in values.items()}
     held = dict.fromkeys([*CONDITIONAL, "rope"], 0)
     out = []
     for i in range(n):
-        fields = {k: v[(i + offsets[k]) % len(v)] for k, v in values.items()}
+        fields = {k: v[(i // strides[k] + offsets[k]) % len(v)] for k, v in values.items()}
         for name, (cond, wanted) in CONDITIONAL.items():
             if name not in values:
                 continue
