@@ -328,10 +328,11 @@ def test_import_errors(hf, tmp_path):
         import_gpt2(d)
     assert "tie_word_embeddings is false but lm_head.weight is missing" in _one_line(e)
 
-    d = _copy(tied, tmp_path / "llama", config={"model_type": "llama"})
+    d = _copy(tied, tmp_path / "t5", config={"model_type": "t5"})
     with pytest.raises(CheckpointError) as e:
         from_pretrained(d)
-    assert "model_type 'llama' is not supported (supported: bert, gpt2)" in _one_line(e)
+    assert ("model_type 't5' is not supported (supported: bert, gpt2, llama, mistral, qwen2, "
+            "gemma, gpt_neox)") in _one_line(e)
     with pytest.raises(CheckpointError, match="is not a GPT-2"):
         import_gpt2(d)
 

@@ -80,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     c = add("compare", "compare outputs, gradients and speed across backends")
     src = c.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH",
-                     help="a Hugging Face BERT or GPT-2 directory (config.json + "
-                          "model.safetensors), an xformer checkpoint directory or .safetensors "
-                          "file")
+                     help="a Hugging Face BERT, GPT-2, Llama, Mistral, Qwen2, Gemma or "
+                          "GPT-NeoX directory (config.json + model.safetensors), an xformer "
+                          "checkpoint directory or .safetensors file")
     src.add_argument("--spec", metavar="FILE", help="a spec (.json/.yaml) or preset name")
     c.add_argument("--weights", metavar="FILE", help="canonical safetensors weights "
                    "(default: random from --seed)")
@@ -94,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
     c.add_argument("--reference", default="auto",
                    choices=("auto", "huggingface", "torch.nn", "numpy", "none"),
-                   help="independent reference (auto: Hugging Face for BERT checkpoints, "
-                        "PyTorch nn.TransformerEncoderLayer otherwise)")
+                   help="independent reference (auto: the checkpoint's own Hugging Face class "
+                        "for --model DIR; else PyTorch nn.TransformerEncoderLayer where it "
+                        "expresses the spec, else numpy)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch", type=int, default=3, help="batch size of random inputs")
     c.add_argument("--seq-len", type=int, default=None, help="length of random inputs")
@@ -121,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
 
     g = add("generate", "greedy or beam-search generation (decoder, encoder-decoder)")
     g.add_argument("--model", metavar="PATH", required=True,
-                   help="a Hugging Face GPT-2 directory, an xformer checkpoint directory, or "
-                        "an xformer .safetensors file (as `xformer init` writes them)")
+                   help="a Hugging Face GPT-2 or Llama-family directory, an xformer "
+                        "checkpoint directory, or an xformer .safetensors file (as `xformer "
+                        "init` writes them)")
     g.add_argument("--backend", help="torch, tensorflow or mxnet (default: $XFORMER_BACKEND, "
                                      "config file, torch)")
     g.add_argument("--prompt-ids", metavar="I,J,...", required=True,
@@ -746,19 +748,19 @@ def _targets(args):
 
 
 def _hf_unexpressible(spec) -> str | None:
-    """Why the Hugging Face reference cannot run ``spec`` (``None``: it can)."""
-    from . import convert as hf
+    """Why the Hugging Face reference cannot run ``spec`` (``None``: it can):
+    :func:`xformer.convert.huggingface_expressible` (BERT, GPT-2, the Llama family)."""
+    from .convert import huggingface_expressible
 
-    if spec.architecture == "encoder":
-        return hf.bert_expressible(spec)
-    if spec.architecture == "decoder":
-        return hf.gpt2_expressible(spec)
-    return "no Hugging Face reference for encoder-decoders"
+    return huggingface_expressible(spec)
 
 
 def _reference(args, spec, from_hf: bool) -> str | None:
+    """The reference of ``compare``: ``--reference`` (refused with the reason when it cannot
+    express ``spec``), or for ``auto`` Hugging Face for a checkpoint it expresses, else
+    ``torch.nn`` where torch is installed and it expresses ``spec``, else ``numpy``."""
     from .backend import is_installed
-    from .conformance import available_references
+    from .conformance import available_references, get_reference
 
     if args.reference == "none":
         return None
@@ -767,18 +769,23 @@ def _reference(args, spec, from_hf: bool) -> str | None:
         if args.reference not in refs:
             raise InputError(f"reference {args.reference!r} is not installed here "
                              f"(available: {', '.join(refs)})")
-        if args.reference == "huggingface" and _hf_unexpressible(spec):
-            raise InputError(f"reference huggingface cannot express this spec: "
-                             f"{_hf_unexpressible(spec)}")
+        why = (_hf_unexpressible(spec) if args.reference == "huggingface"
+               else get_reference(args.reference).expressible(spec))
+        if why:
+            raise InputError(f"reference {args.reference} cannot express this spec: {why}")
         return args.reference
     if from_hf and "huggingface" in refs and _hf_unexpressible(spec) is None:
         return "huggingface"
-    return "torch.nn" if is_installed("torch") else "numpy"
+    if is_installed("torch") and "torch.nn" in refs and (
+            get_reference("torch.nn").expressible(spec) is None):
+        return "torch.nn"
+    return "numpy"
 
 
 def cmd_compare(args) -> int:
 
     from .conformance import Case, environment, run_case
+    from .convert import checkpoint_model_type
     from .spec import atomic_write_bytes
 
     if args.batch < 1 or (args.seq_len is not None and args.seq_len < 1) or args.repeats < 0:
@@ -796,7 +803,9 @@ def cmd_compare(args) -> int:
                          seq_len=args.seq_len, weights=weights,
                          input_ids=None if inputs is None else inputs["input_ids"],
                          attention_mask=None if inputs is None else inputs["attention_mask"],
-                         name=f"{label} {dtype}")
+                         name=f"{label} {dtype}",
+                         # a Mistral checkpoint is compared against MistralForCausalLM
+                         model_type=checkpoint_model_type(args.model) if args.model else None)
         if inputs is not None and "token_type_ids" in inputs:
             case.inputs["token_type_ids"] = inputs["token_type_ids"]
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

@@ -1,21 +1,28 @@
-"""Hugging Face checkpoint conversions: BERT import, GPT-2 import and export, and
-:func:`from_pretrained` (Hugging Face or xformer directory -> spec and canonical weights).
+"""Hugging Face checkpoint conversions: BERT import, GPT-2 and Llama-family import and export,
+and :func:`from_pretrained` (Hugging Face or xformer directory -> spec and canonical weights).
 
-A Hugging Face model directory holds ``config.json`` and ``model.safetensors`` (``pytorch_model.bin``
-is never read: it is a pickle). The conversions map its tensors to and from the canonical layout
-of :meth:`ModelSpec.parameters` without changing a single bit (splits, concatenations and
-transposes only); dtypes are kept (``float16``, ``float32``, ``float64``), except ``bfloat16``,
-which numpy cannot hold and which is widened exactly to ``float32``.
+A Hugging Face model directory holds ``config.json`` and ``model.safetensors``
+(``pytorch_model.bin`` is never read: it is a pickle). The conversions map its tensors to and
+from the canonical layout of :meth:`ModelSpec.parameters` without changing a single bit
+(splits, concatenations and transposes only); dtypes are kept (``float16``, ``float32``,
+``float64``), except ``bfloat16``, which numpy cannot hold and which is widened exactly to
+``float32``.
 
 * BERT (``model_type: bert``, the upstream ``modeling_bert`` names): :func:`import_bert`.
 * GPT-2 (``model_type: gpt2``, the upstream ``modeling_gpt2`` names, as written by
   ``GPT2LMHeadModel.save_pretrained`` / ``GPT2Model.save_pretrained``): :func:`import_gpt2`
   and :func:`export_gpt2`.
+* The Llama family (``model_type: llama``, ``mistral``, ``qwen2``, ``gemma``, ``gpt_neox``, the
+  upstream ``modeling_<type>`` names of ``<Type>ForCausalLM.save_pretrained``):
+  :func:`import_llama_family` and :func:`export_llama_family` (mapping: the section "the Llama
+  family" below); :func:`export_huggingface` writes whichever class expresses a decoder.
 * Which specs a ``transformers`` class can express, and its config as a plain dict
   (:func:`bert_expressible`, :func:`bert_config_dict`, :func:`gpt2_expressible`,
-  :func:`gpt2_config_dict`), for the Hugging Face reference of the torch backend
-  (``xformer_torch.reference_hf``). Nothing here imports a framework: files are read and
-  written as numpy (:mod:`xformer.weights`), and the name maps also take torch tensors.
+  :func:`gpt2_config_dict`, :func:`llama_family_expressible`,
+  :func:`llama_family_config_dict`, :func:`huggingface_model_type`), for the Hugging Face
+  reference of the torch backend (``xformer_torch.reference_hf``). Nothing here imports a
+  framework: files are read and written as numpy (:mod:`xformer.weights`), and the name maps
+  also take torch tensors.
 
 GPT-2 naming (``transformers/models/gpt2/modeling_gpt2.py``), ``D = n_embd``, ``F = n_inner or
 4 D``. GPT-2's ``Conv1D`` stores its weight as ``(in, out)`` and computes ``x W + b``; a canonical
@@ -58,7 +65,7 @@ from .weights import (atomic_write_dir, check_weights, header_tensors, load_pret
                       safetensors_header, shape_problems)
 
 #: ``model_type`` values of ``config.json`` that :func:`from_pretrained` imports.
-SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
+SUPPORTED_MODEL_TYPES = ("bert", "gpt2", "llama", "mistral", "qwen2", "gemma", "gpt_neox")
 
 
 # ---------------------------------------------------------------------- shared
@@ -99,7 +106,8 @@ def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.nd
     * Hugging Face directories (``config.json`` + ``model.safetensors``), dispatched on
       ``config.json``'s ``model_type``: ``bert`` (also when ``model_type`` is absent;
       :func:`import_bert`: task heads such as ``cls.*`` dropped, a missing pooler gives
-      ``head="none"``) and ``gpt2`` (:func:`import_gpt2`).
+      ``head="none"``), ``gpt2`` (:func:`import_gpt2`) and the Llama family, ``llama``,
+      ``mistral``, ``qwen2``, ``gemma`` and ``gpt_neox`` (:func:`import_llama_family`).
     * xformer directories (no ``config.json``, as :func:`xformer.weights.save_pretrained`
       writes them): :func:`xformer.weights.load_pretrained`.
     * an xformer ``.safetensors`` file that stores its spec in its metadata (as ``xformer init
@@ -123,6 +131,8 @@ def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.nd
         return import_bert(root, config)
     if model_type == "gpt2":
         return import_gpt2(root, config)
+    if model_type in LLAMA_FAMILY:
+        return import_llama_family(root, config)
     raise CheckpointError(f"{root / 'config.json'}: model_type {truncate(model_type)} is not "
                           f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
 
@@ -260,8 +270,38 @@ def bert_expressible(spec: ModelSpec) -> str | None:
         (not spec.embed_scale, "BertModel does not scale embeddings"),
         (spec.bias, "BertModel always has biases"),
         (spec.type_vocab_size > 0, "BertModel needs type_vocab_size >= 1"),
+        *_classic_checks(spec, "BertModel"),
     ]
     return next((why for ok, why in checks if not ok), None)
+
+
+def _classic_checks(spec: ModelSpec, who: str) -> list[tuple[bool, str]]:
+    """``(ok, reason)`` for the spec fields of issue #9 that ``BertModel`` and GPT-2 cannot
+    express (``who`` names the class): LayerNorm only (no RMSNorm, no ``1 + weight`` scale), a
+    two-layer MLP with gelu / gelu_tanh / relu, multi-head attention with heads of ``d_model /
+    n_heads``, every Linear biased as ``bias`` says, sequential sub-layers."""
+    switch = next((f"{p}_bias" for p in ("qkv", "out_proj", "mlp")
+                   if spec.has_bias(p) != spec.bias), None)
+    return [
+        (spec.norm == "layernorm",
+         f"spec field 'norm' is {spec.norm!r}; {who} has LayerNorm ('layernorm')"),
+        (spec.norm_scale_offset == 0.0,
+         f"spec field 'norm_scale_offset' is {spec.norm_scale_offset}; {who}'s LayerNorm "
+         f"multiplies by its weight (0.0)"),
+        (spec.ffn == "mlp", f"spec field 'ffn' is {spec.ffn!r}; {who} has a two-layer MLP "
+                            f"('mlp')"),
+        (spec.activation != "silu",
+         f"spec field 'activation' is 'silu'; {who} is exported with gelu, gelu_tanh or relu"),
+        (spec.kv_heads == spec.n_heads,
+         f"spec field 'n_kv_heads' is {spec.n_kv_heads}; {who} has multi-head attention "
+         f"(n_kv_heads = n_heads = {spec.n_heads})"),
+        (spec.d_head * spec.n_heads == spec.d_model,
+         f"spec field 'head_dim' is {spec.head_dim}; {who}'s heads are d_model / n_heads"),
+        (switch is None, f"spec field {switch!r} is {getattr(spec, switch or 'bias')} and "
+                         f"'bias' is {spec.bias}; {who} has a bias in every Linear or in none"),
+        (not spec.parallel_residual,
+         f"spec field 'parallel_residual' is true; {who}'s sub-layers are sequential"),
+    ]
 
 
 def bert_config_dict(spec: ModelSpec) -> dict[str, Any]:
@@ -361,19 +401,49 @@ def gpt2_expressible(spec: ModelSpec) -> str | None:
         (spec.type_vocab_size == 0, "spec field 'type_vocab_size' must be 0 for GPT-2"),
         (spec.head in ("lm", "none"), f"spec field 'head' is {spec.head!r}; GPT-2 takes 'lm' "
                                       f"(GPT2LMHeadModel) or 'none' (GPT2Model)"),
+        *_classic_checks(spec, "GPT-2"),
     ]
     return next((why for ok, why in checks if not ok), None)
 
 
 def huggingface_expressible(spec: ModelSpec) -> str | None:
     """``None`` if a ``transformers`` model class can express ``spec``: ``BertModel`` for
-    encoders (:func:`bert_expressible`), ``GPT2LMHeadModel`` / ``GPT2Model`` for decoders
-    (:func:`gpt2_expressible`); else the reason."""
+    encoders (:func:`bert_expressible`); for decoders ``GPT2LMHeadModel`` / ``GPT2Model``
+    (:func:`gpt2_expressible`) or a Llama-family causal LM (:func:`llama_family_expressible`,
+    the class :func:`huggingface_model_type` picks); else the reason, from the class closest to
+    ``spec`` (learned positions: GPT-2; rotary with LayerNorm: GPT-NeoX; with RMSNorm: Gemma if
+    ``norm_scale_offset`` is 1, else Qwen2 for its bias pattern, else Llama)."""
     if spec.architecture == "encoder":
         return bert_expressible(spec)
     if spec.architecture == "decoder":
-        return gpt2_expressible(spec)
+        if huggingface_model_type(spec) is not None:
+            return None
+        if spec.positional != "rope":
+            return gpt2_expressible(spec)
+        if spec.norm == "layernorm":
+            return llama_family_expressible(spec, "gpt_neox")
+        if spec.norm_scale_offset:
+            return llama_family_expressible(spec, "gemma")
+        if spec.has_bias("qkv") and not spec.has_bias("out_proj"):
+            return llama_family_expressible(spec, "qwen2")
+        return llama_family_expressible(spec, "llama")
     return "no Hugging Face model class for encoder-decoders here (use torch.nn)"
+
+
+def huggingface_model_type(spec: ModelSpec) -> str | None:
+    """The ``model_type`` of the ``transformers`` class that expresses ``spec`` exactly:
+    ``"bert"`` (encoders, :func:`bert_expressible`); for decoders ``"gpt2"``, else the first
+    Llama-family type of ``"llama"``, ``"qwen2"``, ``"gemma"``, ``"gpt_neox"``, ``"mistral"``
+    that can (:func:`llama_family_expressible`; Mistral only when Llama cannot: it is a bias-free
+    Llama whose config does not require ``d_model % n_heads == 0``); ``None`` if none can."""
+    if spec.architecture == "encoder":
+        return "bert" if bert_expressible(spec) is None else None
+    if spec.architecture != "decoder":
+        return None
+    if gpt2_expressible(spec) is None:
+        return "gpt2"
+    return next((t for t in ("llama", "qwen2", "gemma", "gpt_neox", "mistral")
+                 if llama_family_expressible(spec, t) is None), None)
 
 
 def spec_from_gpt2_config(config: Mapping[str, Any], head: str = "lm") -> ModelSpec:
@@ -699,6 +769,787 @@ def export_gpt2(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[str, 
     config = dict(sorted(config.items()))
     prefix = "transformer." if spec.head == "lm" else ""
     tensors = canonical_to_gpt2(spec, weights, prefix=prefix)
+    atomic_write_dir(Path(path), {
+        "config.json": (json.dumps(config, indent=2) + "\n").encode(),
+        "model.safetensors": safetensors_bytes(tensors, {"format": "pt"}),
+    })
+
+
+def export_huggingface(path: str | os.PathLike, spec: ModelSpec,
+                       weights: Mapping[str, np.ndarray], model_type: str | None = None) -> None:
+    """Write a decoder as the Hugging Face directory of ``model_type`` (default: the class that
+    expresses ``spec``, :func:`huggingface_model_type`): :func:`export_gpt2` for ``"gpt2"``,
+    :func:`export_llama_family` for the Llama family.
+
+    Raises:
+        SpecError: no Hugging Face decoder class expresses ``spec`` (the reason names the spec
+            field), or ``model_type`` is not one of ``gpt2`` and :data:`LLAMA_FAMILY`.
+        CheckpointError: as :func:`export_gpt2` / :func:`export_llama_family`.
+    """
+    kind = model_type or huggingface_model_type(spec)
+    if kind == "gpt2":
+        return export_gpt2(path, spec, weights)
+    if kind is None or kind == "bert":
+        why = huggingface_expressible(spec) or "no Hugging Face decoder export for encoders"
+        raise SpecError(f"cannot export this spec to Hugging Face: {why}")
+    return export_llama_family(path, spec, weights, model_type=kind)
+
+
+def checkpoint_model_type(path: str | os.PathLike) -> str | None:
+    """The Hugging Face ``model_type`` of a model directory (its ``config.json``; ``"bert"``
+    when the key is absent, as :func:`from_pretrained` reads it), or ``None`` for a file or an
+    xformer directory (no ``config.json``).
+
+    Raises:
+        CheckpointError, InputError: an unreadable ``config.json`` (:func:`read_hf_config`).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    config = read_hf_config(root)
+    return None if config is None else config.get("model_type", "bert")
+
+
+# ---------------------------------------------------------------------- the Llama family
+# Llama, Mistral, Qwen2 and Gemma (transformers/models/<type>/modeling_<type>.py) share one
+# layout, ``D = hidden_size``, ``F = intermediate_size``, ``dh = head_dim``, ``H`` query and
+# ``Hkv`` key/value heads; every Linear is an ``nn.Linear`` ``(out, in)``, as canonical:
+#
+#     model.embed_tokens.weight (V, D)                  -> embeddings.word_embeddings.weight
+#     model.layers.{i}.input_layernorm.weight (D,)      -> decoder.layers.{i}.norm1.weight
+#     model.layers.{i}.self_attn.q_proj (H dh, D)       -> decoder.layers.{i}.self_attn.q_proj
+#     model.layers.{i}.self_attn.{k,v}_proj (Hkv dh, D) -> decoder.layers.{i}.self_attn.{k,v}_proj
+#     model.layers.{i}.self_attn.o_proj (D, H dh)       -> decoder.layers.{i}.self_attn.out_proj
+#     model.layers.{i}.post_attention_layernorm.weight  -> decoder.layers.{i}.norm2.weight
+#     model.layers.{i}.mlp.{gate,up}_proj (F, D)        -> decoder.layers.{i}.ffn.{gate,up}_proj
+#     model.layers.{i}.mlp.down_proj (D, F)             -> decoder.layers.{i}.ffn.down_proj
+#     model.norm.weight (D,)                            -> decoder.final_norm.weight
+#     lm_head.weight (V, D) (untied)                    -> lm_head.weight
+#
+# (``.bias`` alongside where the config gives biases.) GPT-NeoX (modeling_gpt_neox.py):
+#
+#     gpt_neox.embed_in.weight                          -> embeddings.word_embeddings.weight
+#     gpt_neox.layers.{i}.input_layernorm.{weight,bias} -> decoder.layers.{i}.norm1
+#     gpt_neox.layers.{i}.attention.query_key_value (3D, D), (3D,)
+#         -> self_attn.{q,k,v}_proj: per head [q | k | v]: W.view(H, 3, dh, D)[:, j]
+#            .reshape(H dh, D), j = 0, 1, 2 (GPTNeoXAttention: .view(..., H, 3 dh).chunk(3))
+#     gpt_neox.layers.{i}.attention.dense               -> decoder.layers.{i}.self_attn.out_proj
+#     gpt_neox.layers.{i}.post_attention_layernorm      -> decoder.layers.{i}.norm2
+#     gpt_neox.layers.{i}.mlp.dense_h_to_4h (F, D)      -> decoder.layers.{i}.ffn.linear1
+#     gpt_neox.layers.{i}.mlp.dense_4h_to_h (D, F)      -> decoder.layers.{i}.ffn.linear2
+#     gpt_neox.final_layer_norm.{weight,bias}           -> decoder.final_norm
+#     embed_out.weight (file; the module is lm_head)    -> lm_head.weight
+
+#: ``model_type`` -> the ``transformers`` causal-LM class of a Llama-family directory.
+LLAMA_FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                        "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
+                        "gpt_neox": "GPTNeoXForCausalLM"}
+#: ``model_type`` -> its ``transformers`` config class.
+LLAMA_FAMILY_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig",
+                        "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
+                        "gpt_neox": "GPTNeoXConfig"}
+#: The Llama-family ``model_type`` values.
+LLAMA_FAMILY = tuple(LLAMA_FAMILY_CLASSES)
+
+#: The defaults of each config class (transformers 5, ``configuration_<type>.py``) for the keys
+#: a ``config.json`` may leave out. (Qwen2's and Gemma's ``num_key_value_heads`` default to
+#: 32 and 16, not to ``num_attention_heads``; Gemma's ``head_dim`` to 256; Mistral's
+#: ``sliding_window`` to 4096.)
+LLAMA_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  attention_bias=False, mlp_bias=False, attention_dropout=0.0, bos_token_id=1,
+                  eos_token_id=2),
+    "mistral": dict(num_key_value_heads=8, head_dim=None, hidden_act="silu",
+                    max_position_embeddings=131072, rms_norm_eps=1e-6,
+                    tie_word_embeddings=False, sliding_window=4096, attention_dropout=0.0,
+                    bos_token_id=1, eos_token_id=2),
+    "qwen2": dict(num_key_value_heads=32, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                  attention_dropout=0.0, bos_token_id=None, eos_token_id=None),
+    "gemma": dict(num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh",
+                  max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  attention_bias=False, attention_dropout=0.0, bos_token_id=2,
+                  eos_token_id=1),
+    "gpt_neox": dict(hidden_act="gelu", max_position_embeddings=2048, layer_norm_eps=1e-5,
+                     tie_word_embeddings=False, use_parallel_residual=True,
+                     attention_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
+                     bos_token_id=0, eos_token_id=2),
+}
+
+#: ``hidden_act`` values (``transformers.activations.ACT2CLS``) and their spec activation:
+#: each is the exact formula of the spec's (``gelu_fast``, ``quick_gelu`` and
+#: ``gelu_accurate`` are other functions or other constants, and are refused). Gemma maps
+#: ``"gelu"`` to the tanh form, as ``GemmaConfig`` does.
+LLAMA_FAMILY_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu",
+                            "gelu_python": "gelu", "gelu_new": "gelu_tanh",
+                            "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
+                            "relu": "relu"}
+_FAMILY_EXPORT_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh",
+                             "relu": "relu"}
+
+#: Config keys of other architectures (Gemma 2, Cohere, ...) that these classes ignore:
+#: refused when set, since the checkpoint then expects numbers these classes do not compute.
+_FOREIGN_KEYS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                 "logit_scale", "use_qk_norm", "qk_layernorm", "residual_multiplier",
+                 "embedding_multiplier", "attention_multiplier", "logits_scaling")
+
+_LLAMA_LAYER_MAP = {"input_layernorm": "norm1", "self_attn.q_proj": "self_attn.q_proj",
+                    "self_attn.k_proj": "self_attn.k_proj", "self_attn.v_proj": "self_attn.v_proj",
+                    "self_attn.o_proj": "self_attn.out_proj",
+                    "post_attention_layernorm": "norm2", "mlp.gate_proj": "ffn.gate_proj",
+                    "mlp.up_proj": "ffn.up_proj", "mlp.down_proj": "ffn.down_proj"}
+_NEOX_LAYER_MAP = {"input_layernorm": "norm1", "attention.dense": "self_attn.out_proj",
+                   "post_attention_layernorm": "norm2", "mlp.dense_h_to_4h": "ffn.linear1",
+                   "mlp.dense_4h_to_h": "ffn.linear2"}
+_QKV = ("q_proj", "k_proj", "v_proj")
+#: Buffers of older Llama-family files (rotary tables, GPT-NeoX causal masks), skipped as
+#: ``transformers`` skips them.
+_FAMILY_BUFFER = re.compile(r"(^|\.)rotary_emb\.inv_freq$|"
+                            r"^gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias)$")
+
+
+def _family(model_type: str) -> tuple[str, str, str, dict[str, str]]:
+    """``(prefix, embedding module, final norm module, layer map)`` of a family."""
+    if model_type == "gpt_neox":
+        return "gpt_neox.", "embed_in", "final_layer_norm", _NEOX_LAYER_MAP
+    return "model.", "embed_tokens", "norm", _LLAMA_LAYER_MAP
+
+
+def _check_family(model_type: Any) -> str:
+    if model_type not in LLAMA_FAMILY:
+        raise SpecError(f"model_type {truncate(model_type)} is not a Llama-family type; "
+                        f"supported: {', '.join(LLAMA_FAMILY)}")
+    return model_type
+
+
+def _rope_config(cfg: Mapping[str, Any], model_type: str) -> tuple[float, float, str]:
+    """``(rope_theta, rotary_fraction, the key that gave the fraction)`` of a config, from
+    ``rope_parameters`` (transformers 5) and ``rope_scaling`` (transformers 4), each
+    ``{"rope_type": "default", "rope_theta": ..., "partial_rotary_factor": ...}``, and the
+    top-level keys ``rope_theta`` / ``partial_rotary_factor`` (GPT-NeoX also
+    ``rotary_emb_base`` / ``rotary_pct``). Every place that gives a value must give the same
+    one; defaults: theta 10000, fraction 1 (GPT-NeoX 0.25).
+
+    Raises:
+        SpecError: naming the key: a ``rope_type`` other than ``"default"`` (``linear``,
+            ``dynamic``, ``llama3``, ``yarn``, ``longrope``, ... rescale the frequencies, which
+            xformer does not express), any other key in the rope dict, values that disagree, a
+            fraction other than 1 outside GPT-NeoX (the other classes ignore it).
+    """
+    thetas: list[tuple[str, Any]] = []
+    fractions: list[tuple[str, Any]] = []
+    for key in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(key)
+        if params is None:
+            continue
+        if not isinstance(params, Mapping):
+            raise SpecError(f"config.json {key} = {truncate(params)} is not an object; give "
+                            f"{{\"rope_type\": \"default\", \"rope_theta\": ...}} or null")
+        for type_key in ("rope_type", "type"):
+            if type_key in params and params[type_key] != "default":
+                raise SpecError(
+                    f"config.json {key}.{type_key} = {truncate(params[type_key])} is not "
+                    f"supported: xformer's rotary embeddings are the unscaled kind (rope_type "
+                    f"'default', Su et al. 2021); this one rescales the frequencies")
+        for sub, value in params.items():
+            if sub == "rope_theta":
+                thetas.append((f"{key}.{sub}", value))
+            elif sub == "partial_rotary_factor":
+                fractions.append((f"{key}.{sub}", value))
+            elif sub not in ("rope_type", "type"):
+                raise SpecError(f"config.json {key}.{str(sub)[:80]} is not supported (xformer "
+                                f"reads rope_type 'default', rope_theta and "
+                                f"partial_rotary_factor only)")
+    neox = model_type == "gpt_neox"
+    for key in ("rope_theta", "rotary_emb_base") if neox else ("rope_theta",):
+        if key in cfg:
+            thetas.append((key, cfg[key]))
+    for key in ("partial_rotary_factor", "rotary_pct") if neox else ("partial_rotary_factor",):
+        if key in cfg:
+            fractions.append((key, cfg[key]))
+
+    def agreed(found: list[tuple[str, Any]], default: float) -> tuple[str, float]:
+        values = [(k, config_float({k: v}, k, default)) for k, v in found]
+        for k, v in values[1:]:
+            if v != values[0][1]:
+                raise SpecError(f"config.json {values[0][0]} = {values[0][1]} and {k} = {v} "
+                                f"disagree; keep one")
+        return values[0] if values else ("", default)
+
+    _, theta = agreed(thetas, 10000.0)
+    where, fraction = agreed(fractions, 0.25 if neox else 1.0)
+    if not neox and fraction != 1.0:
+        raise SpecError(f"config.json {where} = {fraction} is not supported for {model_type}: "
+                        f"{LLAMA_FAMILY_CLASSES[model_type]} rotates every dimension of a head "
+                        f"(it ignores partial_rotary_factor)")
+    return theta, fraction, where or "partial_rotary_factor (default)"
+
+
+def _family_token_id(cfg: Mapping[str, Any], key: str, vocab: int) -> int | None:
+    """``bos_token_id`` / ``eos_token_id``: one integer or null (a list, as some chat models
+    give ``eos_token_id``, is refused: a spec holds one id); one outside ``[0, vocab)`` is
+    dropped with a warning, as :func:`spec_from_gpt2_config` does."""
+    tok = cfg.get(key)
+    if isinstance(tok, float) and tok.is_integer():
+        tok = int(tok)
+    if tok is not None and (isinstance(tok, bool) or not isinstance(tok, int)):
+        raise SpecError(f"config.json {key} = {truncate(tok)} is not a token id; set it to one "
+                        f"integer or null")
+    if tok is not None and not 0 <= tok < vocab:
+        warnings.warn(f"config.json {key} = {tok} is outside the vocabulary [0, vocab_size="
+                      f"{vocab}): the model can never produce it, so it is dropped ({key} = "
+                      f"None)", UserWarning, stacklevel=3)
+        return None
+    return tok
+
+
+def _config_bool(cfg: Mapping[str, Any], key: str) -> bool:
+    value = cfg[key]
+    if not isinstance(value, bool):
+        raise SpecError(f"config.json {key} = {truncate(value)} is not true or false")
+    return value
+
+
+def _sliding_window(cfg: Mapping[str, Any], model_type: str, n_layers: int) -> int | None:
+    """The attention window that limits ``max_len``, or ``None``.
+
+    Mistral: ``sliding_window`` (every layer; null for none). Qwen2: only with
+    ``use_sliding_window`` true, on the layers ``layer_types`` marks ``"sliding_attention"``
+    (by default those at index >= ``max_window_layers``); none marked: no window. Within a
+    sequence no longer than the window, sliding-window attention (``masking_utils.
+    sliding_window_overlay``: key ``j`` is seen by query ``i`` iff ``i - window < j <= i``) is
+    plain causal attention, so the window becomes ``max_len``, exactly.
+
+    Raises:
+        SpecError: naming the key: a ``layer_types`` entry other than ``"full_attention"`` /
+            ``"sliding_attention"``, a wrong length, sliding layers without a window (where
+            ``transformers`` fails), ``layer_types`` on Mistral or on another family.
+    """
+    types = cfg.get("layer_types")
+    if model_type not in ("mistral", "qwen2"):
+        for key in ("sliding_window", "layer_types", "use_sliding_window"):
+            if cfg.get(key) not in (None, False):
+                raise SpecError(f"config.json {key} = {truncate(cfg[key])} is not supported "
+                                f"for {model_type} ({LLAMA_FAMILY_CLASSES[model_type]} has no "
+                                f"sliding-window attention); remove it or set it to null")
+        return None
+    if model_type == "mistral":
+        if types is not None:
+            raise SpecError(f"config.json layer_types = {truncate(types)} is not supported for "
+                            f"mistral (MistralForCausalLM gives every layer the same window)")
+        return config_int(cfg, "sliding_window", null_ok=True)
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers or any(
+                t not in ("full_attention", "sliding_attention") for t in types):
+            raise SpecError(f"config.json layer_types = {truncate(types)} must list "
+                            f"'full_attention' or 'sliding_attention' for each of the "
+                            f"{n_layers} layers")
+    use = _config_bool(cfg, "use_sliding_window")
+    window = config_int(cfg, "sliding_window", null_ok=True) if use else None
+    if types is None:
+        first = config_int(cfg, "max_window_layers", low=0)
+        sliding = window is not None and first < n_layers
+    else:
+        sliding = "sliding_attention" in types
+        if sliding and window is None:
+            raise SpecError(f"config.json layer_types marks sliding_attention layers, but "
+                            f"use_sliding_window = {cfg['use_sliding_window']} / sliding_window "
+                            f"= {cfg.get('sliding_window')} give no window (Qwen2ForCausalLM "
+                            f"fails on it)")
+    return window if sliding else None
+
+
+def spec_from_llama_family_config(config: Mapping[str, Any]) -> ModelSpec:
+    """The spec of a Llama-family ``config.json`` (``model_type`` ``llama``, ``mistral``,
+    ``qwen2``, ``gemma`` or ``gpt_neox``; absent keys take the config class's defaults,
+    :data:`LLAMA_FAMILY_DEFAULTS`).
+
+    Every family: ``architecture="decoder"``, ``head="lm"``, pre-norm with a final norm, no
+    embedding norm, ``positional="rope"`` with ``rope_style="half"`` (``rotate_half``: pair
+    ``i`` with ``i + rotary_dim / 2``), ``rope_theta`` and the rotary fraction from
+    :func:`_rope_config`, ``tie_embeddings = tie_word_embeddings``, ``n_kv_heads =
+    num_key_value_heads`` (``None`` when it equals ``num_attention_heads``), ``head_dim``
+    (``None`` when it is ``hidden_size // num_attention_heads``), ``d_ff =
+    intermediate_size``, ``activation`` from ``hidden_act`` (:data:`LLAMA_FAMILY_ACTIVATIONS`),
+    ``dropout = attention_dropout`` (GPT-NeoX: ``hidden_dropout``; training mode only).
+
+    * Llama, Mistral, Qwen2, Gemma: ``norm="rmsnorm"`` (``rms_norm_eps``), ``ffn="glu"``
+      (``down_proj(act(gate_proj(x)) * up_proj(x))``), ``bias=False`` and the switches: Llama
+      ``attention_bias`` -> ``qkv_bias`` and ``out_proj_bias``, ``mlp_bias``; Qwen2 ``qkv_bias``
+      true (q/k/v are biased, ``o_proj`` is not); Gemma ``attention_bias``. Gemma also
+      ``norm_scale_offset=1.0`` (``GemmaRMSNorm``: ``(1 + weight)``) and ``embed_scale=True``
+      (``GemmaModel`` scales token embeddings by ``sqrt(hidden_size)``).
+    * GPT-NeoX: ``norm="layernorm"`` (``layer_norm_eps``), ``ffn="mlp"``, ``bias=True`` (its
+      MLP and LayerNorms always have biases), ``attention_bias`` -> ``qkv_bias`` and
+      ``out_proj_bias``, ``parallel_residual = use_parallel_residual``, ``rotary_fraction`` from
+      ``rope_parameters.partial_rotary_factor`` / ``rotary_pct`` (default 0.25).
+    * ``max_len = max_position_embeddings``, or the sliding window when it is shorter (Mistral
+      ``sliding_window``; Qwen2 with ``use_sliding_window``; :func:`_sliding_window`): within
+      sequences no longer than the window, sliding-window attention *is* plain causal attention.
+      ``pretraining_tp`` is accepted: transformers 5 ignores it and 4 only splits the same
+      matmuls into slices (rounding only).
+
+    Raises:
+        SpecError: naming the key and value: an unsupported ``model_type``, ``hidden_act`` (or
+            Gemma ``hidden_activation`` disagreeing with it), rope scaling
+            (:func:`_rope_config`), sliding-window layouts (:func:`_sliding_window`), a bias key
+            the class ignores but the checkpoint would need (``mlp_bias`` true on Mistral,
+            Qwen2, Gemma; ``attention_bias`` on Mistral / Qwen2; ``mlp_bias`` false on
+            GPT-NeoX), bidirectional attention (Gemma ``use_bidirectional_attention``,
+            ``is_causal`` false), a set key of another architecture (:data:`_FOREIGN_KEYS`,
+            e.g. ``attn_logit_softcapping``), a GPT-NeoX ``num_key_value_heads`` /
+            ``head_dim`` other than the heads (GPTNeoXAttention ignores them), a rotary size
+            that is odd or 0, a missing or malformed size.
+    """
+    model_type = config.get("model_type")
+    if model_type not in LLAMA_FAMILY:
+        raise SpecError(f"config.json model_type {truncate(model_type)} is not a Llama-family "
+                        f"type ({', '.join(LLAMA_FAMILY)})")
+    cls = LLAMA_FAMILY_CLASSES[model_type]
+    cfg = {**LLAMA_FAMILY_DEFAULTS[model_type], **config}
+    for key in _FOREIGN_KEYS:
+        if cfg.get(key) not in (None, False):
+            raise SpecError(f"config.json {key} = {truncate(cfg[key])} is not supported: {cls} "
+                            f"ignores it, and xformer does not express it")
+    if cfg.get("is_causal", True) is not True or cfg.get("use_bidirectional_attention"):
+        key = "is_causal" if cfg.get("is_causal", True) is not True else (
+            "use_bidirectional_attention")
+        raise SpecError(f"config.json {key} = {truncate(cfg[key])} is not supported: xformer "
+                        f"decoders are causal")
+    config_int(cfg, "pretraining_tp", 1, null_ok=True)  # checked only: the same function
+    neox = model_type == "gpt_neox"
+    d = config_int(cfg, "hidden_size")
+    h = config_int(cfg, "num_attention_heads")
+    n_layers = config_int(cfg, "num_hidden_layers")
+    vocab = config_int(cfg, "vocab_size")
+    if neox:
+        for key in ("num_key_value_heads", "head_dim"):
+            want = h if key == "num_key_value_heads" else d // h
+            if cfg.get(key) is not None and config_int(cfg, key) != want:
+                raise SpecError(f"config.json {key} = {truncate(cfg[key])} is not supported for "
+                                f"gpt_neox: GPTNeoXAttention always has {h} heads of "
+                                f"hidden_size / num_attention_heads = {d // h}")
+        kv, head_dim = h, d // h
+    else:
+        kv = config_int(cfg, "num_key_value_heads", null_ok=True) or h
+        head_dim = config_int(cfg, "head_dim", null_ok=True) or d // h
+    act = cfg["hidden_act"]
+    if model_type == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"  # as GemmaConfig.__post_init__ does
+    if not isinstance(act, str) or act not in LLAMA_FAMILY_ACTIVATIONS:
+        raise SpecError(f"config.json hidden_act {truncate(cfg['hidden_act'])} is not "
+                        f"supported; supported: {', '.join(LLAMA_FAMILY_ACTIVATIONS)}")
+    legacy = cfg.get("hidden_activation") if model_type == "gemma" else None
+    if legacy is not None and (not isinstance(legacy, str) or LLAMA_FAMILY_ACTIVATIONS.get(
+            legacy) != LLAMA_FAMILY_ACTIVATIONS[act]):
+        raise SpecError(f"config.json hidden_activation = {truncate(legacy)} and hidden_act = "
+                        f"{truncate(cfg['hidden_act'])} disagree (transformers 4 reads the "
+                        f"first, 5 the second); keep one")
+    theta, fraction, where = _rope_config(config, model_type)
+    rotary_dim = int(head_dim * fraction)
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise SpecError(f"config.json {where} = {fraction} gives int(head size {head_dim} * "
+                        f"{fraction}) = {rotary_dim} rotated dimensions per head; xformer "
+                        f"needs an even number >= 2")
+    window = _sliding_window(cfg, model_type, n_layers)
+    max_len = config_int(cfg, "max_position_embeddings")
+    if window is not None:
+        max_len = min(max_len, window)
+    fixed = {"mistral": {"attention_bias": False, "mlp_bias": False},
+             "qwen2": {"attention_bias": None, "mlp_bias": False},
+             "gemma": {"mlp_bias": False}, "gpt_neox": {"mlp_bias": True}}.get(model_type, {})
+    for key, value in fixed.items():
+        if key in config and config[key] is not None and config[key] != value:
+            raise SpecError(f"config.json {key} = {truncate(config[key])} is not supported for "
+                            f"{model_type}: {cls} ignores it (its biases are fixed), so the "
+                            f"checkpoint would not load as written")
+    common = dict(
+        architecture="decoder", vocab_size=vocab, d_model=d, n_heads=h,
+        n_kv_heads=None if kv == h else kv,
+        head_dim=None if (d % h == 0 and head_dim == d // h) else head_dim,
+        d_ff=config_int(cfg, "intermediate_size"), n_layers=n_layers, max_len=max_len,
+        norm_position="pre", activation=LLAMA_FAMILY_ACTIVATIONS[act], positional="rope",
+        rope_theta=theta, rope_style="half", rotary_fraction=fraction, type_vocab_size=0,
+        embedding_norm=False, final_norm=True, head="lm",
+        tie_embeddings=_config_bool(cfg, "tie_word_embeddings"),
+        bos_token_id=_family_token_id(cfg, "bos_token_id", vocab),
+        eos_token_id=_family_token_id(cfg, "eos_token_id", vocab))
+    if neox:
+        attn = _config_bool(cfg, "attention_bias")
+        return ModelSpec(
+            **common, norm="layernorm", norm_eps=config_float(cfg, "layer_norm_eps", 1e-5),
+            ffn="mlp", embed_scale=False, bias=True, qkv_bias=None if attn else False,
+            out_proj_bias=None if attn else False,
+            parallel_residual=_config_bool(cfg, "use_parallel_residual"),
+            dropout=config_float(cfg, "hidden_dropout", 0.0))
+    if model_type == "qwen2":
+        qkv, out, mlp = True, False, False
+    elif model_type == "mistral":
+        qkv = out = mlp = False
+    else:
+        qkv = out = _config_bool(cfg, "attention_bias")
+        mlp = _config_bool(cfg, "mlp_bias") if model_type == "llama" else False
+    gemma = model_type == "gemma"
+    return ModelSpec(
+        **common, norm="rmsnorm", norm_eps=config_float(cfg, "rms_norm_eps", 1e-6),
+        norm_scale_offset=1.0 if gemma else 0.0, ffn="glu", embed_scale=gemma, bias=False,
+        qkv_bias=qkv or None, out_proj_bias=out or None, mlp_bias=mlp or None,
+        dropout=config_float(cfg, "attention_dropout", 0.0))
+
+
+def llama_family_expressible(spec: ModelSpec, model_type: str) -> str | None:
+    """``None`` if the ``transformers`` class of ``model_type`` (:data:`LLAMA_FAMILY_CLASSES`)
+    expresses ``spec`` exactly, else the reason, naming the spec field.
+
+    Llama, Mistral, Qwen2, Gemma: a pre-norm RMSNorm decoder with a final norm, a GLU
+    feed-forward, half-style rotary embeddings on every dimension of a head, an LM head; Gemma
+    with ``norm_scale_offset`` 1 and ``embed_scale``, the others with neither. Biases: Llama one
+    switch for q/k/v and ``out_proj`` (``attention_bias``) and one for the MLP (``mlp_bias``);
+    Mistral none; Qwen2 exactly q/k/v; Gemma one switch for q/k/v and ``out_proj``. Llama's
+    config also requires ``d_model % n_heads == 0``. GPT-NeoX: pre-LN LayerNorm with biases, a
+    biased two-layer MLP, multi-head attention with heads of ``d_model / n_heads``, one switch
+    for q/k/v and ``out_proj``, half-style rotary embeddings on any even share of a head,
+    sequential or parallel residual; no embedding scale.
+
+    Raises:
+        SpecError: ``model_type`` is not in :data:`LLAMA_FAMILY`.
+    """
+    _check_family(model_type)
+    cls = LLAMA_FAMILY_CLASSES[model_type]
+    neox = model_type == "gpt_neox"
+    gemma = model_type == "gemma"
+    qkv, out, mlp = (spec.has_bias(p) for p in ("qkv", "out_proj", "mlp"))
+    checks = [
+        (spec.architecture == "decoder",
+         f"spec field 'architecture' is {spec.architecture!r}; {cls} is a 'decoder'"),
+        (spec.head == "lm", f"spec field 'head' is {spec.head!r}; {cls} has an LM head ('lm')"),
+        (spec.norm_position == "pre",
+         f"spec field 'norm_position' is {spec.norm_position!r}; {cls} is pre-norm ('pre')"),
+        (spec.positional == "rope",
+         f"spec field 'positional' is {spec.positional!r}; {cls} has rotary positions ('rope')"),
+        (spec.rope_style == "half",
+         f"spec field 'rope_style' is {spec.rope_style!r}; {cls} rotates halves ('half', "
+         f"rotate_half)"),
+        (neox or spec.rotary_fraction == 1.0,
+         f"spec field 'rotary_fraction' is {spec.rotary_fraction}; {cls} rotates whole heads "
+         f"(1.0)"),
+        (not spec.embedding_norm,
+         f"spec field 'embedding_norm' is true; {cls} has no embedding norm"),
+        (spec.final_norm, f"spec field 'final_norm' is false; {cls} always has a final norm"),
+        (spec.embed_scale == gemma,
+         f"spec field 'embed_scale' is {str(spec.embed_scale).lower()}; {cls} "
+         f"{'always scales' if gemma else 'does not scale'} token embeddings by sqrt(d_model)"),
+        (spec.norm == ("layernorm" if neox else "rmsnorm"),
+         f"spec field 'norm' is {spec.norm!r}; {cls} has "
+         f"{'LayerNorm' if neox else 'RMSNorm'}"),
+        (spec.norm_scale_offset == (1.0 if gemma else 0.0),
+         f"spec field 'norm_scale_offset' is {spec.norm_scale_offset}; {cls}'s norm multiplies "
+         f"by {'(1 + weight) (1.0)' if gemma else 'its weight (0.0)'}"),
+        (spec.ffn == ("mlp" if neox else "glu"),
+         f"spec field 'ffn' is {spec.ffn!r}; {cls} has "
+         f"{'a two-layer MLP (mlp)' if neox else 'a gated MLP (glu)'}"),
+        (not spec.parallel_residual or neox,
+         f"spec field 'parallel_residual' is true; {cls}'s sub-layers are sequential"),
+    ]
+    if neox:
+        checks += [
+            (spec.kv_heads == spec.n_heads,
+             f"spec field 'n_kv_heads' is {spec.n_kv_heads}; {cls} has multi-head attention"),
+            (spec.d_head * spec.n_heads == spec.d_model,
+             f"spec field 'head_dim' is {spec.head_dim}; {cls}'s heads are d_model / n_heads"),
+            (spec.bias, f"spec field 'bias' is false; {cls}'s LayerNorms always have biases"),
+            (mlp, "spec field 'mlp_bias' is false; GPTNeoXMLP always has biases"),
+            (qkv == out, f"spec fields 'qkv_bias' and 'out_proj_bias' differ; {cls} has one "
+                         f"switch for both (attention_bias)"),
+        ]
+    elif model_type == "llama":
+        checks += [
+            (spec.d_model % spec.n_heads == 0,
+             f"spec field 'd_model' ({spec.d_model}) is not a multiple of 'n_heads' "
+             f"({spec.n_heads}); LlamaConfig refuses it (MistralForCausalLM takes it)"),
+            (qkv == out, f"spec fields 'qkv_bias' and 'out_proj_bias' differ; {cls} has one "
+                         f"switch for both (attention_bias)"),
+        ]
+    elif model_type == "mistral":
+        checks += [(not (qkv or out or mlp),
+                    f"spec field '{'qkv' if qkv else 'out_proj' if out else 'mlp'}_bias' is "
+                    f"true; {cls} has no biases")]
+    elif model_type == "qwen2":
+        checks += [(qkv, "spec field 'qkv_bias' is false; Qwen2ForCausalLM's q/k/v always "
+                         "have biases"),
+                   (not out, "spec field 'out_proj_bias' is true; Qwen2ForCausalLM's o_proj "
+                             "has no bias"),
+                   (not mlp, "spec field 'mlp_bias' is true; Qwen2ForCausalLM's MLP has no "
+                             "biases")]
+    else:  # gemma
+        checks += [(qkv == out, f"spec fields 'qkv_bias' and 'out_proj_bias' differ; {cls} has "
+                                f"one switch for both (attention_bias)"),
+                   (not mlp, f"spec field 'mlp_bias' is true; {cls}'s MLP has no biases")]
+    return next((why for ok, why in checks if not ok), None)
+
+
+def llama_family_config_dict(spec: ModelSpec, model_type: str | None = None,
+                             dtype: str | None = "float32") -> dict[str, Any]:
+    """The ``config.json`` of ``spec`` as ``<Type>ForCausalLM.save_pretrained`` writes it for
+    ``model_type`` (default: :func:`huggingface_model_type`), keys sorted.
+
+    Rotary settings are written both as transformers 5 reads them (``rope_parameters``) and as
+    4 does (``rope_theta``, ``rope_scaling: null``; GPT-NeoX ``rotary_emb_base`` /
+    ``rotary_pct``); Gemma's activation both as ``hidden_act`` (5) and ``hidden_activation``
+    (4), exact GELU as ``gelu_python`` (GemmaConfig turns ``gelu`` into the tanh form);
+    ``max_position_embeddings = max_len`` and no sliding window (Mistral ``sliding_window:
+    null``; Qwen2 ``use_sliding_window: false``); every dropout is ``spec.dropout``.
+
+    Raises:
+        SpecError: the class cannot express ``spec`` (:func:`llama_family_expressible`, names
+            the field), or ``model_type`` is not a Llama-family type.
+    """
+    model_type = model_type or huggingface_model_type(spec)
+    if model_type not in LLAMA_FAMILY:
+        why = huggingface_expressible(spec) or (
+            f"it is a {model_type} spec, not a Llama-family one")
+        raise SpecError(f"cannot express this spec as a Llama-family model: {why}")
+    cls = LLAMA_FAMILY_CLASSES[model_type]
+    why = llama_family_expressible(spec, model_type)
+    if why:
+        raise SpecError(f"cannot express this spec as {cls}: {why}")
+    act = _FAMILY_EXPORT_ACTIVATION[spec.activation]
+    if model_type == "gemma" and act == "gelu":
+        act = "gelu_python"
+    rope: dict[str, Any] = {"rope_theta": spec.rope_theta, "rope_type": "default"}
+    config: dict[str, Any] = {
+        "architectures": [cls], "model_type": model_type, "vocab_size": spec.vocab_size,
+        "hidden_size": spec.d_model, "intermediate_size": spec.d_ff,
+        "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
+        "hidden_act": act, "max_position_embeddings": spec.max_len,
+        "initializer_range": 0.02, "tie_word_embeddings": spec.tie_embeddings,
+        "bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id,
+        "pad_token_id": None, "use_cache": True, "attention_dropout": spec.dropout,
+        "rope_theta": spec.rope_theta, "rope_scaling": None,
+    }
+    if model_type == "gpt_neox":
+        rope["partial_rotary_factor"] = spec.rotary_fraction
+        config.update(layer_norm_eps=spec.norm_eps, hidden_dropout=spec.dropout,
+                      use_parallel_residual=spec.parallel_residual,
+                      attention_bias=spec.has_bias("qkv"), rotary_pct=spec.rotary_fraction,
+                      rotary_emb_base=spec.rope_theta)
+    else:
+        config.update(num_key_value_heads=spec.kv_heads, rms_norm_eps=spec.norm_eps)
+        if model_type != "qwen2" or spec.d_head * spec.n_heads != spec.d_model:
+            config["head_dim"] = spec.d_head
+        if model_type in ("llama", "gemma"):
+            config["attention_bias"] = spec.has_bias("qkv")
+        if model_type == "llama":
+            config.update(mlp_bias=spec.has_bias("mlp"), pretraining_tp=1)
+        if model_type == "gemma":
+            config["hidden_activation"] = act
+        if model_type == "mistral":
+            config["sliding_window"] = None
+        if model_type == "qwen2":
+            config.update(use_sliding_window=False, sliding_window=None,
+                          max_window_layers=spec.n_layers)
+    config["rope_parameters"] = rope
+    if dtype is not None:
+        config["dtype"] = dtype
+    return dict(sorted(config.items()))
+
+
+def _family_names(spec: ModelSpec, model_type: str) -> dict[str, tuple[str, int | None]]:
+    """``{canonical name: (Hugging Face file name, j)}``: ``j`` is the share of GPT-NeoX's
+    fused ``query_key_value`` (0 q, 1 k, 2 v), else ``None``."""
+    prefix, embed, final, layer_map = _family(model_type)
+    inverse = {v: k for k, v in layer_map.items()}
+    out: dict[str, tuple[str, int | None]] = {}
+    for p in spec.parameters():
+        name = p.name
+        if name == "embeddings.word_embeddings.weight":
+            out[name] = (f"{prefix}{embed}.weight", None)
+        elif name == "lm_head.weight":
+            out[name] = ("embed_out.weight" if model_type == "gpt_neox" else name, None)
+        elif name.startswith("decoder.final_norm."):
+            out[name] = (f"{prefix}{final}.{name.rsplit('.', 1)[1]}", None)
+        else:
+            m = re.match(r"decoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+            i, module, kind = m.groups()
+            layer = f"{prefix}layers.{i}"
+            if model_type == "gpt_neox" and module.startswith("self_attn.") and (
+                    module.split(".")[1] in _QKV):
+                out[name] = (f"{layer}.attention.query_key_value.{kind}",
+                             _QKV.index(module.split(".")[1]))
+            else:
+                out[name] = (f"{layer}.{inverse[module]}.{kind}", None)
+    return out
+
+
+def llama_family_tensor_shapes(spec: ModelSpec, model_type: str) -> dict[str, tuple[int, ...]]:
+    """``{Hugging Face tensor name: shape}`` of ``spec`` as ``<Type>ForCausalLM.save_pretrained``
+    writes it (``lm_head.weight`` / GPT-NeoX ``embed_out.weight`` only when untied)."""
+    _check_family(model_type)
+    shapes = spec.parameter_shapes()
+    out: dict[str, tuple[int, ...]] = {}
+    for name, (hf, j) in _family_names(spec, model_type).items():
+        if j is None:
+            out[hf] = shapes[name]
+        elif j == 0:
+            out[hf] = (3 * shapes[name][0],) + shapes[name][1:]
+    return out
+
+
+def canonical_to_llama_family(spec: ModelSpec, weights: Mapping[str, np.ndarray],
+                              model_type: str) -> dict[str, np.ndarray]:
+    """Canonical numpy weights -> ``{Hugging Face name: array}`` of ``model_type`` (file names,
+    :func:`llama_family_tensor_shapes` order), the exact inverse of
+    :func:`llama_family_to_canonical`: renames, and for GPT-NeoX the per-head interleaving of
+    q, k, v into ``query_key_value`` (``W.reshape(H, 3, dh, D)``), bit for bit, dtypes kept."""
+    _check_family(model_type)
+    h, dh = spec.n_heads, spec.d_head
+    out: dict[str, np.ndarray] = {}
+    parts: dict[str, list] = {}
+    for name, (hf, j) in _family_names(spec, model_type).items():
+        if j is None:
+            out[hf] = np.ascontiguousarray(weights[name])
+            continue
+        parts.setdefault(hf, [None, None, None])[j] = np.asarray(weights[name])
+        if j == 2:
+            q, k, v = parts.pop(hf)
+            rest = q.shape[1:]
+            fused = np.stack([x.reshape((h, dh) + rest) for x in (q, k, v)], axis=1)
+            out[hf] = np.ascontiguousarray(fused.reshape((3 * h * dh,) + rest))
+    return out
+
+
+def llama_family_to_canonical(spec: ModelSpec, tensors: Mapping[str, Any], model_type: str
+                              ) -> dict[str, Any]:
+    """``{Hugging Face name: tensor}`` -> ``{canonical name: tensor}`` for ``model_type``:
+    numpy arrays or torch tensors, parameters or their gradients (the map is linear), names as
+    in the file or as in the module (GPT-NeoX's ``embed_out.weight`` is the module's
+    ``lm_head.weight``); GPT-NeoX's ``query_key_value`` is split per head into q, k, v
+    (contiguous results). An LM head that shares memory with the token table (a tied
+    ``state_dict()``) is dropped, and so are names that are not parameters of ``spec``."""
+    _check_family(model_type)
+    items = dict(tensors)
+    if model_type == "gpt_neox" and "lm_head.weight" in items:
+        items["embed_out.weight"] = items.pop("lm_head.weight")
+    prefix, embed, _, _ = _family(model_type)
+    head = "embed_out.weight" if model_type == "gpt_neox" else "lm_head.weight"
+    table = items.get(f"{prefix}{embed}.weight")
+    if head in items and table is not None and _same_memory(items[head], table):
+        del items[head]
+    h, dh = spec.n_heads, spec.d_head
+    out: dict[str, Any] = {}
+    for name, (hf, j) in _family_names(spec, model_type).items():
+        if hf not in items:
+            continue
+        value = items[hf]
+        if j is None:
+            out[name] = value
+        else:
+            rest = tuple(value.shape[1:])
+            out[name] = _contiguous(value.reshape((h, 3, dh) + rest)[:, j].reshape(
+                (h * dh,) + rest))
+    return out
+
+
+def _strip_family_names(raw: Mapping[str, Any], model_type: str, st: Path) -> dict[str, Any]:
+    """Drop buffers (:data:`_FAMILY_BUFFER`); GPT-NeoX's head is read as ``embed_out.weight``
+    whether the file says that or ``lm_head.weight`` (both load); both is an error."""
+    out = {k: v for k, v in raw.items() if not _FAMILY_BUFFER.search(k)}
+    if model_type == "gpt_neox" and "lm_head.weight" in out:
+        if "embed_out.weight" in out:
+            raise CheckpointError(f"tensors in {st}: both embed_out.weight and lm_head.weight "
+                                  f"(the same GPT-NeoX head); keep one")
+        out["embed_out.weight"] = out.pop("lm_head.weight")
+    return out
+
+
+def import_llama_family(path: str | os.PathLike, config: Mapping[str, Any] | None = None
+                        ) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """Import a Hugging Face Llama-family directory (``LlamaForCausalLM``,
+    ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``GemmaForCausalLM``, ``GPTNeoXForCausalLM``
+    as ``save_pretrained`` writes them) into ``(spec, canonical weights)``.
+
+    Args:
+        path: a directory with ``config.json`` (``model_type`` in :data:`LLAMA_FAMILY`) and
+            ``model.safetensors`` (names: the section "the Llama family" of this module;
+            rotary ``inv_freq`` buffers and GPT-NeoX ``attention.bias`` / ``masked_bias``
+            are skipped).
+        config: the parsed ``config.json`` (read from ``path`` if not given).
+
+    Returns:
+        ``(spec, weights)``: ``spec`` from :func:`spec_from_llama_family_config` (read that
+        function for the ``max_len`` of a sliding-window model); ``weights`` in the stored
+        dtype (``bfloat16`` widened exactly to ``float32``). With ``tie_word_embeddings`` a
+        stored LM head is ignored, as the class ties it to the token table on load.
+
+    Raises:
+        CheckpointError: a file is missing, ``model_type`` is not a Llama-family type, an
+            untied config without its LM head, or missing / unexpected / mis-shaped tensors (all
+            listed in one line, in Hugging Face names).
+        SpecError: an unsupported ``config.json`` (names the key).
+    """
+    root = Path(path)
+    st = model_safetensors(root)
+    config = read_hf_config(root) if config is None else config
+    if config is None:
+        raise CheckpointError(f"{str(root)!r} has no config.json")
+    model_type = config.get("model_type")
+    if model_type not in LLAMA_FAMILY:
+        raise CheckpointError(f"{root / 'config.json'}: model_type {truncate(model_type)} is "
+                              f"not a Llama-family type ({', '.join(LLAMA_FAMILY)})")
+    spec = spec_from_llama_family_config(config)
+    head = "embed_out.weight" if model_type == "gpt_neox" else "lm_head.weight"
+
+    def names(raw: Mapping[str, Any]) -> dict[str, Any]:
+        raw = _strip_family_names(raw, model_type, st)
+        if spec.tie_embeddings:
+            raw.pop(head, None)  # the class ties it to the token table on load
+        elif head not in raw:
+            raise CheckpointError(f"tensors in {st}: tie_word_embeddings is false but {head} "
+                                  f"is missing")
+        return raw
+
+    # names and shapes from the header first: a file claiming other tensors is refused unread
+    found = names(header_tensors(safetensors_header(st)))
+    details: list[str] = []
+    problems = shape_problems(llama_family_tensor_shapes(spec, model_type), found,
+                              extra_word="unexpected", details=details)
+    if problems:
+        raise CheckpointError(f"tensors in {st} do not match its config.json "
+                              f"({LLAMA_FAMILY_CLASSES[model_type]} names): "
+                              + "; ".join(problems), details=details)
+    weights = llama_family_to_canonical(spec, names(read_safetensors(st)), model_type)
+    return spec, check_weights(spec, weights, source=f"tensors in {st}")
+
+
+def export_llama_family(path: str | os.PathLike, spec: ModelSpec,
+                        weights: Mapping[str, np.ndarray], model_type: str | None = None
+                        ) -> None:
+    """Write ``spec`` and canonical ``weights`` as the Hugging Face directory of
+    ``model_type`` (default: :func:`huggingface_model_type`; give ``"mistral"`` to write a
+    Mistral checkpoint, whose spec equals a Llama one) that ``<Type>ForCausalLM.from_pretrained``
+    loads: ``config.json`` (:func:`llama_family_config_dict`, ``dtype`` that of the weights)
+    and ``model.safetensors`` (metadata ``{"format": "pt"}``, the names
+    ``save_pretrained`` writes, :func:`canonical_to_llama_family`; each tensor in its canonical
+    dtype, bit for bit). No ``generation_config.json`` and no tokenizer are written.
+
+    Atomic, as :func:`export_gpt2`: an existing ``path`` is replaced only if it holds nothing
+    but those two files.
+
+    Raises:
+        SpecError: the class cannot express ``spec`` (names the field) or ``model_type`` is not
+            a Llama-family type.
+        CheckpointError: ``weights`` do not match ``spec`` (all problems listed), or ``path``
+            exists and is not such a directory.
+    """
+    if model_type is not None:
+        _check_family(model_type)
+    config = llama_family_config_dict(spec, model_type, dtype=None)  # raises SpecError first
+    weights = check_weights(spec, weights)
+    config["dtype"] = str(weights[spec.word_embedding_name()].dtype)
+    config = dict(sorted(config.items()))
+    tensors = canonical_to_llama_family(spec, weights, config["model_type"])
     atomic_write_dir(Path(path), {
         "config.json": (json.dumps(config, indent=2) + "\n").encode(),
         "model.safetensors": safetensors_bytes(tensors, {"format": "pt"}),

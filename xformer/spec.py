@@ -600,7 +600,9 @@ class ModelSpec:
         if unknown:
             key = unknown[0]
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(names)}"
+            hint = f" (did you mean {close[0]!r}?)" if close else (
+                f"; known: {', '.join(names[:10])}, ... ({len(names)} fields, listed in "
+                f"docs/spec.md)")
             raise SpecError(f"unknown spec field {truncate(key)}{hint}")
         return cls(**dict(data))
 

@@ -1,28 +1,50 @@
 """Hugging Face ``transformers`` models as independent references (they need ``torch`` and
 ``transformers``, from the ``test`` extra): ``BertModel`` for BERT-like encoders,
-``GPT2LMHeadModel`` / ``GPT2Model`` for GPT-2-like decoders, loaded with canonical weights.
+``GPT2LMHeadModel`` / ``GPT2Model`` for GPT-2-like decoders, and the Llama family
+(``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``GemmaForCausalLM``,
+``GPTNeoXForCausalLM``) for rotary decoders, loaded with canonical weights.
 
 Which specs they express, their configs and the name maps are plain data in
 :mod:`xformer.convert` (no framework there); this module builds the torch models. They are run
 by :mod:`xformer_torch.references` (reference ``"huggingface"``).
+
+Float64 (docs/design.md §3: every activation in the compute dtype). The Llama-family classes of
+transformers 5 compute three things in float32 whatever the model's dtype: RMSNorm
+(``hidden_states.to(torch.float32)``; Gemma ``x.float()``), the rotary angles (``inv_freq``
+made with ``dtype=torch.float`` and ``position_ids.float()``) and the attention softmax
+(``softmax(..., dtype=torch.float32)``, which in a float64 model also turns the
+``finfo(float64).min`` mask into ``-inf``: a fully padded row gives NaN); Gemma's embedding
+scale is a float32 constant too. A float64 reference
+therefore goes through :func:`exact_float64`, which computes those three in float64 with the
+same formulas; float32 references are Hugging Face's code unchanged. (Measured on tiny
+checkpoints, tests/test_convert_llama.py: unpatched float64 logits differ from exact float64 by
+~1e-7 relative, and are NaN on a fully padded row.)
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model
+import transformers
+from transformers import (AttentionInterface, BertConfig, BertModel, GPT2Config,
+                          GPT2LMHeadModel, GPT2Model)
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from xformer.convert import (_bert_name, bert_config_dict, bert_expressible, bert_to_canonical,
-                             canonical_to_gpt2, gpt2_config_dict, gpt2_expressible,
-                             gpt2_to_canonical, huggingface_expressible)
+from xformer.convert import (LLAMA_FAMILY, LLAMA_FAMILY_CLASSES, LLAMA_FAMILY_CONFIGS,
+                             _bert_name, bert_config_dict, bert_expressible, bert_to_canonical,
+                             canonical_to_gpt2, canonical_to_llama_family, gpt2_config_dict,
+                             gpt2_expressible, gpt2_to_canonical, huggingface_expressible,
+                             huggingface_model_type, llama_family_config_dict,
+                             llama_family_expressible, llama_family_to_canonical)
 from xformer.errors import BackendError
 from xformer.spec import ModelSpec
 from xformer.weights import check_weights
 
-__all__ = ["bert_reference", "gpt2_reference", "huggingface_reference"]
+__all__ = ["bert_reference", "gpt2_reference", "llama_family_reference", "exact_float64",
+           "huggingface_reference", "EXACT_ATTENTION"]
 
 
 def bert_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: str) -> BertModel:
@@ -93,13 +115,14 @@ def gpt2_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: st
         raise BackendError("Hugging Face GPT-2 reference: lm_head.weight is not tied to "
                            "transformer.wte.weight")
     if lm:
-        _expose_last_hidden_state(model)
+        _expose_last_hidden_state(model, model.transformer)
     return model
 
 
-def _expose_last_hidden_state(model: GPT2LMHeadModel) -> None:
-    """Forward hooks that copy ``model.transformer``'s ``last_hidden_state`` into the
-    ``GPT2LMHeadModel`` output (which has only ``logits``)."""
+def _expose_last_hidden_state(model: torch.nn.Module, base: torch.nn.Module) -> None:
+    """Forward hooks that copy ``base``'s (``GPT2Model``, ``LlamaModel``, ...)
+    ``last_hidden_state`` into the output of the LM ``model`` around it (which has only
+    ``logits``)."""
     kept = {}
 
     def keep(_module, _args, out):
@@ -110,25 +133,217 @@ def _expose_last_hidden_state(model: GPT2LMHeadModel) -> None:
             out["last_hidden_state"] = kept.pop("h")
         return out
 
-    model.transformer.register_forward_hook(keep)
+    base.register_forward_hook(keep)
     model.register_forward_hook(add)
 
 
-def huggingface_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: str
+# ---------------------------------------------------------------------- the Llama family
+#: The ``attn_implementation`` of float64 references: ``modeling_llama.eager_attention_forward``
+#: with the softmax in the input dtype (:func:`_eager_attention_exact`), and the eager
+#: (additive ``finfo(dtype).min``) mask. Registered once, under this name only, in
+#: ``transformers``' ``AttentionInterface`` / ``AttentionMaskInterface``.
+EXACT_ATTENTION = "xformer_eager_exact"
+
+
+def _eager_attention_exact(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor, attention_mask: torch.Tensor | None,
+                           scaling: float, dropout: float = 0.0, **kwargs: Any
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eager_attention_forward`` of ``modeling_llama.py`` (transformers 5) with the softmax
+    computed in ``query``'s dtype instead of float32: query ``(B, H, T, dh)``, key / value
+    ``(B, H_kv, S, dh)`` repeated to ``H`` heads (``repeat_kv``, = ``repeat_interleave`` on
+    the head axis; ``module.num_key_value_groups``, 1 for GPT-NeoX), additive mask
+    ``(B, 1, T, S)``. Returns ``(output (B, T, H, dh), probabilities (B, H, T, S))``."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.nn.functional.softmax(weights, dim=-1)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register(EXACT_ATTENTION, _eager_attention_exact)
+AttentionMaskInterface.register(EXACT_ATTENTION, eager_mask)
+
+#: RMSNorm classes: ``weight * x / sqrt(mean(x^2) + eps)`` (``variance_epsilon``) or Gemma's
+#: ``x / sqrt(mean(x^2) + eps) * (1 + weight)`` (``eps``).
+_RMS_NORMS = {"LlamaRMSNorm": False, "MistralRMSNorm": False, "Qwen2RMSNorm": False,
+              "GemmaRMSNorm": True}
+
+
+def _rms_norm_exact(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward`` without the float32 round trip: ``weight * (x *
+    rsqrt(mean(x^2) + eps))`` in ``x``'s dtype."""
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                          + self.variance_epsilon))
+
+
+def _gemma_rms_norm_exact(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``GemmaRMSNorm.forward`` without ``x.float()``: ``x * rsqrt(mean(x^2) + eps) *
+    (1 + weight)`` in ``x``'s dtype."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
+def _rotary_exact(self: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``LlamaRotaryEmbedding.forward`` (and its Mistral, Qwen2, Gemma, GPT-NeoX copies) in
+    float64: ``freqs = position * inv_freq`` (``inv_freq`` float64), ``emb = cat(freqs,
+    freqs)``, ``(cos(emb), sin(emb))`` cast to ``x``'s dtype; shapes ``(1, T, rotary_dim)``."""
+    freqs = position_ids[..., None].to(torch.float64) * self.inv_freq.to(
+        device=x.device, dtype=torch.float64)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return ((emb.cos() * self.attention_scaling).to(x.dtype),
+            (emb.sin() * self.attention_scaling).to(x.dtype))
+
+
+def exact_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a float64 Llama-family model compute in float64 throughout (the module docstring
+    says why), in place, with Hugging Face's own formulas:
+
+    * every RMSNorm (:data:`_RMS_NORMS`) gets a ``forward`` without the float32 cast;
+    * every rotary embedding gets ``inv_freq = 1 / theta^(arange(0, dim, 2) / dim)``
+      recomputed in float64 (``compute_default_rope_parameters`` of ``modeling_llama.py``,
+      ``dim`` = ``head_dim * partial_rotary_factor``) and a float64 ``forward``
+      (:func:`_rotary_exact`);
+    * attention uses :data:`EXACT_ATTENTION` (the softmax in float64);
+    * Gemma's token-embedding scale (``GemmaTextScaledWordEmbedding.embed_scale``, a buffer
+      made from ``torch.tensor(sqrt(hidden_size))``, i.e. rounded to float32) is remade in
+      float64; it applies to ``input_ids`` only, never to ``inputs_embeds``.
+
+    Returns ``model``.
+
+    Raises:
+        BackendError: an RMSNorm class it does not know, or a rotary type other than
+            ``"default"`` (never built here: :mod:`xformer.convert` refuses them).
+    """
+    for module in model.modules():
+        name = type(module).__name__
+        if hasattr(module, "scalar_embed_scale"):  # GemmaTextScaledWordEmbedding
+            module.register_buffer("embed_scale", torch.tensor(
+                float(module.scalar_embed_scale), dtype=torch.float64), persistent=False)
+        if name.endswith("RMSNorm"):
+            if name not in _RMS_NORMS:
+                raise BackendError(f"exact_float64: unknown RMSNorm class {name}")
+            fn = _gemma_rms_norm_exact if _RMS_NORMS[name] else _rms_norm_exact
+            module.forward = types.MethodType(fn, module)
+        elif name.endswith("RotaryEmbedding"):
+            if module.rope_type != "default":
+                raise BackendError(f"exact_float64: rope_type {module.rope_type!r} is not "
+                                   f"the default rotary embedding")
+            cfg = module.config
+            params = cfg.rope_parameters
+            head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            # only GPT-NeoX reads partial_rotary_factor (compute_default_rope_parameters)
+            dim = int(head * params.get("partial_rotary_factor", 1.0)) if (
+                name.startswith("GPTNeoX")) else head
+            arange = torch.arange(0, dim, 2, dtype=torch.float64)
+            inv_freq = 1.0 / (float(params["rope_theta"]) ** (arange / dim))
+            module.register_buffer("inv_freq", inv_freq, persistent=False)
+            module.forward = types.MethodType(_rotary_exact, module)
+    model.config._attn_implementation = EXACT_ATTENTION
+    return model
+
+
+def llama_family_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: str,
+                           model_type: str | None = None) -> torch.nn.Module:
+    """The ``transformers`` causal LM of ``model_type`` (:data:`xformer.convert.
+    LLAMA_FAMILY_CLASSES`; default :func:`xformer.convert.huggingface_model_type`) for
+    ``spec``: train mode with every dropout 0, ``attn_implementation="eager"``, no cache,
+    parameters in ``dtype`` (``"float32"`` / ``"float64"``) loaded with canonical ``weights``
+    through the export name map (:func:`xformer.convert.canonical_to_llama_family`; GPT-NeoX's
+    head is the module's ``lm_head.weight``, the file's ``embed_out.weight``). A float64 model
+    goes through :func:`exact_float64` (attention then :data:`EXACT_ATTENTION`).
+
+    Call it as ``model(inputs_embeds=(B, T, D), attention_mask=(B, T))``: positions are
+    ``0..T-1`` whatever the mask. The output holds ``logits`` and ``last_hidden_state`` (after
+    the final norm; added by a forward hook). Gemma: ``inputs_embeds`` are taken as they are,
+    already scaled by ``sqrt(d_model)`` (transformers 5 scales token embeddings inside
+    ``GemmaTextScaledWordEmbedding``, so ``GemmaModel.forward`` leaves ``inputs_embeds``
+    alone), as xformer's ``inputs_embeds``; the runner scales the looked-up rows
+    (:func:`xformer_torch.references.run_torch_module`), so gradients w.r.t.
+    ``inputs_embeds`` are w.r.t. the scaled embeddings on both sides.
+
+    Raises:
+        BackendError: ``model_type`` is not a Llama-family type or cannot express ``spec``
+            (the reason names the spec field), a parameter was not loaded, or (Gemma) this
+            ``transformers`` scales ``inputs_embeds`` inside ``GemmaModel.forward`` (4.x).
+        CheckpointError: ``weights`` do not match ``spec``.
+    """
+    model_type = model_type or huggingface_model_type(spec)
+    if model_type not in LLAMA_FAMILY:
+        raise BackendError(f"the Hugging Face reference has no Llama-family class for this "
+                           f"spec: {huggingface_expressible(spec) or model_type}")
+    cls = LLAMA_FAMILY_CLASSES[model_type]
+    why = llama_family_expressible(spec, model_type)
+    if why:
+        raise BackendError(f"the Hugging Face {cls} reference cannot express this spec: {why}")
+    cfg = llama_family_config_dict(spec, model_type, dtype=None)
+    for key in ("architectures", "model_type"):
+        del cfg[key]
+    cfg.update(attention_dropout=0.0, use_cache=False)
+    if model_type == "gpt_neox":
+        cfg["hidden_dropout"] = 0.0
+    config = getattr(transformers, LLAMA_FAMILY_CONFIGS[model_type])(
+        **cfg, attn_implementation="eager")
+    model = getattr(transformers, cls)(config).to(getattr(torch, dtype)).train()
+    native = canonical_to_llama_family(spec, check_weights(spec, weights), model_type)
+    if "embed_out.weight" in native:  # GPT-NeoX: the file's name of the module's lm_head
+        native["lm_head.weight"] = native.pop("embed_out.weight")
+    params = dict(model.named_parameters())
+    if set(params) != set(native):
+        raise BackendError(f"Hugging Face {cls} reference: parameters "
+                           f"{sorted(set(params) ^ set(native))} do not match the spec")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(torch.as_tensor(np.asarray(native[name], dtype)))
+    base = model.base_model  # LlamaModel, ..., GPTNeoXModel
+    table = base.get_input_embeddings()
+    if spec.tie_embeddings and model.lm_head.weight is not table.weight:
+        raise BackendError(f"Hugging Face {cls} reference: lm_head.weight is not tied to the "
+                           f"token table")
+    if model_type == "gemma" and not hasattr(table, "embed_scale"):
+        raise BackendError("this transformers scales inputs_embeds inside GemmaModel.forward "
+                           "(4.x); the Gemma reference needs transformers >= 5")
+    _expose_last_hidden_state(model, base)
+    return exact_float64(model) if dtype == "float64" else model
+
+
+def huggingface_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: str,
+                          model_type: str | None = None
                           ) -> tuple[torch.nn.Module, dict[str, torch.Tensor],
                                      Callable[[Mapping[str, Any]], dict[str, Any]]]:
     """``(model, {"inputs_embeds": token table}, to_canonical)`` for ``spec``: a
-    :func:`bert_reference` (encoders) or :func:`gpt2_reference` (decoders), the table its
-    token embeddings are looked up in, and the map of its parameter names to canonical ones.
+    :func:`bert_reference` (encoders), :func:`gpt2_reference` or :func:`llama_family_reference`
+    (decoders), the table its token embeddings are looked up in, and the map of its parameter
+    names to canonical ones.
+
+    Args:
+        model_type: the Hugging Face ``model_type`` to build (a checkpoint's, so that a Mistral
+            checkpoint is compared against ``MistralForCausalLM`` though its spec is a Llama
+            one); default: :func:`xformer.convert.huggingface_model_type`.
 
     Raises:
         BackendError: no ``transformers`` class expresses ``spec``
-            (:func:`xformer.convert.huggingface_expressible`).
+            (:func:`xformer.convert.huggingface_expressible`), or the class of
+            ``model_type`` cannot.
     """
     if spec.architecture == "encoder":
         model = bert_reference(spec, weights, dtype)
         return model, {"inputs_embeds": model.embeddings.word_embeddings.weight}, bert_to_canonical
     if spec.architecture == "decoder":
+        kind = model_type or huggingface_model_type(spec)
+        if kind in LLAMA_FAMILY:
+            model = llama_family_reference(spec, weights, dtype, kind)
+            table = model.get_input_embeddings().weight
+            return (model, {"inputs_embeds": table},
+                    lambda native: llama_family_to_canonical(spec, native, kind))
+        if kind not in (None, "gpt2"):
+            raise BackendError(f"the Hugging Face reference has no decoder class for "
+                               f"model_type {kind!r}")
         model = gpt2_reference(spec, weights, dtype)
         base = getattr(model, "transformer", model)
         return model, {"inputs_embeds": base.wte.weight}, gpt2_to_canonical

@@ -4,10 +4,13 @@
 
 * ``TORCH_NN`` (``"torch.nn"``): PyTorch's own layers with the same weights
   (:mod:`xformer_torch.reference_nn`): ``nn.TransformerEncoderLayer`` stacks for encoders and
-  (with a causal mask) decoders, ``nn.Transformer`` for encoder-decoders; every spec.
-* ``HUGGINGFACE`` (``"huggingface"``): ``transformers.BertModel`` (BERT-shaped encoders) or
-  ``GPT2LMHeadModel`` / ``GPT2Model`` (GPT-2-shaped decoders), same weights
-  (:mod:`xformer_torch.reference_hf`; which specs: :func:`xformer.convert.huggingface_expressible`).
+  (with a causal mask) decoders, ``nn.Transformer`` for encoder-decoders; every spec those
+  layers can build (:func:`torch_nn_expressible`).
+* ``HUGGINGFACE`` (``"huggingface"``): ``transformers.BertModel`` (BERT-shaped encoders),
+  ``GPT2LMHeadModel`` / ``GPT2Model`` (GPT-2-shaped decoders) or a Llama-family causal LM
+  (rotary decoders: Llama, Mistral, Qwen2, Gemma, GPT-NeoX; the case's ``model_type`` when it
+  names one), same weights (:mod:`xformer_torch.reference_hf`; which specs:
+  :func:`xformer.convert.huggingface_expressible`).
 
 Importing this module imports neither torch nor transformers; running a reference does. Both
 give outputs and gradients through :func:`run_torch_module`.
@@ -22,7 +25,7 @@ from xformer.backend import timed
 from xformer.conformance import Case, Reference, RunResult
 from xformer.convert import huggingface_expressible
 
-__all__ = ["HUGGINGFACE", "TORCH_NN", "run_torch_module"]
+__all__ = ["HUGGINGFACE", "TORCH_NN", "run_torch_module", "torch_nn_expressible"]
 
 #: The id input each embeddings input is looked up from.
 _IDS = {"inputs_embeds": "input_ids", "decoder_inputs_embeds": "decoder_input_ids"}
@@ -99,15 +102,55 @@ def _run_nn(case: Case, repeats: int = 0) -> RunResult:
 def _run_huggingface(case: Case, repeats: int = 0) -> RunResult:
     from .reference_hf import huggingface_reference
 
-    model, tables, to_canonical = huggingface_reference(case.spec, case.weights, case.dtype)
+    model, tables, to_canonical = huggingface_reference(
+        case.spec, case.weights, case.dtype, model_type=getattr(case, "model_type", None))
     return run_torch_module("huggingface", model, case, tables, to_canonical, repeats)
+
+
+def torch_nn_expressible(spec) -> str | None:
+    """``None`` if :mod:`xformer_torch.reference_nn` can build ``spec`` from
+    ``nn.TransformerEncoderLayer`` / ``nn.Transformer`` (plain Python, no torch import), else
+    the reason, naming the spec field. Those layers have LayerNorm (``weight * y + bias``),
+    a two-layer MLP with relu, gelu or gelu_tanh (the activations ``reference_nn`` maps),
+    multi-head attention over heads of ``d_model / n_heads``, one ``bias`` switch for every
+    Linear and LayerNorm, sequential sub-layers, and learned or sinusoidal positions."""
+    switch = next((f"{p}_bias" for p in ("qkv", "out_proj", "mlp")
+                   if spec.has_bias(p) != spec.bias), None)
+    checks = [
+        (spec.norm == "layernorm",
+         f"spec field 'norm' is {spec.norm!r}; nn.TransformerEncoderLayer has LayerNorm"),
+        (spec.norm_scale_offset == 0.0,
+         f"spec field 'norm_scale_offset' is {spec.norm_scale_offset}; nn.LayerNorm multiplies "
+         f"by its weight (0.0)"),
+        (spec.ffn == "mlp", f"spec field 'ffn' is {spec.ffn!r}; nn.TransformerEncoderLayer has "
+                            f"a two-layer MLP ('mlp')"),
+        (spec.activation in ("relu", "gelu", "gelu_tanh"),
+         f"spec field 'activation' is {spec.activation!r}; the torch.nn reference builds relu, "
+         f"gelu and gelu_tanh"),
+        (spec.positional in ("learned", "sinusoidal"),
+         f"spec field 'positional' is {spec.positional!r}; nn.MultiheadAttention has no rotary "
+         f"positions"),
+        (spec.kv_heads == spec.n_heads,
+         f"spec field 'n_kv_heads' is {spec.n_kv_heads}; nn.MultiheadAttention has as many "
+         f"key/value heads as query heads"),
+        (spec.d_head * spec.n_heads == spec.d_model,
+         f"spec field 'head_dim' is {spec.head_dim}; nn.MultiheadAttention's heads are d_model "
+         f"/ n_heads"),
+        (switch is None, f"spec field {switch!r} differs from 'bias'; nn.TransformerEncoderLayer "
+                         f"has one bias switch for every Linear and LayerNorm"),
+        (not spec.parallel_residual,
+         "spec field 'parallel_residual' is true; nn.TransformerEncoderLayer's sub-layers are "
+         "sequential"),
+    ]
+    return next((why for ok, why in checks if not ok), None)
 
 
 TORCH_NN = Reference(
     "torch.nn", "PyTorch's own nn.TransformerEncoderLayer / nn.Transformer, same weights",
-    expressible=lambda spec: None, runner=_run_nn, requires=("torch",))
+    expressible=torch_nn_expressible, runner=_run_nn, requires=("torch",))
 
 HUGGINGFACE = Reference(
-    "huggingface", "transformers BertModel (encoders) / GPT2LMHeadModel, GPT2Model (decoders)",
+    "huggingface", "transformers BertModel (encoders) / GPT2LMHeadModel, GPT2Model, Llama, "
+                   "Mistral, Qwen2, Gemma, GPT-NeoX causal LMs (decoders)",
     expressible=huggingface_expressible, runner=_run_huggingface,
     requires=("torch", "transformers"))

@@ -48,6 +48,9 @@ class Case:
         cotangents: ``{output name: array}``, same shapes as the outputs.
         dtype: ``"float32"`` or ``"float64"``.
         name: a label for reports.
+        model_type: the Hugging Face ``model_type`` of the checkpoint the case came from
+            (``"mistral"``, ...), or ``None``; the ``huggingface`` reference then builds that
+            class, not the one :func:`xformer.convert.huggingface_model_type` would pick.
     """
 
     spec: ModelSpec
@@ -56,14 +59,16 @@ class Case:
     cotangents: dict[str, np.ndarray]
     dtype: str = "float64"
     name: str = "case"
+    model_type: str | None = None
 
     @classmethod
     def make(cls, spec: ModelSpec, *, seed: int = 0, dtype: str = "float64", batch: int = 3,
              seq_len: int | None = None, weights: Mapping[str, np.ndarray] | None = None,
              input_ids: np.ndarray | None = None, attention_mask: np.ndarray | None = None,
              decoder_seq_len: int | None = None, fully_padded: bool = True,
-             name: str | None = None) -> "Case":
-        """A case with random inputs (or the given ``input_ids``/``attention_mask``).
+             name: str | None = None, model_type: str | None = None) -> "Case":
+        """A case with random inputs (or the given ``input_ids``/``attention_mask``);
+        ``model_type`` is stored as :attr:`model_type`.
 
         Random masks: row 0 attends everywhere, the middle rows are padded at the end, and the
         last row is fully padded (``fully_padded``), the case that gives NaN with ``-inf`` masks.
@@ -104,7 +109,8 @@ class Case:
         shapes = {"last_hidden_state": (b, out_t, d), "pooler_output": (b, d),
                   "encoder_last_hidden_state": (b, t, d), "logits": (b, out_t, v)}
         cot = {k: rng.standard_normal(shapes[k]).astype(dtype) for k in spec.output_names()}
-        return cls(spec, weights, inputs, cot, dtype, name or f"seed{seed}-{dtype}")
+        return cls(spec, weights, inputs, cot, dtype, name or f"seed{seed}-{dtype}",
+                   model_type)
 
 
 @dataclass

@@ -9,9 +9,13 @@ The built-in ones:
 
 * ``"numpy"``: :mod:`xformer.reference` (float64 numpy), forward only; every spec.
 * ``"torch.nn"``: PyTorch's own layers (``nn.TransformerEncoderLayer`` stacks,
-  ``nn.Transformer``), outputs and gradients; every spec (``xformer_torch.references``).
-* ``"huggingface"``: ``transformers.BertModel`` (BERT-shaped encoders) or ``GPT2LMHeadModel`` /
-  ``GPT2Model`` (GPT-2-shaped decoders), outputs and gradients (``xformer_torch.references``).
+  ``nn.Transformer``), outputs and gradients; every spec those layers can build (not the Llama
+  family's RMSNorm, RoPE, gated FFN, grouped-query attention, parallel residual, SiLU)
+  (``xformer_torch.references``).
+* ``"huggingface"``: ``transformers.BertModel`` (BERT-shaped encoders), ``GPT2LMHeadModel`` /
+  ``GPT2Model`` (GPT-2-shaped decoders) or the Llama family's ``*ForCausalLM`` (Llama, Mistral,
+  Qwen2, Gemma, GPT-NeoX; the checkpoint's own class when ``Case.model_type`` names it),
+  outputs and gradients (``xformer_torch.references``).
 
 A package adds one with an entry point in the group ``xformer.references``
 (``name = "module:attribute"``).
