@@ -88,6 +88,28 @@ def test_cross_attention_weight_in_an_encoder_decoder(backend):
     assert first_divergence(rows).name == "decoder.layers.1.cross_attn"
 
 
+LLAMA = ModelSpec.preset("llama-tiny").replace(vocab_size=60, d_model=32, n_layers=2, max_len=12)
+LLAMA_W = random_weights(LLAMA, seed=6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change", [{"rope_style": "interleaved"}, {"rope_theta": 10000.0},
+                                    {"rotary_fraction": 0.5}],
+                         ids=["rope-style", "rope-theta", "rotary-fraction"])
+def test_rotary_mismatch_enters_at_the_first_self_attention(backend, change):
+    """A port that rotates in the other convention (half vs interleaved, the classic
+    Llama-from-Meta vs Hugging Face mistake), with another base (5e5 vs 1e4) or on another
+    fraction of the head, diverges at the first self-attention, and nothing before it."""
+    case = Case.make(LLAMA, seed=3, dtype="float64", weights=LLAMA_W)
+    rows = diff_traces(trace_run(LLAMA, LLAMA_W, case, _other(backend)),
+                       trace_run(LLAMA.replace(**change), LLAMA_W, case, backend), "float64")
+    first = first_divergence(rows)
+    assert first is not None and first.name == "decoder.layers.0.self_attn", first
+    forward = [r for r in rows if r.direction == "forward"]
+    before = forward[: [r.name for r in forward].index(first.name)]
+    assert before and all(r.max_rel < 1e-13 for r in before)
+
+
 def test_cli_diff_json_and_exit_codes(tmp_path, capsys):
     from xformer import save_weights
 

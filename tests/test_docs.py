@@ -27,19 +27,25 @@ def _run(code: str) -> str:
     return buf.getvalue()
 
 
-def test_page_has_one_block_per_architecture_and_backend():
-    assert len(BLOCKS) == 9
-    assert [_backend(b) for b in BLOCKS] == ["torch", "tensorflow", "mxnet"] * 3
+SECTIONS = ["encoder", "decoder", "encoder-decoder", "llama-family"]
 
 
-@pytest.mark.parametrize("arch", range(3), ids=["encoder", "decoder", "encoder-decoder"])
-def test_blocks_run_and_generation_agrees(arch):
+def test_page_has_one_block_per_section_and_backend():
+    assert len(BLOCKS) == 3 * len(SECTIONS)
+    assert [_backend(b) for b in BLOCKS] == ["torch", "tensorflow", "mxnet"] * len(SECTIONS)
+
+
+@pytest.mark.parametrize("section", range(len(SECTIONS)), ids=SECTIONS)
+def test_blocks_run_and_generation_agrees(section):
     outputs = {}
-    for code in BLOCKS[3 * arch: 3 * arch + 3]:
+    for code in BLOCKS[3 * section: 3 * section + 3]:
         if is_installed(_backend(code)):
             outputs[_backend(code)] = _run(code)
     assert outputs
-    if arch:  # the generated token lists (last two lines) are identical across backends
+    if section == 3:  # every line: shapes (kv heads in the cache) and generated ids
+        assert len({o for o in outputs.values()}) == 1, outputs
+        assert "(1, 2, 3, 16)" in next(iter(outputs.values()))  # llama-tiny: 2 kv heads
+    elif section:  # the generated token lists (last two lines) are identical across backends
         tails = {b: o.strip().splitlines()[-2:] for b, o in outputs.items()}
         assert len({tuple(t) for t in tails.values()}) == 1, tails
 
