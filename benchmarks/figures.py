@@ -15,6 +15,9 @@ table of measured figures sits inside markers). Sections:
   README.md's summary line).
 * ``generation``: ``benchmarks/generation_agreement.py`` (docs/conformance.md).
 * ``speed``: ``benchmarks/bench_layer.py`` (docs/benchmarks.md).
+* ``llama``: ``benchmarks/llama_family.py``: the five Llama-family checkpoints against their
+  Hugging Face classes (docs/conformance.md) and the float32-inside-float64 and RoPE pitfalls
+  (docs/pitfalls.md).
 
 ``--check`` measures nothing: it exits 1 if a marked region is missing from its file.
 About four minutes on 2 cores for everything.
@@ -46,6 +49,7 @@ REGIONS = {
                "docs/conformance.md": ["matrix"]},
     "generation": {"docs/conformance.md": ["generation"]},
     "speed": {"docs/benchmarks.md": ["speed"]},
+    "llama": {"docs/conformance.md": ["llama-family"], "docs/pitfalls.md": ["llama-pitfalls"]},
 }
 _REGION = r"(<!-- figures:{name} -->\n)(.*?)(<!-- /figures:{name} -->)"
 
@@ -194,6 +198,19 @@ def measure_speed() -> dict[str, str]:
         [[lab, f"{sec * 1e3:.1f}", f"{gflop / sec:.0f}"] for lab, sec in rows])}
 
 
+def measure_llama() -> dict[str, str]:
+    lf = _load("llama_family")
+    conf, pits = lf.measure()
+    conformance = table(
+        ["family", "float64, between targets", "float64 vs Hugging Face",
+         "float32, between targets", "float32 vs Hugging Face",
+         "greedy ids = HF generate() (backends)"], conf)
+    pitfalls = table(
+        ["family", "HF float64 model vs exact float64 (logits)",
+         "rope_style half <-> interleaved", "rope_theta x 2"], pits)
+    return {"llama-family": conformance, "llama-pitfalls": pitfalls}
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -202,7 +219,7 @@ def _load(name: str):
 
 
 MEASURE = {"minilm": measure_minilm, "matrix": measure_matrix,
-           "generation": measure_generation, "speed": measure_speed}
+           "generation": measure_generation, "speed": measure_speed, "llama": measure_llama}
 
 
 def main() -> int:
