@@ -270,6 +270,36 @@ def test_init_then_generate(tmp_path, capsys, out):
     assert 1 <= len(ids) <= 3 and all(0 <= i < 50 for i in ids)
 
 
+@pytest.mark.parametrize("preset", ["llama-tiny", "mistral-tiny", "qwen2-tiny", "gemma-tiny",
+                                    "pythia-tiny", "pythia-160m"])
+def test_init_writes_every_llama_family_preset(tmp_path, capsys, preset):
+    """`xformer init` on the new presets (the full-size ones were run by hand: see the issue
+    #9 note): the file holds the spec and every canonical tensor, with Gemma's norm weights at
+    zero (scale 1 + w) and the others at one."""
+    from xformer.weights import load_weights
+
+    path = tmp_path / "w.safetensors"
+    code, stdout, _ = run(capsys, "init", "--spec", preset, "--out", str(path))
+    assert code == 0, stdout
+    spec, weights = load_weights(path)
+    assert spec == ModelSpec.preset(preset)
+    assert set(weights) == set(spec.parameter_shapes())
+    norms = {float(v[0]) for k, v in weights.items() if ".norm" in k and k.endswith("weight")}
+    assert norms == ({0.0} if spec.norm_scale_offset else {1.0})
+
+
+def test_init_refuses_a_model_larger_than_memory(tmp_path, capsys, monkeypatch):
+    """mistral-7b in float32 needs ~27 GiB: on a machine with less, one line and exit 2 before
+    anything is allocated or written."""
+    from xformer import resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 24 << 30)
+    code, _, err = run(capsys, "init", "--spec", "mistral-7b", "--out",
+                       str(tmp_path / "m.safetensors"))
+    assert code == 2 and "7,241,732,096 parameters" in err and "--force" in err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
 def test_a_71_tensor_mismatch_is_summarised(tmp_path, capsys):
     """The error counts and names a few tensors; .details and --verbose give every one."""
     from xformer import CheckpointError

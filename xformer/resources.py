@@ -126,7 +126,9 @@ def estimate_memory(spec, dtype: str = "float32", *, batch: int = 1, seq_len: in
     allocated): parameters ``spec.num_parameters() * itemsize``; activations
     ``B * beams * T * L * (10 D + 2 F + 2 H T)`` (:data:`ACTIVATION_D_MODEL` etc.), plus
     ``B * beams * T * vocab_size`` logits with an LM head; the key/value cache of generation
-    ``2 * B * beams * T * L_dec * D``; all times :data:`BACKWARD_FACTOR` with ``backward``.
+    ``2 * B * beams * T * L_dec * H_kv * d_head``; with ``positional="rope"`` the rotary
+    tables, ``cos`` and ``sin`` ``(max_len, rotary_dim / 2)`` held by every self-attention
+    (``L * max_len * rotary_dim``); all times :data:`BACKWARD_FACTOR` with ``backward``.
 
     Args:
         spec: a :class:`xformer.ModelSpec` (duck-typed). dtype: ``"float32"``, ``"float64"``...
@@ -148,8 +150,10 @@ def estimate_memory(spec, dtype: str = "float32", *, batch: int = 1, seq_len: in
                                 + ACTIVATION_SCORES * h * t)
     if spec.head == "lm":
         acts += rows * t * spec.vocab_size
-    cache = 2 * rows * t * spec.decoder_layers * d if num_beams > 1 or spec.is_causal else 0
-    total = (spec.num_parameters() + acts + cache) * item
+    kv = getattr(spec, "kv_heads", h) * getattr(spec, "d_head", d // h)
+    cache = 2 * rows * t * spec.decoder_layers * kv if num_beams > 1 or spec.is_causal else 0
+    tables = layers * spec.max_len * getattr(spec, "rotary_dim", 0)
+    total = (spec.num_parameters() + acts + cache + tables) * item
     return total * BACKWARD_FACTOR if backward else total
 
 

@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import SpecError, truncate
 from .resources import DEFAULT_LIMIT, read_capped
@@ -883,8 +883,9 @@ class cleanup_on_signal:
         return False
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary sibling
+def atomic_write_bytes(path: Path, data: bytes | Callable[[Path], None]) -> None:
+    """Write ``data`` to ``path`` atomically (``data`` is bytes, or a function that writes the
+    file it is given: a large file is then never held in memory whole): a temporary sibling
     ``.{name}.xformer-tmp-{pid}-{hex}.tmp`` is written and ``fsync``-ed, renamed over ``path``
     (``os.replace``) and the folder ``fsync``-ed, so a reader sees the old file or the new
     one, never a part. The temporary file is removed on any error and on SIGTERM/SIGINT
@@ -904,7 +905,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             guard.armed = True
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                if callable(data):
+                    data(tmp)  # the writer reopens the (empty) temporary file
+                else:
+                    fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)

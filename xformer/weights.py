@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -99,13 +99,23 @@ def init_weights(spec: ModelSpec, seed: int = 0, dtype: str = "float32") -> dict
     out = {}
     for p in spec.parameters():
         if p.init == "zeros":
-            arr = np.zeros(p.shape)
+            arr = np.zeros(p.shape, dtype)
         elif p.init == "ones":
-            arr = np.ones(p.shape)
-        else:
-            arr = rng.normal(0.0, p.std, size=p.shape)
-        out[p.name] = arr.astype(dtype)
+            arr = np.ones(p.shape, dtype)
+        else:  # drawn in float64 chunks straight into the result: the same numbers as one
+            # rng.normal call (the generator's stream does not depend on the chunking), without
+            # a float64 copy of a whole (vocab_size, D) table
+            arr = np.empty(p.shape, dtype)
+            flat = arr.reshape(-1)
+            for i in range(0, flat.size, _INIT_CHUNK):
+                n = min(_INIT_CHUNK, flat.size - i)
+                flat[i:i + n] = rng.normal(0.0, p.std, size=n)
+        out[p.name] = arr
     return out
+
+
+#: Elements drawn per call by :func:`init_weights` (32 MiB of float64).
+_INIT_CHUNK = 1 << 22
 
 
 def random_weights(spec: ModelSpec, seed: int = 0, dtype: str = "float64"
@@ -136,8 +146,7 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray],
     With ``spec``, the weights are checked against it first (``CheckpointError``) and the spec
     is stored in the file's metadata.
     """
-    data = _checkpoint_bytes(weights, spec)
-    atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(Path(path), _checkpoint_writer(weights, spec))
 
 
 def read_spec(path: str | os.PathLike) -> ModelSpec | None:
@@ -226,8 +235,10 @@ def check_finite(weights: Mapping[str, np.ndarray], source: str = "weights") -> 
 
 
 # ---------------------------------------------------------------------- directories
-def atomic_write_dir(path: str | os.PathLike, files: Mapping[str, bytes]) -> None:
-    """Write a directory of ``files`` (``{file name: bytes}``) atomically: everything goes into
+def atomic_write_dir(path: str | os.PathLike,
+                     files: Mapping[str, bytes | Callable[[Path], None]]) -> None:
+    """Write a directory of ``files`` (``{file name: bytes, or a function that writes the file
+    it is given}``) atomically: everything goes into
     a temporary sibling directory ``.{name}.xformer-tmp-{pid}-{hex}.tmp`` (each file and the
     directory ``fsync``-ed), which is then renamed to ``path`` and the parent ``fsync``-ed, so a
     reader never sees a half-written directory.
@@ -267,7 +278,10 @@ def atomic_write_dir(path: str | os.PathLike, files: Mapping[str, bytes]) -> Non
             os.mkdir(tmp)
             for name, data in files.items():
                 with open(tmp / name, "wb") as fh:
-                    fh.write(data)
+                    if callable(data):
+                        data(tmp / name)
+                    else:
+                        fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())
             fsync_dir(tmp)
@@ -301,13 +315,19 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
                 metadata=dict(metadata))
 
 
-def _checkpoint_bytes(weights: Mapping[str, np.ndarray], spec: ModelSpec | None) -> bytes:
+def _checkpoint_writer(weights: Mapping[str, np.ndarray], spec: ModelSpec | None):
+    """A function that writes the canonical checkpoint of ``weights`` (checked against
+    ``spec`` first, here) to the path it is given: ``safetensors.numpy.save_file`` writes the
+    arrays' memory as it is, so a save needs no second copy of the model."""
+    from safetensors.numpy import save_file
+
     if spec is not None:
         weights = check_weights(spec, weights)
     metadata = {"format": "np"}
     if spec is not None:
         metadata[SPEC_METADATA_KEY] = spec.to_json(indent=None)
-    return safetensors_bytes(weights, metadata)
+    tensors = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    return lambda path: save_file(tensors, path, metadata=metadata)
 
 
 #: Spec files an xformer checkpoint directory may hold next to ``model.safetensors``.
@@ -325,7 +345,7 @@ def save_pretrained(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[s
         CheckpointError: ``weights`` do not match ``spec`` (all problems listed), or ``path``
             exists and holds other files.
     """
-    data = _checkpoint_bytes(weights, spec)  # checks first
+    data = _checkpoint_writer(weights, spec)  # checks first
     atomic_write_dir(Path(path), {"spec.json": (spec.to_json() + "\n").encode(),
                                   "model.safetensors": data})
 
