@@ -27,44 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-              max_position_embeddings=32, bos_token_id=1, eos_token_id=2)
-#: family -> (config class, model class, knobs); the same as conformance/test_llama_family.py
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM",
-              dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=5e5,
-                   tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
-                   rms_norm_eps=1e-5)),
-    "mistral": ("MistralConfig", "MistralForCausalLM",
-                dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                     sliding_window=None, tie_word_embeddings=False, rms_norm_eps=1e-6)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
-              dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
-                   tie_word_embeddings=True, rms_norm_eps=1e-6)),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM",
-              dict(num_attention_heads=2, num_key_value_heads=1, head_dim=24,
-                   hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6)),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
-                 dict(num_attention_heads=4, rotary_pct=0.5, use_parallel_residual=True,
-                      tie_word_embeddings=False, layer_norm_eps=1e-5)),
-}
-PROMPT = [5, 17, 33, 8]
-
-
-def hf_model(family: str, dtype=None):
-    """The family's tiny ``*ForCausalLM`` (random weights, norm scales moved off their init)."""
-    import torch
-    import transformers
-
-    config_cls, model_cls, knobs = FAMILIES[family]
-    torch.manual_seed(sum(map(ord, family)))
-    config = getattr(transformers, config_cls)(**COMMON, **knobs)
-    model = getattr(transformers, model_cls)(config).to(dtype or torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "layernorm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "conformance"))
+from test_llama_family import FAMILIES, PROMPT, hf_model  # noqa: E402  (the suite's checkpoints)
 
 
 def _rel(a, b) -> float:

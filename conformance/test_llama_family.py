@@ -49,7 +49,13 @@ PROMPT = [5, 17, 33, 8]
 MAX_NEW = 8
 
 
-def _hf_model(family, dtype=torch.float64):
+def hf_model(family, dtype=None):
+    """The family's tiny ``*ForCausalLM`` (random weights; norm scales moved off their init).
+    Also the checkpoints of ``benchmarks/llama_family.py``."""
+    import torch
+    import transformers
+
+    dtype = dtype or torch.float32
     config_cls, model_cls, knobs = FAMILIES[family]
     torch.manual_seed(sum(map(ord, family)))
     config = getattr(transformers, config_cls)(**COMMON, **knobs)
@@ -64,7 +70,7 @@ def _hf_model(family, dtype=torch.float64):
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def checkpoint(request, tmp_path_factory):
     family = request.param
-    model = _hf_model(family, torch.float32)
+    model = hf_model(family)
     path = tmp_path_factory.mktemp(family)
     model.save_pretrained(path)
     return family, path

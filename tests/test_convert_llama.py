@@ -578,18 +578,3 @@ def test_cli_refuses_an_unsupported_config_in_one_line(hf, tmp_path, capsys, var
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "xformer: error: config.json rope_scaling.rope_type = 'linear'"), lines
-
-
-@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "gemma", "pythia"])
-def test_cli_compares_a_checkpoint_against_its_hf_class(hf, tmp_path, capsys, variant):
-    """``xformer compare --model DIR`` (the torch backend; the Hugging Face reference of the
-    checkpoint's own class, float64 exact)."""
-    from xformer.cli import main
-
-    code = main(["compare", "--model", str(hf[variant][0]), "--backends", "torch",
-                 "--dtype", "float64", "--repeats", "0", "--batch", "2", "--seq-len", "6",
-                 "--json", str(tmp_path / "r.json")])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    doc = json.loads((tmp_path / "r.json").read_text())
-    assert doc["reports"][0]["reference"] == "huggingface"

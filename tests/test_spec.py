@@ -56,11 +56,119 @@ def test_parameters_are_unique_and_count_matches(spec):
     assert spec.num_parameters() == emb + spec.n_layers * (linear + norms) + extra
 
 
+@st.composite
+def llama_specs(draw):
+    n_kv = draw(st.integers(1, 3))
+    n_heads = n_kv * draw(st.integers(1, 3))
+    head_dim = draw(st.one_of(st.none(), st.integers(1, 6).map(lambda k: 2 * k)))
+    d_model = n_heads * draw(st.integers(1, 4)) * (2 if head_dim is None else 1)
+    return ModelSpec(
+        architecture="decoder", vocab_size=draw(st.integers(1, 300)), d_model=d_model,
+        n_heads=n_heads, n_kv_heads=draw(st.sampled_from([None, n_kv])), head_dim=head_dim,
+        d_ff=draw(st.integers(1, 40)), n_layers=draw(st.integers(1, 3)),
+        max_len=draw(st.integers(1, 64)), norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
+        norm_position="pre", norm_scale_offset=draw(st.sampled_from([0.0, 1.0])),
+        activation=draw(st.sampled_from(["silu", "gelu_tanh"])),
+        ffn=draw(st.sampled_from(["mlp", "glu"])), positional="rope",
+        rope_theta=draw(st.floats(2.0, 1e7)), rope_style=draw(st.sampled_from(
+            ["half", "interleaved"])), embedding_norm=False, final_norm=draw(st.booleans()),
+        bias=draw(st.booleans()), qkv_bias=draw(st.sampled_from([None, True, False])),
+        out_proj_bias=draw(st.sampled_from([None, True, False])),
+        mlp_bias=draw(st.sampled_from([None, True, False])),
+        parallel_residual=draw(st.booleans()), head="lm", tie_embeddings=draw(st.booleans()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(llama_specs())
+def test_llama_family_round_trips_and_counts(spec):
+    """The new fields survive JSON and YAML, and the parameter count is the closed form of
+    grouped-query attention (``H d_head`` query rows, ``H_kv d_head`` key and value rows), the
+    FFN (two or three matrices) and the bias switches."""
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    assert ModelSpec.from_yaml(spec.to_yaml()) == spec
+    d, f, dh = spec.d_model, spec.d_ff, spec.d_head
+    h, hkv = spec.n_heads, spec.n_kv_heads or spec.n_heads
+    qkv, out, mlp = (spec.bias if b is None else b for b in (spec.qkv_bias, spec.out_proj_bias,
+                                                           spec.mlp_bias))
+    attn = (h + 2 * hkv) * dh * (d + qkv) + d * h * dh + out * d
+    ffn = (3 if spec.ffn == "glu" else 2) * d * f + mlp * (
+        (2 if spec.ffn == "glu" else 1) * f + d)
+    norm = d * (1 + (spec.bias and spec.norm == "layernorm"))
+    total = spec.vocab_size * d * (1 if spec.tie_embeddings else 2) + spec.n_layers * (
+        attn + ffn + 2 * norm) + norm * spec.final_norm
+    assert spec.num_parameters() == total
+
+
 def test_presets_match_published_parameter_counts():
     # BERT-base: 109,482,240 with its pooler (Hugging Face BertModel); GPT-2 small:
     # 124,439,808 (Hugging Face gpt2, tied LM head).
     assert ModelSpec.preset("bert-base").num_parameters() == 109_482_240
     assert ModelSpec.preset("gpt2-small").num_parameters() == 124_439_808
+    # The Llama family: the parameter counts Hugging Face reports for each published
+    # checkpoint (sum of numel over model.parameters(), tied heads counted once).
+    published = {"llama-3.2-1b": 1_235_814_400, "mistral-7b": 7_241_732_096,
+                 "qwen2-0.5b": 494_032_768, "gemma-2b": 2_506_172_416,
+                 "pythia-160m": 162_322_944}
+    assert {k: ModelSpec.preset(k).num_parameters() for k in published} == published
+
+
+def test_llama_family_parameter_shapes():
+    """GQA, a head_dim override, the gated FFN, RMSNorm (no bias) and the bias switches give
+    the shapes of Hugging Face's Llama / Qwen2 / Gemma / GPT-NeoX modules."""
+    gemma = ModelSpec.preset("gemma-2b").replace(n_layers=1)
+    shapes = gemma.parameter_shapes()
+    p = "decoder.layers.0"
+    assert shapes[f"{p}.self_attn.q_proj.weight"] == (8 * 256, 2048)  # head_dim 256
+    assert shapes[f"{p}.self_attn.k_proj.weight"] == (256, 2048)  # one kv head (MQA)
+    assert shapes[f"{p}.self_attn.out_proj.weight"] == (2048, 8 * 256)
+    assert shapes[f"{p}.ffn.gate_proj.weight"] == shapes[f"{p}.ffn.up_proj.weight"] == (16384,
+                                                                                         2048)
+    assert shapes[f"{p}.ffn.down_proj.weight"] == (2048, 16384)
+    assert f"{p}.norm1.bias" not in shapes and shapes[f"{p}.norm1.weight"] == (2048,)
+    assert not any(n.endswith(".bias") for n in shapes)
+    # Gemma stores scale - 1: its norm weights start at zero
+    assert {q.init for q in gemma.parameters() if "norm" in q.name} == {"zeros"}
+    qwen = ModelSpec.preset("qwen2-tiny").replace(n_layers=1).parameter_shapes()
+    assert {n.rsplit(".", 2)[-2] for n in qwen if n.endswith(".bias")} == {
+        "q_proj", "k_proj", "v_proj"}
+    pythia = ModelSpec.preset("pythia-tiny")
+    assert pythia.rotary_dim == 4 and pythia.has_bias("norm") and pythia.has_bias("mlp")
+    assert "embeddings.position_embeddings.weight" not in pythia.parameter_shapes()
+
+
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+def test_rotary_embedding_is_a_complex_rotation(style):
+    """RoPE (Su et al. 2021 §3.2): each pair of dimensions, read as a complex number, is
+    multiplied by ``exp(i p theta_j)``, ``theta_j = base^(-2j / rotary_dim)``; ``half`` pairs
+    ``(j, j + r/2)``, ``interleaved`` pairs ``(2j, 2j + 1)``; dimensions past ``rotary_dim``
+    pass through. Checked against numpy complex arithmetic, independently of
+    ``reference.rotate``'s real formula."""
+    from xformer.reference import rotate
+    from xformer.spec import rotary_table
+
+    rng = np.random.default_rng(0)
+    r, d, base, t = 6, 10, 500.0, 7
+    x = rng.standard_normal((2, 3, t, d))
+    cos, sin = rotary_table(t, r, base)
+    out = rotate(x, cos, sin, style)
+    angle = np.arange(t)[:, None] * base ** (-np.arange(0, r, 2) / r)[None, :]
+    if style == "half":
+        z = x[..., : r // 2] + 1j * x[..., r // 2: r]
+        zr = z * np.exp(1j * angle)
+        expect = np.concatenate([zr.real, zr.imag, x[..., r:]], axis=-1)
+    else:
+        z = x[..., 0:r:2] + 1j * x[..., 1:r:2]
+        zr = z * np.exp(1j * angle)
+        expect = x.copy()
+        expect[..., 0:r:2], expect[..., 1:r:2] = zr.real, zr.imag
+    np.testing.assert_allclose(out, expect, rtol=0, atol=1e-14)
+    # the relative-position property: <R_p q, R_s k> depends on p - s only
+    q, k = rng.standard_normal(d), rng.standard_normal(d)
+    cos, sin = rotary_table(20, r, base)
+    dots = [rotate(q[None], cos[[p]], sin[[p]], style) @ rotate(k[None], cos[[p - 3]],
+                                                                sin[[p - 3]], style).T
+            for p in (3, 9, 17)]
+    np.testing.assert_allclose(np.ravel(dots), np.ravel(dots)[0], rtol=1e-12)
 
 
 def test_decoder_parameter_names():
@@ -104,6 +212,24 @@ def test_linear_layout_is_out_by_in():
     ({"architecture": "transformer"}, ["architecture", "encoder-decoder"]),
     ({"head": "lm"}, ["head", "lm"]),
     ({"n_head": 4}, ["unknown spec field", "n_heads"]),
+    ({"n_kv_heads": 3}, ["n_kv_heads", "divide", "n_heads"]),
+    ({"n_kv_heads": 0}, ["n_kv_heads", ">= 1"]),
+    ({"d_model": 10, "n_heads": 3, "head_dim": 0}, ["head_dim", ">= 1"]),
+    ({"norm": "batchnorm"}, ["norm", "layernorm, rmsnorm"]),
+    ({"norm_scale_offset": 0.5}, ["norm_scale_offset", "Gemma"]),
+    ({"ffn": "moe"}, ["ffn", "mlp, glu"]),
+    ({"qkv_bias": "no"}, ["qkv_bias", "true or false or null"]),
+    ({"rope_theta": 5e5}, ["rope_theta", "positional = 'rope'"]),
+    ({"rope_style": "interleaved"}, ["rope_style", "positional = 'rope'"]),
+    ({"positional": "rope", "rope_theta": 1.0}, ["rope_theta", "> 1"]),
+    ({"positional": "rope", "rope_theta": float("inf")}, ["rope_theta", "finite"]),
+    ({"positional": "rope", "rope_style": "gptj"}, ["rope_style", "half, interleaved"]),
+    ({"positional": "rope", "rotary_fraction": 0.0}, ["rotary_fraction", "(0, 1]"]),
+    ({"positional": "rope", "d_model": 12, "n_heads": 2, "rotary_fraction": 0.5},
+     ["rotary_dim", "= 3", "even"]),
+    ({"parallel_residual": True}, ["parallel_residual", "norm_position = 'pre'"]),
+    ({"architecture": "encoder-decoder", "norm_position": "pre", "parallel_residual": True},
+     ["parallel_residual", "encoder-decoder"]),
 ])
 def test_bad_specs_name_the_field(changes, words):
     with pytest.raises(SpecError) as e:

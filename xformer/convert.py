@@ -270,16 +270,17 @@ def bert_expressible(spec: ModelSpec) -> str | None:
         (not spec.embed_scale, "BertModel does not scale embeddings"),
         (spec.bias, "BertModel always has biases"),
         (spec.type_vocab_size > 0, "BertModel needs type_vocab_size >= 1"),
-        *_classic_checks(spec, "BertModel"),
+        *classic_transformer_checks(spec, "BertModel"),
     ]
     return next((why for ok, why in checks if not ok), None)
 
 
-def _classic_checks(spec: ModelSpec, who: str) -> list[tuple[bool, str]]:
-    """``(ok, reason)`` for the spec fields of issue #9 that ``BertModel`` and GPT-2 cannot
-    express (``who`` names the class): LayerNorm only (no RMSNorm, no ``1 + weight`` scale), a
-    two-layer MLP with gelu / gelu_tanh / relu, multi-head attention with heads of ``d_model /
-    n_heads``, every Linear biased as ``bias`` says, sequential sub-layers."""
+def classic_transformer_checks(spec: ModelSpec, who: str) -> list[tuple[bool, str]]:
+    """``(ok, reason)`` for the spec fields of issue #9 that a 2017-2019 Transformer class
+    (``BertModel``, GPT-2, ``nn.TransformerEncoderLayer``: ``who`` names it) cannot express:
+    LayerNorm only (no RMSNorm, no ``1 + weight`` scale), a two-layer MLP with gelu /
+    gelu_tanh / relu, multi-head attention with heads of ``d_model / n_heads``, every Linear
+    biased as ``bias`` says, sequential sub-layers. Plain Python: no framework is imported."""
     switch = next((f"{p}_bias" for p in ("qkv", "out_proj", "mlp")
                    if spec.has_bias(p) != spec.bias), None)
     return [
@@ -401,7 +402,7 @@ def gpt2_expressible(spec: ModelSpec) -> str | None:
         (spec.type_vocab_size == 0, "spec field 'type_vocab_size' must be 0 for GPT-2"),
         (spec.head in ("lm", "none"), f"spec field 'head' is {spec.head!r}; GPT-2 takes 'lm' "
                                       f"(GPT2LMHeadModel) or 'none' (GPT2Model)"),
-        *_classic_checks(spec, "GPT-2"),
+        *classic_transformer_checks(spec, "GPT-2"),
     ]
     return next((why for ok, why in checks if not ok), None)
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 from xformer.backend import timed
 from xformer.conformance import Case, Reference, RunResult
-from xformer.convert import huggingface_expressible
+from xformer.convert import classic_transformer_checks, huggingface_expressible
 
 __all__ = ["HUGGINGFACE", "TORCH_NN", "run_torch_module", "torch_nn_expressible"]
 
@@ -114,33 +114,11 @@ def torch_nn_expressible(spec) -> str | None:
     a two-layer MLP with relu, gelu or gelu_tanh (the activations ``reference_nn`` maps),
     multi-head attention over heads of ``d_model / n_heads``, one ``bias`` switch for every
     Linear and LayerNorm, sequential sub-layers, and learned or sinusoidal positions."""
-    switch = next((f"{p}_bias" for p in ("qkv", "out_proj", "mlp")
-                   if spec.has_bias(p) != spec.bias), None)
     checks = [
-        (spec.norm == "layernorm",
-         f"spec field 'norm' is {spec.norm!r}; nn.TransformerEncoderLayer has LayerNorm"),
-        (spec.norm_scale_offset == 0.0,
-         f"spec field 'norm_scale_offset' is {spec.norm_scale_offset}; nn.LayerNorm multiplies "
-         f"by its weight (0.0)"),
-        (spec.ffn == "mlp", f"spec field 'ffn' is {spec.ffn!r}; nn.TransformerEncoderLayer has "
-                            f"a two-layer MLP ('mlp')"),
-        (spec.activation in ("relu", "gelu", "gelu_tanh"),
-         f"spec field 'activation' is {spec.activation!r}; the torch.nn reference builds relu, "
-         f"gelu and gelu_tanh"),
+        *classic_transformer_checks(spec, "nn.TransformerEncoderLayer"),
         (spec.positional in ("learned", "sinusoidal"),
          f"spec field 'positional' is {spec.positional!r}; nn.MultiheadAttention has no rotary "
          f"positions"),
-        (spec.kv_heads == spec.n_heads,
-         f"spec field 'n_kv_heads' is {spec.n_kv_heads}; nn.MultiheadAttention has as many "
-         f"key/value heads as query heads"),
-        (spec.d_head * spec.n_heads == spec.d_model,
-         f"spec field 'head_dim' is {spec.head_dim}; nn.MultiheadAttention's heads are d_model "
-         f"/ n_heads"),
-        (switch is None, f"spec field {switch!r} differs from 'bias'; nn.TransformerEncoderLayer "
-                         f"has one bias switch for every Linear and LayerNorm"),
-        (not spec.parallel_residual,
-         "spec field 'parallel_residual' is true; nn.TransformerEncoderLayer's sub-layers are "
-         "sequential"),
     ]
     return next((why for ok, why in checks if not ok), None)
 
