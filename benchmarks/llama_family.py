@@ -13,7 +13,8 @@ partial rotation, q/k/v-only biases, Gemma's ``1 + w`` norms) is imported and ru
   Face; greedy ``generate()`` of Hugging Face (float64) against every backend.
 * ``pitfalls``: what Hugging Face computes in float32 inside a float64 model (its unchanged
   float64 logits against exact float64), and how far the logits move when a port rotates in
-  the other RoPE convention (half vs interleaved) or with another base.
+  the other RoPE convention (half vs interleaved), with another base, or drops Llama 3's
+  frequency scaling.
 
 ``benchmarks/figures.py --only llama`` writes both tables into docs/conformance.md and
 docs/pitfalls.md.
@@ -42,10 +43,11 @@ def measure() -> tuple[list[list[str]], list[list[str]]]:
     import torch
     import transformers
 
-    from xformer import from_pretrained
+    from xformer import ModelSpec, from_pretrained
     from xformer.backend import get_backend
     from xformer.conformance import Case, default_targets, run_case, run_generation
     from xformer.reference import forward
+    from xformer.spec import LLAMA3_ROPE_FIELDS
 
     targets = default_targets()
     one_per_backend = [t for t in targets if t.mode == get_backend(t.backend).modes[0]]
@@ -85,8 +87,13 @@ def measure() -> tuple[list[list[str]], list[list[str]]]:
         swapped = forward(spec.replace(rope_style=style), weights, inputs)["logits"]
         theta = forward(spec.replace(rope_theta=spec.rope_theta * 2), weights,
                         inputs)["logits"]
+        unscaled = "n/a"
+        if spec.rope_scaling != "none":
+            plain = spec.replace(rope_scaling="none", **{
+                f: ModelSpec.__dataclass_fields__[f].default for f in LLAMA3_ROPE_FIELDS})
+            unscaled = f"{_rel(forward(plain, weights, inputs)['logits'], exact):.1e}"
         pits.append([family, f"{_rel(hf64, exact):.1e}", f"{_rel(swapped, exact):.1e}",
-                     f"{_rel(theta, exact):.1e}"])
+                     f"{_rel(theta, exact):.1e}", unscaled])
     return conf, pits
 
 

@@ -3,7 +3,7 @@
 directory each (random weights from a random config, written by transformers' own
 ``save_pretrained``: no hub is reachable), with unusual but legal knobs: grouped and
 multi-query attention, a ``head_dim`` override, tied and untied heads, a large ``rope_theta``,
-partial rotation, biases on q/k/v only, Gemma's ``1 + w`` norms.
+partial rotation, Llama 3's frequency scaling, biases on q/k/v only, Gemma's ``1 + w`` norms.
 
 For each family: ``xformer compare --model DIR`` exits 0 with the checkpoint's own Hugging
 Face class as the reference (outputs and gradients, float64 and float32); ``xformer generate
@@ -28,8 +28,11 @@ COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_la
               max_position_embeddings=32, bos_token_id=1, eos_token_id=95)
 #: family -> (config class, model class, config knobs)
 FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM",
-              dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=5e5,
+    "llama": ("LlamaConfig", "LlamaForCausalLM",  # Llama 3's frequency scaling, all 3 bands
+              dict(num_attention_heads=4, num_key_value_heads=2,
+                   rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=4.0,
+                                        low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=8),
                    tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
                    rms_norm_eps=1e-5)),
     "mistral": ("MistralConfig", "MistralForCausalLM",
@@ -94,6 +97,7 @@ def test_import_reads_the_family(checkpoint):
     assert spec.norm == ("layernorm" if family == "gpt_neox" else "rmsnorm")
     assert spec.parallel_residual == (family == "gpt_neox")
     assert spec.norm_scale_offset == (1.0 if family == "gemma" else 0.0)
+    assert spec.rope_scaling == ("llama3" if family == "llama" else "none")
     assert set(weights) == set(spec.parameter_shapes())
 
 

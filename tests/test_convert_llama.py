@@ -42,6 +42,15 @@ VARIANTS = {
                             mlp_bias=True, tie_word_embeddings=False,
                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                             bos_token_id=1, eos_token_id=2)),
+    # Llama 3.1 / 3.2's frequency scaling (rope_type llama3): an original context of 8
+    # positions puts the 4 pairs of an 8-wide head in all three bands; tied, no biases
+    "llama3": ("llama", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
+                             intermediate_size=48, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                              "factor": 4.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 8},
+                             bos_token_id=1, eos_token_id=2)),
     # multi-query, head_dim 16 != 32 / 4, tied, a 10-token sliding window
     "mistral": ("mistral", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
                                 head_dim=16, intermediate_size=64, max_position_embeddings=64,
@@ -75,6 +84,10 @@ EXPECTED = {
                   out_proj_bias=True, mlp_bias=True, tie_embeddings=False, norm_eps=1e-5,
                   norm_scale_offset=0.0, embed_scale=False, parallel_residual=False,
                   max_len=32, bos_token_id=1, eos_token_id=2),
+    "llama3": dict(norm="rmsnorm", ffn="glu", activation="silu", n_kv_heads=1,
+                   rope_theta=5e5, rope_scaling="llama3", rope_scaling_factor=4.0,
+                   rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                   rope_original_max_len=8, bias=False, tie_embeddings=True, max_len=32),
     "mistral": dict(norm="rmsnorm", ffn="glu", activation="silu", n_kv_heads=1, head_dim=16,
                     rope_theta=1e4, bias=False, qkv_bias=None, out_proj_bias=None,
                     mlp_bias=None, tie_embeddings=True, norm_eps=1e-6, max_len=10),
@@ -384,10 +397,11 @@ def _one_line(excinfo):
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0,
-               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+               "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
 REFUSED = [
-    ("llama", {"rope_parameters": LLAMA3_ROPE}, "rope_parameters.rope_type = 'llama3'"),
+    ("llama", {"rope_parameters": LLAMA3_ROPE}, "rope_type 'llama3' but no high_freq_factor"),
+    ("llama3", {"rope_scaling": {"rope_type": "default", "rope_theta": 5e5}},
+     "give different rope scalings"),
     ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.type = "
                                                                    "'linear'"),
     ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "factor": 2.0}},

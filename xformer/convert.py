@@ -925,22 +925,33 @@ def _check_family(model_type: Any) -> str:
     return model_type
 
 
-def _rope_config(cfg: Mapping[str, Any], model_type: str) -> tuple[float, float, str]:
-    """``(rope_theta, rotary_fraction, the key that gave the fraction)`` of a config, from
-    ``rope_parameters`` (transformers 5) and ``rope_scaling`` (transformers 4), each
-    ``{"rope_type": "default", "rope_theta": ..., "partial_rotary_factor": ...}``, and the
+#: ``rope_type: llama3`` keys -> spec fields (Llama 3.1 / 3.2 frequency scaling).
+_LLAMA3_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                "high_freq_factor": "rope_high_freq_factor",
+                "original_max_position_embeddings": "rope_original_max_len"}
+
+
+def _rope_config(cfg: Mapping[str, Any], model_type: str
+                 ) -> tuple[float, float, str, dict[str, Any]]:
+    """``(rope_theta, rotary_fraction, the key that gave the fraction, scaling fields)`` of a
+    config, from ``rope_parameters`` (transformers 5) and ``rope_scaling`` (transformers 4),
+    each ``{"rope_type": "default" | "llama3", "rope_theta": ..., "partial_rotary_factor": ...}``
+    (``llama3`` also ``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_max_position_embeddings``: the spec's ``rope_scaling="llama3"`` fields), and the
     top-level keys ``rope_theta`` / ``partial_rotary_factor`` (GPT-NeoX also
     ``rotary_emb_base`` / ``rotary_pct``). Every place that gives a value must give the same
     one; defaults: theta 10000, fraction 1 (GPT-NeoX 0.25).
 
     Raises:
-        SpecError: naming the key: a ``rope_type`` other than ``"default"`` (``linear``,
-            ``dynamic``, ``llama3``, ``yarn``, ``longrope``, ... rescale the frequencies, which
-            xformer does not express), any other key in the rope dict, values that disagree, a
-            fraction other than 1 outside GPT-NeoX (the other classes ignore it).
+        SpecError: naming the key: a ``rope_type`` other than ``"default"`` and ``"llama3"``
+            (``linear``, ``dynamic``, ``yarn``, ``longrope``, ... rescale the frequencies in
+            ways xformer does not express), a ``llama3`` dict without one of its four numbers,
+            any other key in the rope dict, values that disagree, a fraction other than 1
+            outside GPT-NeoX (the other classes ignore it).
     """
     thetas: list[tuple[str, Any]] = []
     fractions: list[tuple[str, Any]] = []
+    scalings: list[tuple[str, dict[str, Any]]] = []
     for key in ("rope_parameters", "rope_scaling"):
         params = cfg.get(key)
         if params is None:
@@ -948,21 +959,38 @@ def _rope_config(cfg: Mapping[str, Any], model_type: str) -> tuple[float, float,
         if not isinstance(params, Mapping):
             raise SpecError(f"config.json {key} = {truncate(params)} is not an object; give "
                             f"{{\"rope_type\": \"default\", \"rope_theta\": ...}} or null")
+        kind = "default"
         for type_key in ("rope_type", "type"):
-            if type_key in params and params[type_key] != "default":
+            if type_key in params and params[type_key] not in ("default", "llama3"):
                 raise SpecError(
                     f"config.json {key}.{type_key} = {truncate(params[type_key])} is not "
                     f"supported: xformer's rotary embeddings are the unscaled kind (rope_type "
-                    f"'default', Su et al. 2021); this one rescales the frequencies")
+                    f"'default', Su et al. 2021) or Llama 3's ('llama3'); this one rescales "
+                    f"the frequencies otherwise")
+            kind = params.get(type_key, kind)
+        scaling: dict[str, Any] = {}
         for sub, value in params.items():
             if sub == "rope_theta":
                 thetas.append((f"{key}.{sub}", value))
             elif sub == "partial_rotary_factor":
                 fractions.append((f"{key}.{sub}", value))
+            elif kind == "llama3" and sub in _LLAMA3_KEYS:
+                field = _LLAMA3_KEYS[sub]
+                scaling[field] = (config_int(params, sub) if field == "rope_original_max_len"
+                                  else config_float(params, sub, 1.0))
             elif sub not in ("rope_type", "type"):
                 raise SpecError(f"config.json {key}.{str(sub)[:80]} is not supported (xformer "
-                                f"reads rope_type 'default', rope_theta and "
-                                f"partial_rotary_factor only)")
+                                f"reads rope_type 'default' or 'llama3', rope_theta, "
+                                f"partial_rotary_factor and llama3's factor, low_freq_factor, "
+                                f"high_freq_factor, original_max_position_embeddings)")
+        if kind == "llama3":
+            missing = [k for k, f in _LLAMA3_KEYS.items() if f not in scaling]
+            if missing:
+                raise SpecError(f"config.json {key} has rope_type 'llama3' but no "
+                                f"{', '.join(missing)}; give all four")
+            scalings.append((key, {"rope_scaling": "llama3", **scaling}))
+        else:
+            scalings.append((key, {}))
     neox = model_type == "gpt_neox"
     for key in ("rope_theta", "rotary_emb_base") if neox else ("rope_theta",):
         if key in cfg:
@@ -981,11 +1009,16 @@ def _rope_config(cfg: Mapping[str, Any], model_type: str) -> tuple[float, float,
 
     _, theta = agreed(thetas, 10000.0)
     where, fraction = agreed(fractions, 0.25 if neox else 1.0)
+    for k, other in scalings[1:]:
+        if other != scalings[0][1]:
+            raise SpecError(f"config.json {scalings[0][0]} and {k} give different rope "
+                            f"scalings; keep one")
     if not neox and fraction != 1.0:
         raise SpecError(f"config.json {where} = {fraction} is not supported for {model_type}: "
                         f"{LLAMA_FAMILY_CLASSES[model_type]} rotates every dimension of a head "
                         f"(it ignores partial_rotary_factor)")
-    return theta, fraction, where or "partial_rotary_factor (default)"
+    return (theta, fraction, where or "partial_rotary_factor (default)",
+            scalings[0][1] if scalings else {})
 
 
 def _family_token_id(cfg: Mapping[str, Any], key: str, vocab: int) -> int | None:
@@ -1148,7 +1181,7 @@ def spec_from_llama_family_config(config: Mapping[str, Any]) -> ModelSpec:
         raise SpecError(f"config.json hidden_activation = {truncate(legacy)} and hidden_act = "
                         f"{truncate(cfg['hidden_act'])} disagree (transformers 4 reads the "
                         f"first, 5 the second); keep one")
-    theta, fraction, where = _rope_config(config, model_type)
+    theta, fraction, where, rope_scaling = _rope_config(config, model_type)
     rotary_dim = int(head_dim * fraction)
     if rotary_dim < 2 or rotary_dim % 2:
         raise SpecError(f"config.json {where} = {fraction} gives int(head size {head_dim} * "
@@ -1172,7 +1205,8 @@ def spec_from_llama_family_config(config: Mapping[str, Any]) -> ModelSpec:
         head_dim=None if (d % h == 0 and head_dim == d // h) else head_dim,
         d_ff=config_int(cfg, "intermediate_size"), n_layers=n_layers, max_len=max_len,
         norm_position="pre", activation=LLAMA_FAMILY_ACTIVATIONS[act], positional="rope",
-        rope_theta=theta, rope_style="half", rotary_fraction=fraction, type_vocab_size=0,
+        rope_theta=theta, rope_style="half", rotary_fraction=fraction, **rope_scaling,
+        type_vocab_size=0,
         embedding_norm=False, final_norm=True, head="lm",
         tie_embeddings=_config_bool(cfg, "tie_word_embeddings"),
         bos_token_id=_family_token_id(cfg, "bos_token_id", vocab),
@@ -1351,6 +1385,10 @@ def llama_family_config_dict(spec: ModelSpec, model_type: str | None = None,
         if model_type == "qwen2":
             config.update(use_sliding_window=False, sliding_window=None,
                           max_window_layers=spec.n_layers)
+    if spec.rope_scaling == "llama3":
+        rope.update({"rope_type": "llama3", **{k: getattr(spec, f)
+                                               for k, f in _LLAMA3_KEYS.items()}})
+        config["rope_scaling"] = dict(rope)  # transformers 4 reads this one
     config["rope_parameters"] = rope
     if dtype is not None:
         config["dtype"] = dtype

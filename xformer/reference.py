@@ -15,7 +15,8 @@ Semantics (decoders and encoder-decoders as below, plus the causal mask and cros
   query head ``h`` reads key/value head ``h // (H / H_kv)`` (Hugging Face ``repeat_kv``).
 * rotary positions (Su et al. 2021), ``positional="rope"``: in self-attention, the first
   ``rotary_dim`` dimensions of each query and key head are rotated by the angles of
-  :func:`xformer.spec.rotary_table` at the token's absolute position; pair ``i`` is
+  :func:`xformer.spec.rotary_table` (``rope_theta``, ``rope_scaling``: ``spec.rotary_tables()``)
+  at the token's absolute position; pair ``i`` is
   ``(i, i + rotary_dim / 2)`` (``rope_style="half"``) or ``(2i, 2i + 1)`` (``"interleaved"``):
   ``(a, b) -> (a cos - b sin, b cos + a sin)``.
 * norms: LayerNorm ``(x - mean) / sqrt(var + eps) * (offset + w) + b`` or RMSNorm
@@ -42,7 +43,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .spec import ModelSpec, rotary_table, sinusoidal_table
+from .spec import ModelSpec, sinusoidal_table
 
 try:  # scipy's erf is vectorised; math.erf is the fallback
     from scipy.special import erf as _erf
@@ -114,8 +115,7 @@ def forward(spec: ModelSpec, weights: Mapping[str, np.ndarray], inputs: Mapping[
     lin = lambda x, p: x @ w[f"{p}.weight"].T + w.get(f"{p}.bias", 0)  # noqa: E731
     h, hkv, dh = spec.n_heads, spec.kv_heads, spec.d_head
     if spec.positional == "rope":
-        cos, sin = (np.asarray(t, dtype) for t in rotary_table(spec.max_len, spec.rotary_dim,
-                                                                spec.rope_theta))
+        cos, sin = (np.asarray(t, dtype) for t in spec.rotary_tables())
 
     def ln(x, p):
         scale = w[f"{p}.weight"] + np.asarray(spec.norm_scale_offset, dtype)

@@ -37,8 +37,12 @@ POSITIONALS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
 FFNS = ("mlp", "glu")
 ROPE_STYLES = ("half", "interleaved")
+ROPE_SCALINGS = ("none", "llama3")
 HEADS = ("pooler", "lm", "none")
 BOOLEAN = (True, False)
+#: The numbers of ``rope_scaling="llama3"``, in Hugging Face's order.
+LLAMA3_ROPE_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                      "rope_original_max_len")
 #: A bias switch that defaults to ``bias`` (``None``) or overrides it.
 OPTIONAL_BOOLEAN = (None, True, False)
 #: ``norm_scale_offset``: ``0.0`` (``y * weight``) or ``1.0`` (Gemma: ``y * (1 + weight)``).
@@ -61,7 +65,8 @@ YAML_MAX_NODES = 10_000
 CHOICES: dict[str, tuple] = {
     "architecture": ARCHITECTURES, "norm": NORMS, "norm_position": NORM_POSITIONS,
     "norm_scale_offset": NORM_SCALE_OFFSETS, "activation": ACTIVATIONS, "ffn": FFNS,
-    "positional": POSITIONALS, "rope_style": ROPE_STYLES, "embedding_norm": BOOLEAN,
+    "positional": POSITIONALS, "rope_style": ROPE_STYLES, "rope_scaling": ROPE_SCALINGS,
+    "embedding_norm": BOOLEAN,
     "final_norm": BOOLEAN, "embed_scale": BOOLEAN, "bias": BOOLEAN,
     "qkv_bias": OPTIONAL_BOOLEAN, "out_proj_bias": OPTIONAL_BOOLEAN,
     "mlp_bias": OPTIONAL_BOOLEAN, "parallel_residual": BOOLEAN, "tie_embeddings": BOOLEAN,
@@ -73,7 +78,8 @@ CHOICES: dict[str, tuple] = {
 #: with ``head="lm"``; ``parallel_residual`` only pre-LN. Coverage cycles them over the specs
 #: where they apply.
 CONDITIONAL: dict[str, tuple[str, Any]] = {
-    "rope_style": ("positional", "rope"), "tie_embeddings": ("head", "lm"),
+    "rope_style": ("positional", "rope"), "rope_scaling": ("positional", "rope"),
+    "tie_embeddings": ("head", "lm"),
     "parallel_residual": ("norm_position", "pre"),
 }
 
@@ -172,6 +178,16 @@ class ModelSpec:
         rotary_fraction: the fraction of each head that rotates: the first ``rotary_dim =
             int(d_head * rotary_fraction)`` dimensions (even, >= 2), the rest pass through
             (GPT-NeoX ``rotary_pct``; Pythia 0.25). ``positional="rope"`` only.
+        rope_scaling: ``"none"`` or ``"llama3"``: Llama 3.1's long-context frequency scaling
+            (Hugging Face ``_compute_llama3_parameters``): with ``L = rope_original_max_len``,
+            a pair whose wavelength ``2 pi / f`` exceeds ``L / rope_low_freq_factor`` turns at
+            ``f / rope_scaling_factor``, one shorter than ``L / rope_high_freq_factor`` at
+            ``f``, and one in between at ``(1 - s) f / factor + s f`` with ``s = (L / wavelength
+            - low) / (high - low)``. ``positional="rope"`` only.
+        rope_scaling_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_len:
+            the four numbers of ``rope_scaling="llama3"`` (``factor``, ``low_freq_factor``,
+            ``high_freq_factor``, ``original_max_position_embeddings``; Llama 3.2: 32, 1, 4,
+            8192); they keep their defaults otherwise.
         type_vocab_size: number of BERT segment (token type) embeddings; 0 for none; encoders
             only.
         embedding_norm: LayerNorm after summing embeddings (BERT).
@@ -227,6 +243,11 @@ class ModelSpec:
     rope_theta: float = 10000.0
     rope_style: str = "half"
     rotary_fraction: float = 1.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     type_vocab_size: int = 0
     embedding_norm: bool = True
     final_norm: bool = False
@@ -246,7 +267,7 @@ class ModelSpec:
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
         ints = {"vocab_size": 1, "d_model": 1, "n_heads": 1, "d_ff": 1, "n_layers": 1,
-                "max_len": 1, "type_vocab_size": 0}
+                "max_len": 1, "type_vocab_size": 0, "rope_original_max_len": 1}
         for name, low in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -273,7 +294,8 @@ class ModelSpec:
                     high is None) else f"in [0, vocab_size={high})"
                 raise SpecError(f"spec field {name!r} must be {allowed}, got {truncate(value)}")
         for name in ("norm_eps", "dropout", "norm_scale_offset", "rope_theta",
-                     "rotary_fraction"):
+                     "rotary_fraction", "rope_scaling_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SpecError(f"spec field {name!r} must be a number, got {truncate(value)}")
@@ -321,13 +343,26 @@ class ModelSpec:
                                 f"head size ({self.d_head}) give rotary_dim = "
                                 f"int(d_head * rotary_fraction) = {self.rotary_dim}; it must be "
                                 f"even and >= 2")
-        else:
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for name in ("rope_theta", "rope_style", "rotary_fraction"):
+            if self.rope_scaling == "llama3" and not (
+                    self.rope_scaling_factor >= 1.0
+                    and 0.0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+                raise SpecError(f"spec fields of rope_scaling 'llama3' must have "
+                                f"rope_scaling_factor >= 1 and 0 < rope_low_freq_factor < "
+                                f"rope_high_freq_factor, got {self.rope_scaling_factor}, "
+                                f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.positional != "rope":
+            for name in ("rope_theta", "rope_style", "rotary_fraction", "rope_scaling"):
                 if getattr(self, name) != defaults[name]:
                     raise SpecError(f"spec field {name!r} is for positional = 'rope' (this "
                                     f"spec has {self.positional!r}); remove it or set "
                                     f"positional: rope")
+        if self.rope_scaling != "llama3":
+            for name in LLAMA3_ROPE_FIELDS:
+                if getattr(self, name) != defaults[name]:
+                    raise SpecError(f"spec field {name!r} is for rope_scaling = 'llama3' (this "
+                                    f"spec has {self.rope_scaling!r}); remove it or set "
+                                    f"rope_scaling: llama3")
         if self.parallel_residual and self.norm_position != "pre":
             raise SpecError("spec field 'parallel_residual' needs norm_position = 'pre' "
                             "(GPT-J, GPT-NeoX: x + attn(norm1(x)) + ffn(norm2(x)))")
@@ -372,6 +407,13 @@ class ModelSpec:
     def kv_heads(self) -> int:
         """Key/value heads ``H_kv``: ``n_kv_heads``, else ``n_heads``."""
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    def rotary_tables(self):
+        """``(cos, sin)`` of this spec's rotary embedding, float64 ``(max_len, rotary_dim /
+        2)`` (:func:`rotary_table` with ``rope_theta`` and the ``rope_scaling`` numbers)."""
+        llama3 = tuple(getattr(self, f) for f in LLAMA3_ROPE_FIELDS) if (
+            self.rope_scaling == "llama3") else None
+        return rotary_table(self.max_len, self.rotary_dim, self.rope_theta, llama3)
 
     @property
     def rotary_dim(self) -> int:
@@ -944,7 +986,8 @@ _LLAMA = dict(architecture="decoder", norm="rmsnorm", norm_position="pre", activ
               embedding_norm=False, final_norm=True, embed_scale=False, bias=False, head="lm")
 _LLAMA_32_1B = {**_LLAMA, "vocab_size": 128256, "d_model": 2048, "n_heads": 32,
                 "n_kv_heads": 8, "d_ff": 8192, "n_layers": 16, "max_len": 131072,
-                "norm_eps": 1e-5, "rope_theta": 500000.0, "tie_embeddings": True,
+                "norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": "llama3",
+                "rope_scaling_factor": 32.0, "tie_embeddings": True,
                 "bos_token_id": 128000, "eos_token_id": 128001}
 _MISTRAL_7B = {**_LLAMA, "vocab_size": 32000, "d_model": 4096, "n_heads": 32, "n_kv_heads": 8,
                "d_ff": 14336, "n_layers": 32, "max_len": 4096, "norm_eps": 1e-5,
@@ -976,8 +1019,8 @@ _TINY = dict(vocab_size=1000, d_model=64, n_heads=4, d_ff=128, n_layers=2, max_l
 #: ``vaswani-base`` is the base model of Vaswani et al. 2017 Table 3 (shared 37000-token BPE
 #: vocabulary, shared and tied embeddings §3.4, dropout 0.1 §5.4; eps 1e-5 as
 #: ``nn.Transformer``, the paper gives none). The Llama family from the config.json of each
-#: published checkpoint: ``llama-3.2-1b`` (meta-llama/Llama-3.2-1B, 1,235,814,400 parameters;
-#: its ``llama3`` rope frequency scaling is not expressed, so long-context numbers differ),
+#: published checkpoint: ``llama-3.2-1b`` (meta-llama/Llama-3.2-1B, 1,235,814,400 parameters,
+#: ``llama3`` rope scaling with factor 32),
 #: ``mistral-7b`` (mistralai/Mistral-7B-v0.1, 7,241,732,096; ``max_len`` is its 4096-token
 #: ``sliding_window``, within which sliding-window attention is plain causal attention),
 #: ``qwen2-0.5b`` (Qwen/Qwen2-0.5B, 494,032,768), ``gemma-2b`` (google/gemma-2b,
@@ -1019,11 +1062,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def rotary_table(max_len: int, rotary_dim: int, theta: float):
+def rotary_table(max_len: int, rotary_dim: int, theta: float,
+                 llama3: tuple[float, float, float, int] | None = None):
     """The rotary angles' ``(cos, sin)`` of Su et al. 2021 (RoFormer eq. 34), float64 numpy,
     each ``(max_len, rotary_dim // 2)``: pair ``i`` at position ``p`` turns by
-    ``p * theta^(-2i / rotary_dim)``. Every backend takes these tables (cast to its compute
-    dtype; ``rope_style`` says which dimensions form pair ``i``), as it takes
+    ``p * f_i``, ``f_i = theta^(-2i / rotary_dim)``; with ``llama3 = (factor, low_freq_factor,
+    high_freq_factor, original_max_len)`` the frequencies are first rescaled as Llama 3.1 does
+    (:class:`ModelSpec` ``rope_scaling``; Hugging Face ``_compute_llama3_parameters``, here in
+    float64). Every backend takes these tables (:meth:`ModelSpec.rotary_tables`, cast to its
+    compute dtype; ``rope_style`` says which dimensions form pair ``i``), as it takes
     :func:`sinusoidal_table`, so the constants are bit-identical everywhere. Hugging Face
     computes the angles in float32 whatever the model's dtype (docs/pitfalls.md).
     """
@@ -1031,6 +1078,13 @@ def rotary_table(max_len: int, rotary_dim: int, theta: float):
 
     inv_freq = 1.0 / np.power(float(theta),
                               np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    if llama3 is not None:
+        factor, low, high, old_len = llama3
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
     angle = np.arange(max_len, dtype=np.float64)[:, None] * inv_freq[None, :]
     return np.cos(angle), np.sin(angle)
 

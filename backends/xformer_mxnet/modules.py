@@ -74,7 +74,7 @@ from mxnet.gluon import HybridBlock, nn  # noqa: E402
 from mxnet.gluon.parameter import Constant  # noqa: E402
 
 from xformer.errors import InputError  # noqa: E402
-from xformer.spec import ModelSpec, rotary_table, sinusoidal_table  # noqa: E402
+from xformer.spec import ModelSpec, sinusoidal_table  # noqa: E402
 
 __all__ = ["erf_exact_grad", "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm",
            "RMSNorm", "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "FeedForward",
@@ -307,7 +307,8 @@ class RotaryEmbedding(_SpecLayer):
     (the paper's, GPT-J); the other ``d_head - rotary_dim`` dimensions pass through
     (``xformer.reference.rotate``).
 
-    The angles are ``xformer.spec.rotary_table(max_len, rotary_dim, rope_theta)``, computed once
+    The angles are ``spec.rotary_tables()`` (``xformer.spec.rotary_table``: ``rope_theta``,
+    ``rope_scaling``), computed once
     in float64 and held as the non-trainable ``Constant`` s ``cos`` / ``sin``
     ``(max_len, rotary_dim / 2)`` in the compute dtype (as ``Embeddings.position_table``), so
     every backend rotates by bit-identical constants; rows are taken with ``F.take`` at
@@ -327,8 +328,7 @@ class RotaryEmbedding(_SpecLayer):
     def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
         super().__init__(spec, **kwargs)
         self._dim, self._style = spec.rotary_dim, spec.rope_style
-        cos, sin = (t.astype(dtype) for t in rotary_table(spec.max_len, spec.rotary_dim,
-                                                           spec.rope_theta))
+        cos, sin = (t.astype(dtype) for t in spec.rotary_tables())
         with self.name_scope():
             self.cos = self.params.get_constant("cos", mx.nd.array(cos, dtype=dtype))
             self.sin = self.params.get_constant("sin", mx.nd.array(sin, dtype=dtype))

@@ -51,7 +51,7 @@ import numpy as np
 from keras import ops
 
 from xformer.errors import InputError, SpecError
-from xformer.spec import ModelSpec, rotary_table, sinusoidal_table
+from xformer.spec import ModelSpec, sinusoidal_table
 
 __all__ = ["gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm",
            "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "FeedForward",
@@ -323,8 +323,7 @@ class RotaryEmbedding(_SpecLayer):
             raise SpecError(f"RotaryEmbedding needs positional='rope', got "
                             f"{spec.positional!r}")
         self.cos, self.sin = (ops.convert_to_tensor(table.astype(self.compute_dtype))
-                              for table in rotary_table(spec.max_len, spec.rotary_dim,
-                                                        spec.rope_theta))
+                              for table in spec.rotary_tables())
 
     def call(self, x, past_length=0):
         r = self.spec.rotary_dim

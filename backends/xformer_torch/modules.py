@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xformer.errors import InputError
-from xformer.spec import ModelSpec, rotary_table, sinusoidal_table
+from xformer.spec import ModelSpec, sinusoidal_table
 
 __all__ = [
     "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm", "RotaryEmbedding",
@@ -237,7 +237,8 @@ class RotaryEmbedding(_SpecLayer):
     (GPT-NeoX, Hugging Face Llama's ``rotate_half``) or ``(2i, 2i + 1)`` for ``"interleaved"``
     (GPT-J's ``rotate_every_two``, Meta's Llama); :func:`xformer.reference.rotate`.
 
-    The angles are :func:`xformer.spec.rotary_table` ``(max_len, rotary_dim / 2)``, computed
+    The angles are ``spec.rotary_tables()`` (:func:`xformer.spec.rotary_table`: ``rope_theta``,
+    ``rope_scaling``) ``(max_len, rotary_dim / 2)``, computed
     once in float64 and cast to ``dtype``: the non-persistent buffers ``cos`` and ``sin``
     (constants, not parameters, not in the ``state_dict``).
 
@@ -255,7 +256,7 @@ class RotaryEmbedding(_SpecLayer):
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
         self.rotary_dim, self.style = spec.rotary_dim, spec.rope_style
-        cos, sin = rotary_table(spec.max_len, spec.rotary_dim, spec.rope_theta)
+        cos, sin = spec.rotary_tables()
         self.register_buffer("cos", torch.as_tensor(cos, dtype=dtype, device=device),
                              persistent=False)
         self.register_buffer("sin", torch.as_tensor(sin, dtype=dtype, device=device),

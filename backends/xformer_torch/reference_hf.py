@@ -188,6 +188,24 @@ def _gemma_rms_norm_exact(self: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
 
 
+def _llama3_inv_freq(inv_freq: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+    """transformers' ``_compute_llama3_parameters`` (``modeling_rope_utils.py``), line for
+    line, on a float64 ``inv_freq``: long wavelengths divided by ``factor``, short ones kept,
+    the band between interpolated."""
+    import math
+
+    factor, low, high = (float(params[k]) for k in ("factor", "low_freq_factor",
+                                                     "high_freq_factor"))
+    old_len = params["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed, inv_freq_llama)
+
+
 def _rotary_exact(self: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``LlamaRotaryEmbedding.forward`` (and its Mistral, Qwen2, Gemma, GPT-NeoX copies) in
@@ -231,9 +249,9 @@ def exact_float64(model: torch.nn.Module) -> torch.nn.Module:
             fn = _gemma_rms_norm_exact if _RMS_NORMS[name] else _rms_norm_exact
             module.forward = types.MethodType(fn, module)
         elif name.endswith("RotaryEmbedding"):
-            if module.rope_type != "default":
-                raise BackendError(f"exact_float64: rope_type {module.rope_type!r} is not "
-                                   f"the default rotary embedding")
+            if module.rope_type not in ("default", "llama3"):
+                raise BackendError(f"exact_float64: rope_type {module.rope_type!r} is neither "
+                                   f"the default rotary embedding nor llama3's")
             cfg = module.config
             params = cfg.rope_parameters
             head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -242,6 +260,8 @@ def exact_float64(model: torch.nn.Module) -> torch.nn.Module:
                 name.startswith("GPTNeoX")) else head
             arange = torch.arange(0, dim, 2, dtype=torch.float64)
             inv_freq = 1.0 / (float(params["rope_theta"]) ** (arange / dim))
+            if module.rope_type == "llama3":
+                inv_freq = _llama3_inv_freq(inv_freq, params)
             module.register_buffer("inv_freq", inv_freq, persistent=False)
             module.forward = types.MethodType(_rotary_exact, module)
     model.config._attn_implementation = EXACT_ATTENTION

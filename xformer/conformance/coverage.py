@@ -80,6 +80,10 @@ def covering_specs(n: int = 6, seed: int = 0, architecture: str = "encoder") -> 
             for k in ("rope_theta", "rotary_fraction"):
                 fields[k] = VARIANTS[k][(held["rope"] + offsets[k]) % len(VARIANTS[k])]
             held["rope"] += 1
+        if fields.get("rope_scaling") == "llama3":
+            # an original context of 8 positions puts the pairs of a 4- or 8-wide head in all
+            # three bands (kept, interpolated, divided by the factor)
+            fields.update(rope_scaling_factor=4.0, rope_original_max_len=8)
         n_heads = int(rng.choice([2, 4]))
         d_model = n_heads * int(rng.choice([4, 8]))
         kv = variant["n_kv_heads"]
