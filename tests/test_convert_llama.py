@@ -592,3 +592,40 @@ def test_cli_refuses_an_unsupported_config_in_one_line(hf, tmp_path, capsys, var
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "xformer: error: config.json rope_scaling.rope_type = 'linear'"), lines
+
+
+# ---------------------------------------------------------------------- sharded checkpoints
+def test_a_sharded_checkpoint_imports_as_the_single_file_does(hf, tmp_path):
+    """Released Mistral-7B and Gemma-2B checkpoints are sharded (`model.safetensors.index.json`
+    + `model-0000k-of-0000n.safetensors`): import reads every shard, after checking each
+    header and the index against them."""
+    path, model = hf["llama"]
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+    assert sum(f.endswith(".safetensors") for f in files) > 2
+    spec, w = from_pretrained(tmp_path / "sharded")
+    spec1, w1 = from_pretrained(path)
+    assert spec == spec1 and set(w) == set(w1)
+    assert all(np.array_equal(w[k], w1[k]) for k in w)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d, idx: idx["weight_map"].update({"model.norm.weight": "../elsewhere.safetensors"}),
+     "is not a file name in the checkpoint's folder"),
+    (lambda d, idx: (d / sorted(set(idx["weight_map"].values()))[0]).unlink(), "is missing"),
+    (lambda d, idx: idx["weight_map"].update({"model.extra.weight": next(iter(
+        idx["weight_map"].values()))}), "that no shard holds"),
+    (lambda d, idx: idx["weight_map"].pop("model.norm.weight"), "but the index says nothing"),
+    (lambda d, idx: idx.clear(), "has no weight_map"),
+], ids=["outside", "missing-shard", "phantom", "unlisted", "empty"])
+def test_a_damaged_shard_index_is_refused_in_one_line(hf, tmp_path, damage, message):
+    model = hf["llama"][1]
+    d = tmp_path / "sharded"
+    model.save_pretrained(d, max_shard_size="20KB")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    damage(d, index)
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained(d)
+    assert "\n" not in str(e.value) and message in str(e.value), str(e.value)

@@ -61,8 +61,8 @@ from .errors import CheckpointError, SpecError, truncate
 from .resources import read_capped
 from .spec import ModelSpec
 from .weights import (atomic_write_dir, check_weights, header_tensors, load_pretrained,
-                      load_weights, model_safetensors, read_safetensors, safetensors_bytes,
-                      safetensors_header, shape_problems)
+                      load_weights, model_header, model_safetensors, read_model,
+                      safetensors_bytes, shape_problems)
 
 #: ``model_type`` values of ``config.json`` that :func:`from_pretrained` imports.
 SUPPORTED_MODEL_TYPES = ("bert", "gpt2", "llama", "mistral", "qwen2", "gemma", "gpt_neox")
@@ -122,7 +122,7 @@ def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.nd
     root = Path(path)
     if root.is_file():
         return load_weights(root)
-    model_safetensors(root)
+    model_safetensors(root, sharded=True)
     config = read_hf_config(root)
     if config is None:
         return load_pretrained(root)
@@ -334,19 +334,19 @@ def import_bert(path: str | os.PathLike, config: Mapping | None = None
         SpecError: an unsupported ``config.json``.
     """
     root = Path(path)
-    st = model_safetensors(root)
+    st = model_safetensors(root, sharded=True)
     config = read_hf_config(root) if config is None else config
     if config is None:
         raise CheckpointError(f"{str(root)!r} has no config.json")
     spec = spec_from_bert_config(config)
     # names and shapes from the header first: a file claiming other tensors is refused unread
-    shapes = {n: t for k, t in header_tensors(safetensors_header(st)).items()
+    shapes = {n: t for k, t in header_tensors(model_header(st)).items()
               if (n := _bert_name(k)) is not None}
     if "pooler.dense.weight" not in shapes:
         spec = spec.replace(head="none")
     check_weights(spec, shapes, source=f"tensors in {st}")
     weights = {}
-    for hf_name, arr in read_safetensors(st).items():
+    for hf_name, arr in read_model(st).items():
         name = _bert_name(hf_name)
         if name is not None:
             weights[name] = arr.astype(np.float32) if arr.dtype != np.float64 else arr
@@ -714,7 +714,7 @@ def import_gpt2(path: str | os.PathLike, config: Mapping[str, Any] | None = None
         SpecError: an unsupported ``config.json`` (names the key).
     """
     root = Path(path)
-    st = model_safetensors(root)
+    st = model_safetensors(root, sharded=True)
     config = read_hf_config(root) if config is None else config
     if config is None:
         raise CheckpointError(f"{str(root)!r} has no config.json")
@@ -722,7 +722,7 @@ def import_gpt2(path: str | os.PathLike, config: Mapping[str, Any] | None = None
         raise CheckpointError(f"{root / 'config.json'}: model_type "
                               f"{truncate(config.get('model_type'))} is not a GPT-2 ('gpt2')")
     # names and shapes from the header first: a file claiming other tensors is refused unread
-    raw = _strip_gpt2_names(header_tensors(safetensors_header(st)), st)
+    raw = _strip_gpt2_names(header_tensors(model_header(st)), st)
     has_head = "lm_head.weight" in raw
     tied = bool(config.get("tie_word_embeddings", True))
     archs = config.get("architectures") or []
@@ -739,7 +739,7 @@ def import_gpt2(path: str | os.PathLike, config: Mapping[str, Any] | None = None
     if problems:
         raise CheckpointError(f"tensors in {st} do not match its config.json (GPT-2 names): "
                               + "; ".join(problems), details=details)
-    raw = _strip_gpt2_names(read_safetensors(st), st)
+    raw = _strip_gpt2_names(read_model(st), st)
     if tied and has_head:
         del raw["lm_head.weight"]
     weights = gpt2_names_to_canonical(raw)
@@ -1529,7 +1529,7 @@ def import_llama_family(path: str | os.PathLike, config: Mapping[str, Any] | Non
         SpecError: an unsupported ``config.json`` (names the key).
     """
     root = Path(path)
-    st = model_safetensors(root)
+    st = model_safetensors(root, sharded=True)
     config = read_hf_config(root) if config is None else config
     if config is None:
         raise CheckpointError(f"{str(root)!r} has no config.json")
@@ -1550,7 +1550,7 @@ def import_llama_family(path: str | os.PathLike, config: Mapping[str, Any] | Non
         return raw
 
     # names and shapes from the header first: a file claiming other tensors is refused unread
-    found = names(header_tensors(safetensors_header(st)))
+    found = names(header_tensors(model_header(st)))
     details: list[str] = []
     problems = shape_problems(llama_family_tensor_shapes(spec, model_type), found,
                               extra_word="unexpected", details=details)
@@ -1558,7 +1558,7 @@ def import_llama_family(path: str | os.PathLike, config: Mapping[str, Any] | Non
         raise CheckpointError(f"tensors in {st} do not match its config.json "
                               f"({LLAMA_FAMILY_CLASSES[model_type]} names): "
                               + "; ".join(problems), details=details)
-    weights = llama_family_to_canonical(spec, names(read_safetensors(st)), model_type)
+    weights = llama_family_to_canonical(spec, names(read_model(st)), model_type)
     return spec, check_weights(spec, weights, source=f"tensors in {st}")
 
 

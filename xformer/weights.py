@@ -350,21 +350,107 @@ def save_pretrained(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[s
                                   "model.safetensors": data})
 
 
-def model_safetensors(root: str | os.PathLike) -> Path:
-    """``root/model.safetensors`` of a model directory (xformer or Hugging Face).
+#: The index of a sharded Hugging Face checkpoint (``save_pretrained(max_shard_size=...)``):
+#: ``{"weight_map": {tensor name: shard file name}}``, shards next to it.
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def model_safetensors(root: str | os.PathLike, sharded: bool = False) -> Path:
+    """``root/model.safetensors`` of a model directory (xformer or Hugging Face); with
+    ``sharded``, else ``root/model.safetensors.index.json`` (:data:`INDEX_FILE`: a sharded
+    Hugging Face checkpoint, read with :func:`model_header` / :func:`read_model`).
 
     Raises:
-        CheckpointError: ``root`` is not a directory or holds no ``model.safetensors``
+        CheckpointError: ``root`` is not a directory or holds neither file
             (``pytorch_model.bin`` is never read: it is a pickle).
     """
     root = Path(root)
     st = root / "model.safetensors"
     if not root.is_dir():
         raise CheckpointError(f"model directory {str(root)!r} does not exist")
-    if not st.is_file():
-        raise CheckpointError(f"{str(root)!r} has no model.safetensors (pytorch_model.bin is "
-                              f"not read: it is a pickle)")
-    return st
+    if st.is_file():
+        return st
+    if sharded and (root / INDEX_FILE).is_file():
+        return root / INDEX_FILE
+    also = f" or {INDEX_FILE}" if sharded else ""
+    raise CheckpointError(f"{str(root)!r} has no model.safetensors{also} (pytorch_model.bin "
+                          f"is not read: it is a pickle)")
+
+
+def shard_map(index: str | os.PathLike) -> dict[str, Path]:
+    """``{tensor name: shard path}`` of a :data:`INDEX_FILE` (its ``weight_map``).
+
+    Raises:
+        CheckpointError: the index is not a JSON object with a ``weight_map`` of names to file
+            names, names a shard outside its folder (``../x``, ``/x``, a hidden file) or one
+            that is not a regular file; over 16 MiB.
+    """
+    from .resources import read_capped
+
+    index = Path(index)
+    try:
+        doc = json.loads(read_capped(index, what="checkpoint index").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{index} is not a JSON index ({type(e).__name__}); re-save the "
+                              f"checkpoint") from None
+    wmap = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wmap, dict) or not wmap or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+        raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
+    out = {}
+    for name, shard in wmap.items():
+        if Path(shard).name != shard or shard.startswith(".") or not shard:
+            raise CheckpointError(f"{index}: shard {truncate(shard)} of {truncate(name)} is not "
+                                  f"a file name in the checkpoint's folder")
+        path = index.parent / shard
+        if not path.is_file():
+            raise CheckpointError(f"{index}: shard {truncate(shard)} (of {truncate(name)}) is "
+                                  f"missing")
+        out[name] = path
+    return out
+
+
+def model_header(st: str | os.PathLike) -> dict[str, Any]:
+    """The tensors' header entries of ``st``: :func:`safetensors_header` of one file, or of
+    every shard of an :data:`INDEX_FILE`, merged (each shard checked against its size before
+    anything is read).
+
+    Raises:
+        CheckpointError: as :func:`safetensors_header` and :func:`shard_map`; a tensor in two
+            shards, in a shard the index does not say, or listed but in no shard.
+    """
+    st = Path(st)
+    if st.name != INDEX_FILE:
+        return safetensors_header(st)
+    wmap = shard_map(st)
+    merged: dict[str, Any] = {}
+    for shard in sorted(set(wmap.values())):
+        for name, info in safetensors_header(shard).items():
+            if name in ("__metadata__", "__data_start__"):
+                continue
+            if name in merged or wmap.get(name) != shard:
+                where = wmap.get(name)
+                raise CheckpointError(f"{st}: tensor {truncate(name)} is in {shard.name} but the "
+                                      f"index says {where.name if where else 'nothing'}; "
+                                      f"re-save the checkpoint")
+            merged[name] = info
+    missing = sorted(set(wmap) - set(merged))
+    if missing:
+        raise CheckpointError(f"{st} lists {len(missing)} tensors that no shard holds: "
+                              f"{', '.join(truncate(m, 60) for m in missing[:3])}")
+    return merged
+
+
+def read_model(st: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of ``st``: :func:`read_safetensors` of one file, or of every shard of an
+    :data:`INDEX_FILE` (check it with :func:`model_header` first)."""
+    st = Path(st)
+    if st.name != INDEX_FILE:
+        return read_safetensors(st)
+    out: dict[str, np.ndarray] = {}
+    for shard in sorted(set(shard_map(st).values())):
+        out.update(read_safetensors(shard))
+    return out
 
 
 def load_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.ndarray]]:
