@@ -190,6 +190,23 @@ def test_generate_errors(gpt2_dir, capsys, tmp_path):
                                            "--prompt-ids", "1,2")
 
 
+@pytest.mark.parametrize("preset,reference", [("gpt2-tiny", "torch.nn"),
+                                               ("llama-tiny", "huggingface"),
+                                               ("pythia-tiny", "huggingface")])
+def test_compare_spec_picks_a_reference_with_gradients(preset, reference, capsys, tmp_path):
+    """`--reference auto` without a checkpoint: torch.nn where it can build the spec, else a
+    Hugging Face class that expresses it (the Llama family), so the gradients are checked
+    against an independent implementation too, not only the numpy forward."""
+    code, out, _ = run(capsys, "compare", "--spec", preset, "--backends", "torch",
+                       "--dtype", "float64", "--repeats", "0", "--seq-len", "6",
+                       "--json", str(tmp_path / "r.json"))
+    assert code == 0, out
+    report = json.loads((tmp_path / "r.json").read_text())["reports"][0]
+    assert report["reference"] == reference
+    assert any(d["tensor"].startswith("grad:") and reference in (d["a"], d["b"])
+               for d in report["diffs"])
+
+
 def test_compare_a_gpt2_checkpoint_against_huggingface(gpt2_dir, capsys, tmp_path):
     code, out, _ = run(capsys, "compare", "--model", str(gpt2_dir), "--backends", "torch",
                        "--dtype", "float32", "--repeats", "1", "--json", str(tmp_path / "r.json"))

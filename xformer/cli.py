@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                    choices=("auto", "huggingface", "torch.nn", "numpy", "none"),
                    help="independent reference (auto: the checkpoint's own Hugging Face class "
                         "for --model DIR; else PyTorch nn.TransformerEncoderLayer where it "
-                        "expresses the spec, else numpy)")
+                        "expresses the spec, else a Hugging Face class that does, else numpy)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch", type=int, default=3, help="batch size of random inputs")
     c.add_argument("--seq-len", type=int, default=None, help="length of random inputs")
@@ -758,7 +758,9 @@ def _hf_unexpressible(spec) -> str | None:
 def _reference(args, spec, from_hf: bool) -> str | None:
     """The reference of ``compare``: ``--reference`` (refused with the reason when it cannot
     express ``spec``), or for ``auto`` Hugging Face for a checkpoint it expresses, else
-    ``torch.nn`` where torch is installed and it expresses ``spec``, else ``numpy``."""
+    ``torch.nn`` where torch is installed and it expresses ``spec``, else Hugging Face where it
+    expresses ``spec`` (the Llama family: outputs and gradients), else ``numpy`` (outputs
+    only)."""
     from .backend import is_installed
     from .conformance import available_references, get_reference
 
@@ -779,6 +781,8 @@ def _reference(args, spec, from_hf: bool) -> str | None:
     if is_installed("torch") and "torch.nn" in refs and (
             get_reference("torch.nn").expressible(spec) is None):
         return "torch.nn"
+    if "huggingface" in refs and _hf_unexpressible(spec) is None:
+        return "huggingface"
     return "numpy"
 
 
