@@ -994,11 +994,11 @@ _MISTRAL_7B = {**_LLAMA, "vocab_size": 32000, "d_model": 4096, "n_heads": 32, "n
                "rope_theta": 10000.0, "tie_embeddings": False, "bos_token_id": 1,
                "eos_token_id": 2}
 _QWEN2_05B = {**_LLAMA, "vocab_size": 151936, "d_model": 896, "n_heads": 14, "n_kv_heads": 2,
-              "d_ff": 4864, "n_layers": 24, "max_len": 32768, "norm_eps": 1e-6,
+              "d_ff": 4864, "n_layers": 24, "max_len": 131072, "norm_eps": 1e-6,
               "rope_theta": 1000000.0, "qkv_bias": True, "tie_embeddings": True,
               "bos_token_id": 151643, "eos_token_id": 151643}
 _GEMMA_2B = {**_LLAMA, "vocab_size": 256000, "d_model": 2048, "n_heads": 8, "n_kv_heads": 1,
-             "head_dim": 256, "d_ff": 16384, "n_layers": 18, "max_len": 8192, "norm_eps": 1e-6,
+             "d_ff": 16384, "n_layers": 18, "max_len": 8192, "norm_eps": 1e-6,
              "norm_scale_offset": 1.0, "activation": "gelu_tanh", "embed_scale": True,
              "rope_theta": 10000.0, "tie_embeddings": True, "bos_token_id": 2,
              "eos_token_id": 1}
