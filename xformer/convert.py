@@ -486,17 +486,9 @@ def spec_from_gpt2_config(config: Mapping[str, Any], head: str = "lm") -> ModelS
                         f"supported: {', '.join(GPT2_ACTIVATIONS)}")
     vocab = config_int(cfg, "vocab_size")
     for key in ("bos_token_id", "eos_token_id"):
-        tok = cfg[key]
-        if tok is not None and (isinstance(tok, bool) or not isinstance(tok, int)):
-            raise SpecError(f"config.json {key} = {truncate(tok)} is not a token id; set it "
-                            f"to one integer or null")
-        if tok is not None and not 0 <= tok < vocab:
-            # GPT2Config(vocab_size=...) keeps the default 50256; Hugging Face loads it with a
-            # warning. A token the model can never produce cannot stop or start generation.
-            warnings.warn(f"config.json {key} = {tok} is outside the vocabulary [0, "
-                          f"vocab_size={vocab}): the model can never produce it, so it is "
-                          f"dropped ({key} = None)", UserWarning, stacklevel=2)
-            cfg[key] = None
+        # GPT2Config(vocab_size=...) keeps the default 50256, outside a small vocabulary:
+        # dropped with a warning (:func:`_family_token_id`)
+        cfg[key] = _family_token_id(cfg, key, vocab)
     d = config_int(cfg, "n_embd")
     inner = config_int(cfg, "n_inner", null_ok=True)
     return ModelSpec(
@@ -1022,9 +1014,10 @@ def _rope_config(cfg: Mapping[str, Any], model_type: str
 
 
 def _family_token_id(cfg: Mapping[str, Any], key: str, vocab: int) -> int | None:
-    """``bos_token_id`` / ``eos_token_id``: one integer or null (a list, as some chat models
-    give ``eos_token_id``, is refused: a spec holds one id); one outside ``[0, vocab)`` is
-    dropped with a warning, as :func:`spec_from_gpt2_config` does."""
+    """``bos_token_id`` / ``eos_token_id`` of a GPT-2 or Llama-family config: one integer or
+    null (a list, as some chat models give ``eos_token_id``, is refused: a spec holds one id);
+    one outside ``[0, vocab)`` is dropped with a warning (Hugging Face loads it with a warning;
+    a token the model can never produce cannot stop or start generation)."""
     tok = cfg.get(key)
     if isinstance(tok, float) and tok.is_integer():
         tok = int(tok)
