@@ -137,6 +137,23 @@ def from_pretrained(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.nd
                           f"supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
 
 
+def _hf_checkpoint(path: str | os.PathLike, config: Mapping[str, Any] | None
+                   ) -> tuple[Path, Path, Mapping[str, Any]]:
+    """``(folder, weights file, config)`` of a Hugging Face directory: its ``model.safetensors``
+    or shard index (:func:`xformer.weights.model_safetensors`) and ``config`` or its
+    ``config.json``.
+
+    Raises:
+        CheckpointError: the folder, the weights or ``config.json`` is missing.
+    """
+    root = Path(path)
+    st = model_safetensors(root, sharded=True)
+    config = read_hf_config(root) if config is None else config
+    if config is None:
+        raise CheckpointError(f"{str(root)!r} has no config.json")
+    return root, st, config
+
+
 _REQUIRED = object()
 
 
@@ -333,11 +350,7 @@ def import_bert(path: str | os.PathLike, config: Mapping | None = None
         CheckpointError: a file is missing or the tensors do not match the config.
         SpecError: an unsupported ``config.json``.
     """
-    root = Path(path)
-    st = model_safetensors(root, sharded=True)
-    config = read_hf_config(root) if config is None else config
-    if config is None:
-        raise CheckpointError(f"{str(root)!r} has no config.json")
+    root, st, config = _hf_checkpoint(path, config)
     spec = spec_from_bert_config(config)
     # names and shapes from the header first: a file claiming other tensors is refused unread
     shapes = {n: t for k, t in header_tensors(model_header(st)).items()
@@ -705,11 +718,7 @@ def import_gpt2(path: str | os.PathLike, config: Mapping[str, Any] | None = None
             listed in one line, in GPT-2 names).
         SpecError: an unsupported ``config.json`` (names the key).
     """
-    root = Path(path)
-    st = model_safetensors(root, sharded=True)
-    config = read_hf_config(root) if config is None else config
-    if config is None:
-        raise CheckpointError(f"{str(root)!r} has no config.json")
+    root, st, config = _hf_checkpoint(path, config)
     if config.get("model_type") != "gpt2":
         raise CheckpointError(f"{root / 'config.json'}: model_type "
                               f"{truncate(config.get('model_type'))} is not a GPT-2 ('gpt2')")
@@ -1521,11 +1530,7 @@ def import_llama_family(path: str | os.PathLike, config: Mapping[str, Any] | Non
             listed in one line, in Hugging Face names).
         SpecError: an unsupported ``config.json`` (names the key).
     """
-    root = Path(path)
-    st = model_safetensors(root, sharded=True)
-    config = read_hf_config(root) if config is None else config
-    if config is None:
-        raise CheckpointError(f"{str(root)!r} has no config.json")
+    root, st, config = _hf_checkpoint(path, config)
     model_type = config.get("model_type")
     if model_type not in LLAMA_FAMILY:
         raise CheckpointError(f"{root / 'config.json'}: model_type {truncate(model_type)} is "

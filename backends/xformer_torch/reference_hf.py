@@ -104,19 +104,30 @@ def gpt2_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: st
     model = model.to(getattr(torch, dtype)).train()
     native = canonical_to_gpt2(spec, check_weights(spec, weights),
                                prefix="transformer." if lm else "")
-    params = dict(model.named_parameters())
-    if set(params) != set(native):
-        raise BackendError(f"Hugging Face GPT-2 reference: parameters "
-                           f"{sorted(set(params) ^ set(native))} do not match the spec")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(torch.as_tensor(np.asarray(native[name], dtype)))
+    _copy_parameters(model, native, dtype, "Hugging Face GPT-2 reference")
     if lm and spec.tie_embeddings and model.lm_head.weight is not model.transformer.wte.weight:
         raise BackendError("Hugging Face GPT-2 reference: lm_head.weight is not tied to "
                            "transformer.wte.weight")
     if lm:
         _expose_last_hidden_state(model, model.transformer)
     return model
+
+
+def _copy_parameters(model: torch.nn.Module, native: Mapping[str, np.ndarray], dtype: str,
+                     who: str) -> None:
+    """Copy ``native`` (``{parameter name: array}`` in the model's own names) into ``model``'s
+    parameters, cast to ``dtype``.
+
+    Raises:
+        BackendError: naming ``who``, when the names differ from ``model.named_parameters()``.
+    """
+    params = dict(model.named_parameters())
+    if set(params) != set(native):
+        raise BackendError(f"{who}: parameters {sorted(set(params) ^ set(native))} do not "
+                           f"match the spec")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(torch.as_tensor(np.asarray(native[name], dtype)))
 
 
 def _expose_last_hidden_state(model: torch.nn.Module, base: torch.nn.Module) -> None:
@@ -313,13 +324,7 @@ def llama_family_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], d
     native = canonical_to_llama_family(spec, check_weights(spec, weights), model_type)
     if "embed_out.weight" in native:  # GPT-NeoX: the file's name of the module's lm_head
         native["lm_head.weight"] = native.pop("embed_out.weight")
-    params = dict(model.named_parameters())
-    if set(params) != set(native):
-        raise BackendError(f"Hugging Face {cls} reference: parameters "
-                           f"{sorted(set(params) ^ set(native))} do not match the spec")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(torch.as_tensor(np.asarray(native[name], dtype)))
+    _copy_parameters(model, native, dtype, f"Hugging Face {cls} reference")
     base = model.base_model  # LlamaModel, ..., GPTNeoXModel
     table = base.get_input_embeddings()
     if spec.tie_embeddings and model.lm_head.weight is not table.weight:

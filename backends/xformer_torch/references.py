@@ -103,7 +103,7 @@ def _run_huggingface(case: Case, repeats: int = 0) -> RunResult:
     from .reference_hf import huggingface_reference
 
     model, tables, to_canonical = huggingface_reference(
-        case.spec, case.weights, case.dtype, model_type=getattr(case, "model_type", None))
+        case.spec, case.weights, case.dtype, model_type=case.model_type)
     return run_torch_module("huggingface", model, case, tables, to_canonical, repeats)
 
 
