@@ -171,6 +171,34 @@ class Backend:
         ``beam_idx`` ``(N,)``."""
         raise NotImplementedError
 
+    def _make_trainer(self, model: Any, config: Any, steps: int) -> Any:
+        """The native optimizer machinery for ``model`` and a checked
+        :class:`~xformer.training.TrainConfig` in a run of ``steps`` steps: the framework's own
+        optimizer (``torch.optim``, ``keras.optimizers``, ``mxnet.optimizer`` / Gluon
+        ``Trainer``), corrected where its semantics differ from ``torch.optim``'s
+        (docs/training.md), and its learning-rate schedule. Opaque to the caller."""
+        raise NotImplementedError
+
+    def _train_step(self, model: Any, trainer: Any, micro: list[dict[str, np.ndarray]],
+                    masks: list[dict[str, np.ndarray]] | None, dropout: str, step: int,
+                    mode: str) -> tuple[float, float, float]:
+        """One optimizer step ``step`` (0-based): for each checked micro-batch (model inputs
+        plus ``labels`` ``(B, T)`` int64), the model in training mode, the objective
+        (:func:`xformer.training.objective`) computed natively, its backward pass with the loss
+        divided by ``len(micro)`` (gradients add up); then clipping by global norm
+        (``torch.nn.utils.clip_grad_norm_`` semantics) if configured, and the native optimizer
+        step at this step's scheduled rate. Dropout: ``dropout == "stream"`` multiplies each
+        site by ``masks[i][site]`` (:func:`xformer.training.dropout_masks`), ``"native"`` uses
+        the framework's own dropout, ``"off"`` none. Returns ``(mean micro loss, learning rate
+        used, global gradient norm before clipping)``."""
+        raise NotImplementedError
+
+    def _optimizer_state(self, model: Any, trainer: Any) -> dict[str, np.ndarray]:
+        """The optimizer state in ``torch.optim``'s names and canonical layout:
+        ``{"<parameter>:exp_avg" | ":exp_avg_sq" | ":momentum_buffer": array}`` for every
+        parameter that has it (none before the first step)."""
+        raise NotImplementedError
+
     def framework_version(self) -> str:
         """The framework's version string, e.g. ``"2.13.0+cpu"``."""
         raise NotImplementedError
@@ -333,6 +361,82 @@ class Backend:
 
         return generate(self, model, input_ids, **kwargs)
 
+    def make_trainer(self, model: Any, config: Any, steps: int) -> Any:
+        """The native optimizer and schedule of a training run of ``steps`` optimizer steps
+        (:meth:`train_step` takes it); see :func:`xformer.training.train` for the whole loop.
+
+        Raises:
+            InputError: a config that is not a :class:`~xformer.training.TrainConfig`, a
+                spec without a training objective, a ``warmup_steps`` beyond the run.
+        """
+        from .training import TrainConfig, _count, objective
+
+        if not isinstance(config, TrainConfig):
+            raise InputError(f"config must be an xformer.training.TrainConfig, got "
+                             f"{type(config).__name__}")
+        objective(model.spec)
+        steps = _count("steps", steps, 1)
+        config.lr_at(0, steps)
+        return _Trainer(self._make_trainer(model, config, steps), config, steps)
+
+    def train_step(self, model: Any, trainer: Any, micro: list[Mapping[str, np.ndarray]],
+                   step: int, mode: str | None = None) -> Any:
+        """One optimizer step over the micro-batches ``micro`` (``config.grad_accum`` of
+        them, each the model inputs plus ``labels``: :func:`xformer.training.micro_batches`).
+
+        Returns:
+            :class:`xformer.training.StepLog`.
+        Raises:
+            BackendError: an unknown mode, or a native schedule whose rate is not
+                :meth:`TrainConfig.lr_at` (a backend bug). InputError: bad inputs or labels.
+        """
+        from .training import StepLog, dropout_masks
+
+        if not isinstance(trainer, _Trainer):
+            raise InputError(f"trainer must be what make_trainer returned, got "
+                             f"{type(trainer).__name__}")
+        mode = self.check_mode(mode)
+        config, spec = trainer.config, model.spec
+        dtype = self.model_dtype(model)
+        if len(micro) != config.grad_accum:
+            raise InputError(f"give grad_accum={config.grad_accum} micro-batches, got "
+                             f"{len(micro)}")
+        checked = []
+        for batch in micro:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            c = check_inputs(spec, inputs, dtype)
+            labels = check_int_array(batch.get("labels"), "labels", "(B, T)")
+            side = "decoder_attention_mask" if "decoder_attention_mask" in c else "attention_mask"
+            if labels.shape != c[side].shape:
+                raise InputError(f"labels must have shape {c[side].shape}, got {labels.shape}")
+            scored = labels != -100
+            if not scored.any():
+                raise InputError("a micro-batch has no scored label (all -100); its loss "
+                                 "would be 0/0")
+            if (scored & ((labels < 0) | (labels >= spec.vocab_size))).any():
+                raise InputError(f"labels must be -100 (ignored) or token ids in "
+                                 f"[0, vocab_size={spec.vocab_size})")
+            c["labels"] = labels.astype(np.int64)
+            checked.append(c)
+        dropout = config.dropout if spec.dropout else "off"
+        masks = None
+        if dropout == "stream":
+            masks = [dropout_masks(spec, c, config.seed, step, i, dtype)
+                     for i, c in enumerate(checked)]
+        loss, lr, norm = self._train_step(model, trainer.native, checked, masks, dropout,
+                                          step, mode)
+        want = config.lr_at(step, trainer.steps)
+        if abs(lr - want) > 1e-12 * max(abs(want), 1e-300):
+            raise BackendError(f"backend {self.name!r} used learning rate {lr!r} at step "
+                               f"{step}, not the schedule's {want!r}")
+        return StepLog(step, float(loss), float(lr), float(norm))
+
+    def optimizer_state(self, model: Any, trainer: Any) -> dict[str, np.ndarray]:
+        """The optimizer state as ``{"<parameter>:<torch.optim key>": numpy}`` (canonical
+        names and layout): ``exp_avg``, ``exp_avg_sq`` (Adam, AdamW), ``momentum_buffer``
+        (SGD with momentum)."""
+        return self._optimizer_state(model, trainer.native)
+
     # -- shared -------------------------------------------------------------------------
     def check_mode(self, mode: str | None) -> str:
         """``mode`` or the preferred one; raises ``BackendError`` for an unknown mode."""
@@ -344,6 +448,16 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<xformer backend {self.name!r}>"
+
+
+@dataclass
+class _Trainer:
+    """What :meth:`Backend.make_trainer` returns: the backend's native optimizer machinery,
+    the run's config and its length."""
+
+    native: Any
+    config: Any
+    steps: int
 
 
 def output_shapes(spec: ModelSpec, inputs: Mapping[str, np.ndarray]

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import zlib
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -680,3 +682,368 @@ def accumulate(micro_grads: Sequence[Mapping[str, np.ndarray | None]]) -> dict[s
             part = g / g.dtype.type(k)
             out[name] = part if prev is None else prev + part
     return out
+
+
+# --------------------------------------------------------------------------- training runs
+
+#: What the model computes in a training step, by architecture (``head="lm"`` only):
+#: ``"causal_lm"`` for decoders (:func:`causal_lm_loss`), ``"seq2seq_lm"`` for
+#: encoder-decoders (:func:`seq2seq_lm_loss`).
+OBJECTIVES = {"decoder": "causal_lm", "encoder-decoder": "seq2seq_lm"}
+#: ``TrainConfig.dropout``: ``"native"`` (each framework's own dropout, the default of
+#: ``xformer train``), ``"stream"`` (the framework-neutral masks of :func:`dropout_masks`, what
+#: conformance runs use) or ``"off"`` (no dropout whatever ``spec.dropout``).
+DROPOUT_MODES = ("native", "stream", "off")
+
+
+def objective(spec: Any) -> str:
+    """The training objective of ``spec`` (:data:`OBJECTIVES`).
+
+    Raises:
+        InputError: ``head != "lm"`` (nothing to predict), or an encoder (the spec has no
+            masked-LM head yet).
+    """
+    if spec.head != "lm" or spec.architecture not in OBJECTIVES:
+        raise InputError(f"training needs a decoder or an encoder-decoder with head='lm' "
+                         f"(a language-model objective); this spec is "
+                         f"architecture={spec.architecture!r} with head={spec.head!r}")
+    return OBJECTIVES[spec.architecture]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every choice of a training run that changes its numbers, validated once.
+
+    Attributes:
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"`` (:data:`OPTIMIZERS`, torch.optim
+            semantics on every backend).
+        lr: base learning rate, finite ``>= 0``.
+        betas, eps: Adam / AdamW (``torch.optim`` defaults).
+        momentum, nesterov: SGD.
+        weight_decay: ``None`` = the optimizer's default (AdamW 0.01, else 0); SGD and Adam add
+            it to the gradient (L2), AdamW decays the weights (decoupled).
+        no_decay_bias_and_norm: exclude biases and norm weights from weight decay
+            (:func:`no_decay_bias_and_norm`, BERT's choice); default: every parameter decays.
+        clip_grad_norm: clip by global L2 norm before the update (:func:`clip_grad_norm`), or
+            ``None``.
+        schedule, warmup_steps, total_steps: :func:`lr_at`; ``total_steps`` ``None`` = the
+            number of steps of the run.
+        batch_size: rows per micro-batch, ``>= 1``.
+        grad_accum: micro-batches per optimizer step, ``>= 1`` (:func:`accumulate`).
+        dropout: :data:`DROPOUT_MODES`.
+        seed: seeds the dropout stream (:func:`dropout_masks`).
+
+    Raises:
+        InputError: any value out of range, with the field named.
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float | None = None
+    no_decay_bias_and_norm: bool = False
+    clip_grad_norm: float | None = None
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    dropout: str = "native"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
+            raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                             f"{truncate(self.optimizer)}")
+        if not isinstance(self.dropout, str) or self.dropout not in DROPOUT_MODES:
+            raise InputError(f"dropout must be one of {', '.join(DROPOUT_MODES)}, got "
+                             f"{truncate(self.dropout)}")
+        object.__setattr__(self, "betas", tuple(self.betas) if isinstance(
+            self.betas, Sequence) and not isinstance(self.betas, str) else self.betas)
+        if self.clip_grad_norm is not None:
+            _real("clip_grad_norm", self.clip_grad_norm, strict=True)
+        _count("batch_size", self.batch_size, 1)
+        _count("grad_accum", self.grad_accum, 1)
+        _count("seed", self.seed)
+        _count("warmup_steps", self.warmup_steps)
+        if self.total_steps is not None:
+            _count("total_steps", self.total_steps, 1)
+        self.numpy_optimizer()  # the optimizer's own checks (lr, betas, eps, momentum, ...)
+        self.lr_at(0, self.total_steps or max(1, self.warmup_steps))
+
+    @property
+    def decay(self) -> float:
+        """The weight decay in effect (the optimizer's default for ``None``)."""
+        if self.weight_decay is not None:
+            return float(self.weight_decay)
+        return 0.01 if self.optimizer == "adamw" else 0.0
+
+    def options(self) -> dict[str, Any]:
+        """Keyword options of the numpy optimizer (:func:`make_optimizer`)."""
+        opts: dict[str, Any] = {"weight_decay": self.decay}
+        if self.no_decay_bias_and_norm:
+            opts["no_decay"] = no_decay_bias_and_norm
+        if self.optimizer == "sgd":
+            opts.update(momentum=self.momentum, nesterov=self.nesterov)
+        else:
+            opts.update(betas=self.betas, eps=self.eps)
+        return opts
+
+    def numpy_optimizer(self) -> Optimizer:
+        """The numpy oracle of this run's optimizer (:class:`SGD`, :class:`Adam`,
+        :class:`AdamW`)."""
+        return make_optimizer(self.optimizer, self.lr, **self.options())
+
+    def lr_at(self, step: int, steps: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) in a run of ``steps``
+        steps (:func:`lr_at`)."""
+        total = self.total_steps or steps
+        warmup = self.warmup_steps
+        if total is not None and warmup > total:
+            raise InputError(f"warmup_steps must be <= the total steps {total}, got {warmup}")
+        return lr_at(step, self.lr, self.schedule, warmup,
+                     None if self.schedule == "constant" and self.total_steps is None
+                     else total)
+
+    def decays(self, name: str) -> bool:
+        """Whether parameter ``name`` gets weight decay (a positive decay, not excluded)."""
+        return self.decay > 0 and not (self.no_decay_bias_and_norm
+                                       and no_decay_bias_and_norm(name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-able values (``betas`` a list)."""
+        out = dict(self.__dict__)
+        out["betas"] = list(self.betas)
+        return out
+
+
+def check_data(spec: Any, data: Any) -> dict[str, np.ndarray]:
+    """Validate training data for ``spec`` before any work is done.
+
+    Args:
+        data: a decoder's ``(N, T)`` integer token rows; an encoder-decoder's mapping (an
+            ``.npz``) with ``source`` ``(N, S)`` and ``target`` ``(N, T)`` rows.
+    Returns:
+        ``{"input_ids": (N, T)}`` or ``{"source": (N, S), "target": (N, T)}``, int64.
+    Raises:
+        InputError: not integers, not 2-D, no rows, rows longer than ``max_len``, a decoder
+            row shorter than 2 tokens (nothing to predict), a token id outside
+            ``[0, vocab_size)``, source and target with different row counts, an
+            encoder-decoder without ``bos_token_id`` (its decoder start token).
+    """
+    kind = objective(spec)
+    if kind == "seq2seq_lm":
+        if not isinstance(data, Mapping) or set(data) != {"source", "target"}:
+            got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+            raise InputError(f"an encoder-decoder trains on a .npz with exactly the arrays "
+                             f"'source' (N, S) and 'target' (N, T), got {got}")
+        if spec.bos_token_id is None:
+            raise InputError("an encoder-decoder needs spec field bos_token_id (the decoder "
+                             "start token) to train")
+        rows = {k: _token_rows(spec, k, data[k], 1) for k in ("source", "target")}
+        if len(rows["source"]) != len(rows["target"]):
+            raise InputError(f"source has {len(rows['source'])} rows but target has "
+                             f"{len(rows['target'])}; give one target row per source row")
+        return rows
+    if isinstance(data, Mapping):
+        raise InputError(f"a decoder trains on one .npy array of token rows (N, T), got a "
+                         f"mapping with {sorted(data)}")
+    return {"input_ids": _token_rows(spec, "tokens", data, 2)}
+
+
+def _token_rows(spec: Any, label: str, value: Any, shortest: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{label} must be an integer array of token ids (N, T), got "
+                         f"{arr.dtype}")
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise InputError(f"{label} must be a non-empty 2-D array of token rows (N, T), got "
+                         f"shape {arr.shape}")
+    if arr.shape[1] < shortest:
+        raise InputError(f"{label} rows have {arr.shape[1]} tokens; give at least {shortest}")
+    if arr.shape[1] > spec.max_len:
+        raise InputError(f"{label} rows have {arr.shape[1]} tokens, more than max_len="
+                         f"{spec.max_len}; shorten them (xformer does not truncate silently)")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= spec.vocab_size:
+        bad = hi if hi >= spec.vocab_size else lo
+        where = tuple(int(i) for i in np.argwhere(arr == bad)[0])
+        raise InputError(f"{label} holds token id {bad} at row {where[0]}, column {where[1]}, "
+                         f"outside [0, vocab_size={spec.vocab_size})")
+    return arr.astype(np.int64)
+
+
+def micro_batches(spec: Any, rows: Mapping[str, np.ndarray], config: TrainConfig,
+                  step: int) -> list[dict[str, np.ndarray]]:
+    """The ``config.grad_accum`` micro-batches of optimizer step ``step``: rows taken in order
+    from :func:`check_data`'s arrays, ``batch_size`` each, wrapping around at the end.
+
+    Each is the model's inputs plus ``"labels"`` ``(B, T)`` int64: a decoder's
+    ``{"input_ids", "attention_mask", "labels"}`` (labels = the ids; the loss shifts), an
+    encoder-decoder's ``{"input_ids": source, "attention_mask", "decoder_input_ids":
+    shift_tokens_right(target, bos_token_id, 0), "decoder_attention_mask", "labels": target}``.
+    Masks are all ones (token rows carry no padding).
+    """
+    n = len(next(iter(rows.values())))
+    out = []
+    for micro in range(config.grad_accum):
+        start = (step * config.grad_accum + micro) * config.batch_size
+        idx = np.arange(start, start + config.batch_size) % n
+        if "input_ids" in rows:
+            ids = rows["input_ids"][idx]
+            out.append({"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int64),
+                        "labels": ids.copy()})
+        else:
+            src, tgt = rows["source"][idx], rows["target"][idx]
+            out.append({"input_ids": src, "attention_mask": np.ones(src.shape, np.int64),
+                        "decoder_input_ids": shift_tokens_right(tgt, spec.bos_token_id, 0),
+                        "decoder_attention_mask": np.ones(tgt.shape, np.int64),
+                        "labels": tgt.copy()})
+    return out
+
+
+def dropout_sites(spec: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """``{site: mask shape}`` of every dropout of ``spec`` in one training forward pass over
+    ``inputs``: the sites are the canonical module paths of the dropout layers, the same
+    attribute names on every backend (docs/training.md)::
+
+        embeddings.dropout, decoder_embeddings.dropout       (B, T, D) after the embeddings
+        <stack>.layers.<i>.self_attn.dropout                  (B, H, T, T) attention probs
+        decoder.layers.<i>.cross_attn.dropout                 (B, H, T, S)
+        <stack>.layers.<i>.ffn.dropout                        (B, T, d_ff) the FFN's inner
+        <stack>.layers.<i>.dropout1 / dropout2 (/ dropout3)   (B, T, D) residual branches
+
+    Empty when ``spec.dropout == 0``."""
+    if not spec.dropout:
+        return {}
+    d, h, f = spec.d_model, spec.n_heads, spec.d_ff
+    enc_dec = spec.architecture == "encoder-decoder"
+    stacks = []
+    if spec.architecture == "decoder":
+        b, t = np.shape(inputs["input_ids"])
+        stacks.append(("embeddings", "decoder", spec.n_layers, t, None))
+    else:
+        b, s = np.shape(inputs["input_ids"])
+        stacks.append(("embeddings", "encoder", spec.n_layers, s, None))
+        if enc_dec:
+            t = np.shape(inputs["decoder_input_ids"])[1]
+            stacks.append(("decoder_embeddings", "decoder",
+                           spec.n_decoder_layers or spec.n_layers, t, s))
+    sites: dict[str, tuple[int, ...]] = {}
+    for emb, stack, layers, t, s in stacks:
+        sites[f"{emb}.dropout"] = (b, t, d)
+        for i in range(layers):
+            pre = f"{stack}.layers.{i}"
+            sites[f"{pre}.self_attn.dropout"] = (b, h, t, t)
+            if s is not None:
+                sites[f"{pre}.cross_attn.dropout"] = (b, h, t, s)
+            sites[f"{pre}.ffn.dropout"] = (b, t, f)
+            for k in range(1, 4 if s is not None else 3):
+                sites[f"{pre}.dropout{k}"] = (b, t, d)
+    return sites
+
+
+def dropout_masks(spec: Any, inputs: Mapping[str, np.ndarray], seed: int, step: int,
+                  micro: int, dtype: str) -> dict[str, np.ndarray]:
+    """The framework-neutral dropout stream: ``{site: scaled keep mask}`` for every site of
+    :func:`dropout_sites`, each ``keep / (1 - p)`` in ``dtype`` with ``keep = u >= p``, ``u``
+    uniform ``[0, 1)`` from ``numpy.random.default_rng([seed, step, micro, crc32(site)])``
+    (PCG64). A backend multiplies the site's input by its mask instead of drawing its own
+    (inverted dropout, as every framework's). Keyed by site name, not call order, so the masks
+    do not depend on how a framework orders its calls."""
+    p = float(spec.dropout)
+    out = {}
+    for site, shape in dropout_sites(spec, inputs).items():
+        rng = np.random.default_rng([seed, step, micro, zlib.crc32(site.encode())])
+        keep = rng.random(shape) >= p
+        out[site] = (keep * (1.0 / (1.0 - p))).astype(dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """One optimizer step of a run: ``step`` (0-based), the mean micro-batch ``loss`` (before
+    the update), the learning rate ``lr`` used and the global gradient norm ``grad_norm``
+    before clipping."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+
+
+def train(backend: Any, model: Any, data: Any, config: TrainConfig, steps: int,
+          mode: str | None = None, callback: Callable[[StepLog], None] | None = None
+          ) -> list[StepLog]:
+    """Train ``model`` in place for ``steps`` optimizer steps on ``backend``.
+
+    Args:
+        backend: an :class:`xformer.backend.Backend`. model: its native model.
+        data: :func:`check_data`'s input (checked here, before any step).
+        config: the run. steps: ``>= 1``. mode: the backend's execution mode.
+        callback: called with each :class:`StepLog` (progress bars, JSON lines).
+    Returns:
+        the step logs. The optimizer (``model``'s trainer) is created here and dropped.
+    Raises:
+        InputError: bad data, config or steps (before any step runs).
+    """
+    steps = _count("steps", steps, 1)
+    rows = check_data(model.spec, data)
+    config.lr_at(0, steps)
+    trainer = backend.make_trainer(model, config, steps)
+    logs = []
+    for step in range(steps):
+        log = backend.train_step(model, trainer, micro_batches(model.spec, rows, config, step),
+                                 step, mode)
+        logs.append(log)
+        if callback is not None:
+            callback(log)
+    return logs
+
+
+def oracle_train(backend: Any, model: Any, data: Any, config: TrainConfig, steps: int,
+                 mode: str | None = None) -> tuple[dict[str, np.ndarray], list[StepLog],
+                                                   Optimizer]:
+    """The same run as :func:`train` with none of the backend's training machinery: each
+    micro-batch's gradient comes from ``backend.forward_backward`` with the cotangent ``d
+    loss / d logits`` of this module's numpy objective, and :func:`accumulate`,
+    :func:`clip_grad_norm` and the numpy optimizer do the rest, the weights written back with
+    ``set_weights`` after every step. Dropout is off (``forward_backward`` runs without it).
+
+    Returns:
+        ``(final weights, step logs, the numpy optimizer)`` (its ``state`` holds the
+        optimizer state); ``model`` ends with the final weights.
+    """
+    steps = _count("steps", steps, 1)
+    spec = model.spec
+    rows = check_data(spec, data)
+    kind = objective(spec)
+    loss_fn, grad_fn = ((causal_lm_loss, causal_lm_loss_grad) if kind == "causal_lm"
+                        else (seq2seq_lm_loss, seq2seq_lm_loss_grad))
+    opt = config.numpy_optimizer()
+    weights = backend.get_weights(model)
+    logs = []
+    for step in range(steps):
+        grads, losses = [], []
+        for batch in micro_batches(spec, rows, config, step):
+            labels = batch.pop("labels")
+            out = backend.forward(model, batch, mode)
+            logits = out["logits"]
+            cots = {k: np.zeros_like(v) for k, v in out.items()}
+            cots["logits"] = grad_fn(logits, labels)
+            losses.append(loss_fn(logits, labels))
+            _, g = backend.forward_backward(model, batch, cots, mode)
+            grads.append({n: g[n] for n in weights})
+        grad = accumulate(grads)
+        dtype = next(iter(weights.values())).dtype
+        norm = np.sqrt(sum(np.sum(a * a, dtype=a.dtype) for a in grad.values()))
+        if config.clip_grad_norm is not None:
+            grad, norm = clip_grad_norm(grad, config.clip_grad_norm)
+        lr = config.lr_at(step, steps)
+        weights = opt.step(weights, grad, lr=lr)
+        backend.set_weights(model, weights)
+        logs.append(StepLog(step, float(np.mean(np.array(losses, dtype))), lr, float(norm)))
+    return weights, logs, opt
