@@ -6,6 +6,7 @@
 ``xformer diff``     where two runs diverge, node by node.
 ``xformer show``     the three implementations of one node class.
 ``xformer init``     random canonical weights for a spec (a checkpoint directory or one file).
+``xformer train``    optimizer steps on one backend with its own optimizer; writes a checkpoint.
 ``xformer backends`` the registered backends, installed or not.
 
 Exit status, one contract for every command (:func:`main`):
@@ -74,10 +75,41 @@ def _parser() -> argparse.ArgumentParser:
                    help="on an internal error (exit 3), print the traceback")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], help=help)
+    def add(name: str, help: str, *parents: argparse.ArgumentParser
+            ) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common, *parents], help=help)
 
-    c = add("compare", "compare outputs, gradients and speed across backends")
+    # the optimizer, schedule and batching of a training run (train, compare --train-steps);
+    # None = xformer.training.TrainConfig's default
+    opt = argparse.ArgumentParser(add_help=False)
+    opt.add_argument("--data", metavar="FILE",
+                     help="token rows: a .npy integer array (N, T); an encoder-decoder's .npz "
+                          "with source (N, S) and target (N, T)")
+    opt.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default=None,
+                     help="torch.optim semantics on every backend (default adamw)")
+    opt.add_argument("--lr", type=float, default=None, help="base learning rate (default 1e-3)")
+    opt.add_argument("--betas", metavar="B1,B2", default=None,
+                     help="Adam/AdamW betas (default 0.9,0.999)")
+    opt.add_argument("--eps", type=float, default=None, help="Adam/AdamW eps (default 1e-8)")
+    opt.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0)")
+    opt.add_argument("--nesterov", action="store_true", default=None,
+                     help="SGD Nesterov momentum")
+    opt.add_argument("--weight-decay", type=float, default=None,
+                     help="AdamW: decoupled (default 0.01); SGD/Adam: L2 (default 0)")
+    opt.add_argument("--no-decay-bias-norm", action="store_true", default=None,
+                     help="exclude biases and norm weights from weight decay (BERT's choice)")
+    opt.add_argument("--clip-grad-norm", type=float, default=None, metavar="C",
+                     help="clip gradients by global L2 norm C (torch.nn.utils.clip_grad_norm_)")
+    opt.add_argument("--schedule", choices=("constant", "linear", "cosine"), default=None,
+                     help="learning-rate schedule with warm-up, as transformers' "
+                          "get_*_schedule_with_warmup (default constant)")
+    opt.add_argument("--warmup-steps", type=int, default=None, help="(default 0)")
+    opt.add_argument("--batch-size", type=int, default=None,
+                     help="rows per micro-batch (default 8)")
+    opt.add_argument("--grad-accum", type=int, default=None, metavar="K",
+                     help="micro-batches per optimizer step (default 1)")
+
+    c = add("compare", "compare outputs, gradients and speed across backends", opt)
     src = c.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH",
                      help="a Hugging Face BERT, GPT-2, Llama, Mistral, Qwen2, Gemma or "
@@ -107,6 +139,36 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--html", metavar="FILE",
                    help="also write a self-contained HTML report (verdict table, per-node "
                         "error plots, timings, spec, environment)")
+    c.add_argument("--train-steps", type=int, default=None, metavar="N",
+                   help="compare N optimizer steps instead of one pass: per step the loss and "
+                        "the worst error of parameters and optimizer state between targets "
+                        "(data: --data, or seeded random token rows)")
+
+    t = add("train", "train with one backend's own optimizer; write a checkpoint", opt)
+    tsrc = t.add_mutually_exclusive_group(required=True)
+    tsrc.add_argument("--model", metavar="PATH",
+                      help="a checkpoint directory (Hugging Face or xformer) or .safetensors "
+                           "file to start from")
+    tsrc.add_argument("--spec", metavar="FILE",
+                      help="a spec (.json/.yaml) or preset name (weights: --weights, else "
+                           "fresh from --seed)")
+    t.add_argument("--weights", metavar="FILE", help="canonical safetensors weights")
+    t.add_argument("--backend", help="torch, tensorflow or mxnet (default: $XFORMER_BACKEND, "
+                                     "./xformer.toml, else torch)")
+    t.add_argument("--mode", help="the backend's execution mode (default: its preferred one)")
+    t.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--dropout", choices=("native", "stream", "off"), default="native",
+                   help="native: the framework's own dropout; stream: xformer's seeded masks, "
+                        "the same on every backend; off")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seeds fresh weights and the dropout stream")
+    t.add_argument("--out", metavar="DIR", required=True,
+                   help="the checkpoint directory to write (spec.json + model.safetensors)")
+    t.add_argument("--json", action="store_true",
+                   help="print the run (per-step loss, learning rate, gradient norm) as JSON")
+    t.add_argument("--force", action="store_true",
+                   help="build the model even if it needs more memory than is available")
 
     e = add("embed", "sentence embeddings (mean-pooled, L2-normalised)")
     e.add_argument("--model", metavar="DIR", required=True,
@@ -188,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_arguments(args)
             _check_outputs(args)
             return {"compare": cmd_compare, "embed": cmd_embed, "init": cmd_init,
+                    "train": cmd_train,
                     "generate": cmd_generate, "diff": cmd_diff, "show": cmd_show,
                     "backends": cmd_backends}[args.command](args)
         except XformerError as e:
@@ -272,8 +335,9 @@ def _quiet_frameworks() -> None:
 
 # ---------------------------------------------------------------------- argument checks
 #: Options that name inputs (files or directories) and outputs, per command.
-_INPUTS = ("model", "spec", "weights", "spec_b", "weights_b")
-_OUTPUTS = {"compare": ("json", "html"), "diff": ("json",), "init": ("out",)}
+_INPUTS = ("model", "spec", "weights", "spec_b", "weights_b", "data")
+_OUTPUTS = {"compare": ("json", "html"), "diff": ("json",), "init": ("out",),
+            "train": ("out",)}
 _SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 
 
@@ -320,8 +384,9 @@ def _check_outputs(args) -> None:
             continue
         option = _option(dest)
         check_output_path(path, inputs, option=option,
-                          directory=args.command == "init" and
-                          not str(path).endswith(".safetensors"))
+                          directory=(args.command == "init" and
+                                     not str(path).endswith(".safetensors"))
+                          or args.command == "train")
         key = os.path.realpath(path)
         if key in seen:
             raise InputError(f"{seen[key]} and {option} are the same file {truncate(path)}; "
@@ -798,6 +863,12 @@ def cmd_compare(args) -> int:
     if args.model or args.weights:  # --spec alone was checked before the weights were made
         _check_compare_memory(args, spec)
     targets = _targets(args)
+    if args.train_steps is not None:
+        return cmd_compare_training(args, spec, weights, label, targets)
+    given = [_option(k) for k in ("data", *_TRAIN_OPTIONS, "betas", "no_decay_bias_norm")
+             if getattr(args, k, None) is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} only apply with --train-steps N")
     reference = _reference(args, spec, from_hf=bool(args.model))
     dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
     console = _console()
@@ -843,6 +914,202 @@ def cmd_compare(args) -> int:
         console.print(f"[bold red]NOT CONFORMANT[/]: {bad} tensor comparisons out of "
                       f"tolerance (listed above).")
     return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------- training
+#: ``TrainConfig`` fields set by the training options (``None``: TrainConfig's default).
+_TRAIN_OPTIONS = ("optimizer", "lr", "eps", "momentum", "nesterov", "weight_decay",
+                  "clip_grad_norm", "schedule", "warmup_steps", "batch_size", "grad_accum")
+
+
+def _train_config(args, steps: int, **fixed):
+    """The :class:`~xformer.training.TrainConfig` of the training options (every value checked
+    there: a negative learning rate, an unknown optimizer, ... raise InputError)."""
+    from .training import TrainConfig
+
+    if steps is None or steps < 1:
+        raise InputError(f"--steps must be >= 1, got {steps}")
+    opts = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k, None) is not None}
+    if getattr(args, "no_decay_bias_norm", None):
+        opts["no_decay_bias_and_norm"] = True
+    if args.betas is not None:
+        parts = [x.strip() for x in args.betas.split(",")]
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            opts["betas"] = (float(parts[0]), float(parts[1]))
+        except ValueError:
+            raise InputError(f"--betas must be two numbers B1,B2 such as 0.9,0.999, got "
+                             f"{truncate(args.betas)}") from None
+    for name in ("lr", "eps", "momentum", "weight_decay", "clip_grad_norm"):
+        value = opts.get(name)
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"{_option(name)} must be a finite number, got {value}")
+    config = TrainConfig(**opts, **fixed)
+    config.lr_at(0, steps)  # warmup_steps within the run
+    return config
+
+
+def _train_data(args, spec, config, steps: int):
+    """``--data`` loaded and checked, or (compare without it) seeded random token rows."""
+    from .conformance.training import random_token_rows
+    from .training import check_data, load_data
+
+    if args.data is None:
+        rows = config.batch_size * config.grad_accum * min(steps, 4)
+        data = random_token_rows(spec, rows, args.seq_len or 16, args.seed)
+    else:
+        data = load_data(args.data)
+    check_data(spec, data)
+    return data
+
+
+def _data_length(data) -> int:
+    """The longest row of training data (for the memory check)."""
+    if isinstance(data, dict):
+        return max(a.shape[1] for a in data.values())
+    return data.shape[1]
+
+
+def cmd_train(args) -> int:
+    """Everything (spec, weights, data, optimizer options, memory, the backend) is checked before
+    the first step; the checkpoint is written once, atomically, after the last step, so an
+    interrupted run leaves nothing behind."""
+    import numpy as np
+
+    from .backend import build
+    from .convert import from_pretrained
+    from .resources import check_memory
+    from .spec import ModelSpec
+    from .training import objective, train
+    from .weights import check_finite, init_weights, load_weights, save_pretrained
+
+    if args.model:
+        spec, weights = from_pretrained(args.model)
+        source = f"--model {Path(args.model).name}"
+    else:
+        spec = ModelSpec.load(args.spec)
+        weights = None
+        source = f"--spec {args.spec}"
+        if args.weights:
+            spec, weights = load_weights(args.weights, spec)
+            source = f"--weights {Path(args.weights).name}"
+    objective(spec)
+    if args.data is None:
+        raise InputError("train needs --data: a .npy array of token rows (N, T) (an "
+                         "encoder-decoder: a .npz with source and target)")
+    config = _train_config(args, args.steps, dropout=args.dropout, seed=args.seed)
+    data = _train_data(args, spec, config, args.steps)
+    check_memory(spec, args.dtype, batch=config.batch_size, seq_len=_data_length(data),
+                 backward=True, force=args.force)
+    if weights is None:
+        weights = init_weights(spec, seed=args.seed, dtype=args.dtype)
+    else:
+        check_finite(weights, source)
+    be, note = _get_backend(args.backend)
+    mode = be.check_mode(args.mode)
+    model = build(spec, backend=be.name, dtype=args.dtype, weights=weights)
+    console = _console()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=_console_err(), transient=True) as bar:
+        task = bar.add_task(f"training on {be.name}/{mode}", total=args.steps)
+        logs = train(be, model, data, config, args.steps, mode=mode, callback=lambda log: (
+            bar.update(task, advance=1, description=f"step {log.step}: loss {log.loss:.4f}")))
+    final = be.get_weights(model)
+    bad = [n for n, w in final.items() if not np.isfinite(w).all()]
+    if bad:
+        raise InputError(f"training diverged: {len(bad)} tensors hold NaN/inf after "
+                         f"{args.steps} steps (e.g. {bad[0]}); lower --lr or clip with "
+                         f"--clip-grad-norm; nothing was written")
+    save_pretrained(Path(args.out), spec, final)
+    if args.json:
+        print(json.dumps({"backend": be.name, "mode": mode, "dtype": args.dtype,
+                          "config": config.to_dict(), "out": str(args.out),
+                          "steps": [log.__dict__ for log in logs]}))
+    else:
+        console.print(f"trained {args.steps} steps on {be.name}/{mode} ({args.dtype}, "
+                      f"{config.optimizer}): loss {logs[0].loss:.6g} -> {logs[-1].loss:.6g}; "
+                      f"wrote {args.out} (spec.json + model.safetensors); use it with --model "
+                      f"{args.out}")
+    print(note, file=sys.stderr)
+    return 0
+
+
+def _console_err():
+    """A rich Console on stderr (progress bars: stdout stays the command's output)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def cmd_compare_training(args, spec, weights, label, targets) -> int:
+    """``compare --train-steps N``: :func:`xformer.conformance.training.run_training` per
+    dtype, one table per dtype (per step: the loss, the worst relative error of the loss, the
+    parameters and the optimizer state between targets), exit 0 / 1."""
+    from rich.table import Table
+
+    from .conformance import environment
+    from .conformance.training import run_training
+    from .spec import atomic_write_bytes
+    from .training import objective
+
+    objective(spec)
+    config = _train_config(args, args.train_steps, seed=args.seed)
+    data = _train_data(args, spec, config, args.train_steps)
+    dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
+    console = _console()
+    reports = []
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    for dtype in dtypes:
+        with Progress(TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task(f"{label} ({dtype}): training", total=args.train_steps)
+            report = run_training(spec, weights, data, config, args.train_steps, targets,
+                                  dtype, name=f"{label} {dtype}",
+                                  progress=lambda step: bar.update(task, advance=1))
+        reports.append(report)
+        tol_loss, tol_param = report.tolerance
+        table = Table(title=f"{label}, {dtype}: {args.train_steps} {config.optimizer} steps, "
+                            f"baseline {report.targets[0]}", title_justify="left")
+        for col in ("step", "lr", "loss", "loss err", "param err", "state err", "worst"):
+            table.add_column(col, justify="left" if col == "worst" else "right")
+        for r in report.rows:
+            mark = "" if r.ok else "[red]✗[/] "
+            table.add_row(str(r.step), f"{r.lr:.3g}", f"{r.losses[report.targets[0]]:.6g}",
+                          f"{r.loss_error:.1e}", f"{r.param_error:.1e}",
+                          f"{r.state_error:.1e}",
+                          f"{mark}{r.worst} ({r.worst_target})" if r.worst else "")
+        console.print(table)
+        console.print(f"tolerance: loss {tol_loss:.0e}, parameters and state {tol_param:.0e} "
+                      f"(relative, vs {report.targets[0]})")
+    ok = all(r.ok for r in reports)
+    doc = {"ok": ok, "model": label, "environment": environment(targets, None),
+           "training": [r.to_dict() for r in reports]}
+    if args.html:
+        from .report import write_training_html
+
+        write_training_html(Path(args.html), doc)
+        console.print(f"wrote {args.html}")
+    if args.json:
+        atomic_write_bytes(Path(args.json), json.dumps(doc, indent=2).encode())
+    if ok:
+        console.print(f"[bold green]CONFORMANT[/]: {len(targets)} backend/mode targets train "
+                      f"alike on {label} ({', '.join(dtypes)}): loss, parameters and optimizer "
+                      f"state within tolerance at every step.")
+        return 0
+    for r in reports:
+        first = r.first_divergence
+        if first is not None:
+            console.print(f"[bold red]NOT CONFORMANT[/] ({r.dtype}): first diverged at step "
+                          f"{first.step}: {first.worst} on {first.worst_target} (parameters "
+                          f"{first.param_error:.1e}, state {first.state_error:.1e}, loss "
+                          f"{first.loss_error:.1e})")
+    return 1
 
 
 def _node_errors(reports, console) -> list[dict]:

@@ -556,3 +556,77 @@ img.plot { display: block; max-width: 100%%; height: auto; margin: 8px 0; }
 ul.pairs { margin: 4px 0 12px; padding-left: 22px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 13px; }
 """ % {"pass": PASS_COLOR, "fail": FAIL_COLOR}
+
+
+# ---------------------------------------------------------------------- training reports
+def training_figure(report: Mapping[str, Any]):
+    """Error against optimizer step for one training comparison (log y): the worst relative
+    error of the parameters, of the optimizer state and of the loss between targets, the
+    tolerances dashed. ``None`` without matplotlib."""
+    fig = _matplotlib_figure(figsize=(8, 3.6), layout="constrained")
+    if fig is None:
+        return None
+    ax = fig.subplots()
+    rows = report.get("rows") or []
+    steps = [r["step"] for r in rows]
+    tol = report.get("tolerance") or {}
+    for (key, label), color, marker in zip(
+            (("param_error", "parameters"), ("state_error", "optimizer state"),
+             ("loss_error", "loss")), PAIR_COLORS, PAIR_MARKERS):
+        values = [max(_nan(r.get(key)), 1e-18) for r in rows]
+        ax.plot(steps, values, color=color, marker=marker, label=label)
+    for key, color in (("parameters", PAIR_COLORS[0]), ("loss", PAIR_COLORS[2])):
+        if key in tol:
+            ax.axhline(float(tol[key]), color=color, linestyle="--", linewidth=1,
+                       label=f"tolerance ({key})")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("worst relative error vs baseline")
+    ax.set_title(f"{report.get('name', '')}: targets {', '.join(report.get('targets', []))}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def render_training_html(doc: Mapping[str, Any]) -> str:
+    """The report page of ``xformer compare --train-steps``: the verdict, per dtype the step
+    table and the error-against-step plot, the run's settings and the environment."""
+    reports = list(doc.get("training") or [])
+    model = str(doc.get("model") or "model")
+    ok = bool(doc.get("ok", all(r.get("ok", False) for r in reports)))
+    verdict = "CONFORMANT" if ok else "NOT CONFORMANT"
+    text = (f"<strong>{verdict}</strong>: training of {_e(model)}, loss, parameters and "
+            f"optimizer state compared after every step")
+    parts = [f'<div class="banner {"pass" if ok else "fail"}" role="status">{text}</div>']
+    for r in reports:
+        first = r.get("first_divergence")
+        parts.append(f"<h2>{_e(r.get('name', ''))}</h2>")
+        if first:
+            parts.append(f"<p>First divergence: step {_e(first['step'])}, "
+                         f"<code>{_e(first['tensor'])}</code> on {_e(first['target'])}.</p>")
+        fig = training_figure(r)
+        parts.append(_NO_MPL if fig is None else _img(fig, f"error against step, {r['name']}"))
+        head = "".join(f"<th>{h}</th>" for h in ("step", "lr", "loss err", "param err",
+                                                 "state err", "worst", "ok"))
+        body = "".join(
+            f"<tr><td>{row['step']}</td><td>{row['lr']:.3g}</td>"
+            f"<td>{_nan(row['loss_error']):.1e}</td><td>{_nan(row['param_error']):.1e}</td>"
+            f"<td>{_nan(row['state_error']):.1e}</td><td><code>{_e(row['worst'])}</code> "
+            f"{_e(row['worst_target'])}</td><td>{'yes' if row['ok'] else 'NO'}</td></tr>"
+            for row in r.get("rows", []))
+        parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        config = ", ".join(f"{k}={_e(v)}" for k, v in (r.get("config") or {}).items())
+        parts.append(f"<p class=\"note\">{config}</p>")
+    parts.append("<h2>Environment</h2>" + _environment_section(doc.get("environment") or {}))
+    title = f"xformer training conformance: {model}"
+    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
+            f"<h1>{_e(title)}</h1>\n" + "\n".join(parts) + "\n</main>\n</body>\n</html>\n")
+
+
+def write_training_html(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
+    """:func:`render_training_html` written atomically (as :func:`write_html`)."""
+    from .spec import atomic_write_bytes
+
+    text = render_training_html(doc)
+    atomic_write_bytes(Path(path), text.encode("utf-8"))

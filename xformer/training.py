@@ -851,7 +851,7 @@ def check_data(spec: Any, data: Any) -> dict[str, np.ndarray]:
     if isinstance(data, Mapping):
         raise InputError(f"a decoder trains on one .npy array of token rows (N, T), got a "
                          f"mapping with {sorted(data)}")
-    return {"input_ids": _token_rows(spec, "tokens", data, 2)}
+    return {"input_ids": _token_rows(spec, "data", data, 2)}
 
 
 def _token_rows(spec: Any, label: str, value: Any, shortest: int) -> np.ndarray:
@@ -1047,3 +1047,42 @@ def oracle_train(backend: Any, model: Any, data: Any, config: TrainConfig, steps
         backend.set_weights(model, weights)
         logs.append(StepLog(step, float(np.mean(np.array(losses, dtype))), lr, float(norm)))
     return weights, logs, opt
+
+
+def load_data(path: Any) -> Any:
+    """Training data from a file: a ``.npy`` array of token rows, or a ``.npz`` (an
+    encoder-decoder's ``source`` and ``target``), read without pickles
+    (``numpy.load(allow_pickle=False)``). :func:`check_data` checks the contents.
+
+    Raises:
+        InputError: another suffix, an empty, truncated or corrupt file, an object (pickled)
+            array. OSError: a missing or unreadable file (the CLI's one line).
+    """
+    import os
+    import zipfile
+
+    name = os.fspath(path)
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix not in (".npy", ".npz"):
+        raise InputError(f"--data {truncate(name, 200)} must be a .npy array of token rows or "
+                         f"a .npz with source and target (np.save / np.savez)")
+    if os.path.isdir(name):
+        raise InputError(f"--data {truncate(name, 200)} is a directory; give a .npy or .npz "
+                         f"file")
+    try:
+        with open(name, "rb") as f:
+            loaded = np.load(f, allow_pickle=False)
+            if suffix == ".npz":
+                if not isinstance(loaded, np.lib.npyio.NpzFile):
+                    raise ValueError("not a .npz archive")
+                return {k: loaded[k] for k in loaded.files}
+            if not isinstance(loaded, np.ndarray):
+                raise ValueError("not a .npy array")
+            return loaded
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"--data {truncate(name, 200)} is not a valid {suffix} file "
+                         f"({truncate(detail, 120)}); write it with "
+                         f"{'np.save' if suffix == '.npy' else 'np.savez'} from an integer "
+                         f"array") from None
+

@@ -374,3 +374,90 @@ def huggingface_reference(spec: ModelSpec, weights: Mapping[str, np.ndarray], dt
         return model, {"inputs_embeds": base.wte.weight}, gpt2_to_canonical
     raise BackendError(f"the Hugging Face reference cannot express this spec: "
                        f"{huggingface_expressible(spec)}")
+
+
+#: ``TrainConfig.schedule`` -> the ``transformers.optimization`` function a Hugging Face loop
+#: calls (the same LambdaLR factors as :func:`xformer.training.lr_factor`).
+HF_SCHEDULES = {"constant": "get_constant_schedule_with_warmup",
+                "linear": "get_linear_schedule_with_warmup",
+                "cosine": "get_cosine_schedule_with_warmup"}
+
+
+def train_huggingface(spec: ModelSpec, weights: Mapping[str, np.ndarray], data: Any,
+                      config: Any, steps: int, dtype: str = "float64",
+                      model_type: str | None = None
+                      ) -> tuple[dict[str, np.ndarray], list[float]]:
+    """The reference of training conformance: a plain Hugging Face training loop that shares
+    no code with xformer's backends, for a decoder that :func:`huggingface_reference`
+    expresses (``GPT2LMHeadModel``, the Llama family).
+
+    The loop is the one of the ``transformers`` examples (``run_clm_no_trainer.py``):
+    ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` over ``model.parameters()`` (two param groups
+    when biases and norm weights do not decay), the ``transformers.get_*_schedule_with_warmup``
+    scheduler stepped after the optimizer, per micro-batch ``(loss / K).backward()``, then
+    ``torch.nn.utils.clip_grad_norm_``, ``optimizer.step()``, ``scheduler.step()``,
+    ``optimizer.zero_grad()``. The loss is the causal-LM cross-entropy of ``model(input_ids,
+    attention_mask).logits`` (shifted, mean over the labels) computed here with
+    ``torch.nn.functional.cross_entropy`` in the model's dtype: ``transformers``' own
+    ``ForCausalLMLoss`` upcasts logits to float32 (``logits.float()``), which in a float64 run
+    would round the loss and its gradient to float32. Dropout is 0 (the references are built
+    without it).
+
+    Args:
+        data: token rows (:func:`xformer.training.check_data`). config: a
+            :class:`xformer.training.TrainConfig` (``dropout`` ignored). steps: optimizer steps.
+    Returns:
+        ``(canonical weights after the last step, the loss of every step)``.
+    Raises:
+        BackendError: the spec is not a decoder Hugging Face expresses.
+    """
+    from xformer.training import check_data, micro_batches
+
+    if spec.architecture != "decoder":
+        raise BackendError("the Hugging Face training reference covers decoders (causal LM)")
+    model, _, to_canonical = huggingface_reference(spec, weights, dtype, model_type)
+    rows = check_data(spec, data)
+    params = list(model.parameters())
+    if config.no_decay_bias_and_norm:
+        # Hugging Face Trainer.get_decay_parameter_names: no decay for biases and for every
+        # parameter of a norm layer (by module class), decided on the Hugging Face model
+        norm_params = {id(p) for m in model.modules() if "Norm" in type(m).__name__
+                       for p in m.parameters(recurse=False)}
+        skip = {id(p) for n, p in model.named_parameters()
+                if n.endswith("bias") or id(p) in norm_params}
+        groups = [{"params": [p for p in params if id(p) not in skip]},
+                  {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": params}]
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                              nesterov=config.nesterov, weight_decay=config.decay)
+    else:
+        cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        opt = cls(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                  weight_decay=config.decay)
+    total = config.total_steps or steps
+    make = getattr(transformers, HF_SCHEDULES[config.schedule])
+    sched = (make(opt, config.warmup_steps) if config.schedule == "constant"
+             else make(opt, config.warmup_steps, total))
+    losses = []
+    for step in range(steps):
+        micro = micro_batches(spec, rows, config, step)
+        total_loss = 0.0
+        for batch in micro:
+            ids = torch.from_numpy(batch["input_ids"])
+            out = model(input_ids=ids, attention_mask=torch.from_numpy(batch["attention_mask"]))
+            labels = torch.from_numpy(batch["labels"])
+            loss = torch.nn.functional.cross_entropy(
+                out.logits[:, :-1].reshape(-1, spec.vocab_size), labels[:, 1:].reshape(-1),
+                ignore_index=-100)
+            (loss / len(micro)).backward()
+            total_loss += loss.item() / len(micro)
+        if config.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(total_loss)
+    final = to_canonical({n: p.detach().numpy().copy() for n, p in model.named_parameters()})
+    return final, losses
