@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -37,6 +38,44 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Parameter .* is not used", UserWarning)
         yield
+
+
+@dataclass
+class _Run:
+    """What :meth:`MXNetBackend._make_trainer` returns: the ``gluon.Trainer``, the canonical
+    parameters it updates (its index order) and the run's config."""
+
+    trainer: Any
+    params: dict
+    config: Any
+
+
+def lm_loss(logits, labels: np.ndarray, shift: bool):
+    """The language-model objective in MXNet (Hugging Face ``ForCausalLMLoss`` /
+    ``CrossEntropyLoss(ignore_index=-100)``; :func:`xformer.training.causal_lm_loss` and
+    :func:`~xformer.training.seq2seq_lm_loss` are its numpy statement): the mean over the
+    positions whose label is not ``-100`` of ``-log_softmax(logits)[label]``, in the logits'
+    dtype; with ``shift`` (causal LM) ``logits[:, :-1]`` against ``labels[:, 1:]``.
+
+    Args:
+        logits: ``(B, T, V)`` NDArray (inside ``autograd.record`` for a backward pass).
+        labels: ``(B, T)`` int64 numpy, values in ``[0, V)`` or ``-100``, at least one scored
+            (the Backend template checks).
+        shift: ``True`` for a causal LM, ``False`` for seq2seq.
+    Returns:
+        a ``(1,)`` NDArray of the logits' dtype.
+    """
+    from .modules import mx  # imported already: logits is an NDArray
+
+    if shift:
+        logits = mx.nd.slice_axis(logits, axis=1, begin=0, end=-1)
+        labels = labels[:, 1:]
+    keep = labels != -100
+    dtype = logits.dtype
+    targets = mx.nd.array(np.where(keep, labels, 0), ctx=logits.context, dtype=dtype)
+    weights = mx.nd.array(keep, ctx=logits.context, dtype=dtype)
+    picked = mx.nd.pick(mx.nd.log_softmax(logits, axis=-1), targets, axis=-1)  # (B, T)
+    return -mx.nd.sum(picked * weights).reshape((1,)) / float(keep.sum())
 
 
 class MXNetBackend(Backend):
@@ -199,6 +238,86 @@ class MXNetBackend(Backend):
     def _reorder_past(self, past_key_values: tuple, beam_idx: np.ndarray) -> tuple:
         return self._modules.reorder_cache(past_key_values,
                                            self._mx.nd.array(beam_idx, dtype="int64"))
+
+    # -- training ------------------------------------------------------------------------
+    def _make_trainer(self, model, config, steps: int) -> "_Run":
+        """A ``gluon.Trainer`` over the canonical parameters with the optimizer and schedule of
+        ``config`` (:func:`xformer_mxnet.optimizers.make_optimizer`: MXNet optimizers with
+        ``torch.optim`` semantics, an ``mx.lr_scheduler`` subclass)."""
+        from . import optimizers
+
+        params = self._modules.canonical_parameters(model)
+        return _Run(optimizers.make_optimizer(params, config, steps), params, config)
+
+    def _train_step(self, model, trainer: "_Run", micro: list[dict[str, np.ndarray]],
+                    masks: list[dict[str, np.ndarray]] | None, dropout: str, step: int,
+                    mode: str) -> tuple[float, float, float]:
+        """One optimizer step. Each micro-batch runs inside ``autograd.record`` (train mode
+        unless ``dropout == "off"``), its loss (:func:`lm_loss`) divided by ``len(micro)``
+        before ``backward``; the gradients are summed across micro-batches (each backward
+        overwrites ``param.grad()``: ``grad_req="write"``, so a later
+        :meth:`forward_backward` is not affected), clipped
+        (:func:`xformer_mxnet.optimizers.clip_grad_norm`) and applied by ``trainer.step(1)``
+        (``rescale_grad`` 1: the loss is already a mean).
+
+        ``mode`` ``"hybridize"`` trains through the cached graph with native or no dropout; with
+        the dropout stream every mode runs the model imperatively
+        (:func:`xformer_mxnet.modules.use_dropout_masks`: a hybridized graph cannot take the
+        per-step mask NDArrays), keeping the cached graph for later calls."""
+        from .optimizers import clip_grad_norm, global_norm
+
+        mx = self._mx
+        params = trainer.params
+        shift = model.spec.architecture != "encoder-decoder"  # causal LM: t predicts t + 1
+        k = len(micro)
+        total: dict[str, Any] = {}
+        losses = []
+        for i, batch in enumerate(micro):
+            inputs = {key: v for key, v in batch.items() if key != "labels"}
+            args = self._call_args(model, inputs, mode)
+            site_masks = None if masks is None else {
+                site: mx.nd.array(m, dtype=model.dtype) for site, m in masks[i].items()}
+            with mx.autograd.record(train_mode=dropout != "off"), _quiet(), \
+                    self._modules.use_dropout_masks(model, site_masks):
+                out = model(**args)
+                logits = out[-1]  # (..., logits): head="lm"
+                loss = lm_loss(logits, batch["labels"], shift)
+                scaled = loss / k
+            scaled.backward()
+            losses.append(loss.asnumpy()[0])
+            for name, param in params.items():
+                grad = param.grad()
+                total[name] = grad.copy() if i == 0 else total[name] + grad
+        grads = []
+        for name, param in params.items():
+            if k > 1:
+                param.grad()[:] = total[name]
+            grads.append(param.grad())
+        clip = trainer.config.clip_grad_norm
+        norm = global_norm(grads) if clip is None else clip_grad_norm(grads, clip)
+        trainer.trainer.step(1)
+        lr = trainer.trainer.learning_rate  # the Schedule at num_update = step + 1
+        return float(np.mean(np.array(losses, dtype=model.dtype))), lr, norm
+
+    def _optimizer_state(self, model, trainer: "_Run") -> dict[str, np.ndarray]:
+        """The ``gluon.Trainer``'s updater states (per parameter index, created on the first
+        update) in ``torch.optim`` names: :class:`~xformer_mxnet.optimizers.SGD`'s buffer is
+        ``momentum_buffer`` (``None`` without momentum: left out), ``Adam`` / ``AdamW``'s
+        ``(m, v)`` are ``exp_avg`` / ``exp_avg_sq``. Gluon parameters are in canonical layout
+        already."""
+        states = trainer.trainer._updaters[0].states  # {parameter index: state}; no getter
+        adam = trainer.config.optimizer != "sgd"
+        out = {}
+        for index, name in enumerate(trainer.params):
+            state = states.get(index)
+            if state is None:
+                continue
+            if adam:
+                out[f"{name}:exp_avg"] = state[0].asnumpy()
+                out[f"{name}:exp_avg_sq"] = state[1].asnumpy()
+            else:
+                out[f"{name}:momentum_buffer"] = state.asnumpy()
+        return out
 
     # -- the environment -----------------------------------------------------------------
     def framework_version(self) -> str:

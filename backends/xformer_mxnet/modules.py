@@ -32,6 +32,10 @@ Gluon specifics:
 * rotary embeddings (:class:`RotaryEmbedding`) hold ``xformer.spec.rotary_table`` as
   ``Constant`` s in the compute dtype, as the sinusoidal table; grouped-query attention repeats
   each key/value head with ``F.repeat`` (Hugging Face ``repeat_kv``) after the cache;
+* every dropout is a :class:`Dropout` (Gluon's, plus the framework-neutral dropout stream of
+  ``xformer.training.dropout_masks``: :func:`use_dropout_masks` hands each site its mask for a
+  training step, which then runs imperatively; the attention probabilities reach their dropout
+  as ``(B, H, T, S)``, the site's shape);
 * GELU is composed from ``F.erf`` / ``F.tanh``: ``LeakyReLU(act_type="gelu")`` is off by ~3e-7
   even in float64 (docs/design.md §5); in float64 ``erf``'s gradient is recomputed
   (:func:`erf_exact_grad`): MXNet's own is off by 3e-8; SiLU is ``x * F.sigmoid(x)``;
@@ -81,7 +85,7 @@ __all__ = ["erf_exact_grad", "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS",
            "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
            "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel",
            "causal_allowed", "allowed_bias", "imperative", "cache_length", "reorder_cache",
-           "canonical_parameters"]
+           "canonical_parameters", "Dropout", "use_dropout_masks"]
 
 
 # ---------------------------------------------------------------------- activations
@@ -405,7 +409,7 @@ class Embeddings(_SpecLayer):
                 self.token_type_embeddings = nn.Embedding(spec.type_vocab_size, d, dtype=dtype)
             if spec.embedding_norm:
                 self.norm = _norm(spec, dtype)
-            self.dropout = nn.Dropout(spec.dropout)
+            self.dropout = Dropout(spec.dropout)
 
     def embed_tokens(self, input_ids):
         """``word_embeddings[input_ids]`` times ``sqrt(d_model)`` if ``embed_scale``: what the
@@ -492,7 +496,7 @@ class MultiHeadAttention(_SpecLayer):
             self.out_proj = _dense(d, inner, spec.has_bias("out_proj"), dtype)
             self.rotary = (RotaryEmbedding(spec, dtype=dtype)
                            if spec.positional == "rope" and not cross_attention else None)
-            self.dropout = nn.Dropout(spec.dropout)
+            self.dropout = Dropout(spec.dropout)
 
     @staticmethod
     def _split_heads(F, x, heads: int):
@@ -540,12 +544,118 @@ class MultiHeadAttention(_SpecLayer):
             scores = F.reshape(scores, shape=(-1, self._heads, 0, 0), reverse=True)
             scores = F.broadcast_add(scores, attention_bias)                     # (B, H, T, S)
             scores = F.reshape(scores, shape=(-1, 0, 0), reverse=True)
-        probs = self.dropout(F.softmax(scores, axis=-1))
+        probs = F.softmax(scores, axis=-1)                                      # (B*H, T, S)
+        # dropout sees the site's shape (B, H, T, S) (xformer.training.dropout_sites), so a
+        # stream mask multiplies it as it is; Gluon's own dropout is elementwise either way
+        probs = self.dropout(F.reshape(probs, shape=(-1, self._heads, 0, 0), reverse=True))
+        probs = F.reshape(probs, shape=(-1, 0, 0), reverse=True)
         ctx = F.batch_dot(probs, self._fold(F, values))                         # (B*H, T, dh)
         ctx = F.reshape(ctx, shape=(-1, self._heads, 0, 0), reverse=True)       # (B, H, T, dh)
         ctx = F.reshape(F.transpose(ctx, axes=(0, 2, 1, 3)), shape=(0, 0, -1))  # (B, T, H dh)
         out = self.out_proj(ctx)
         return (out, (k, v)) if use_cache else out
+
+
+class Dropout(nn.Dropout):
+    """Gluon's ``nn.Dropout`` that can be handed the mask to apply instead of drawing its own:
+    the framework-neutral dropout stream of :func:`xformer.training.dropout_masks`, so that a
+    training step computes the same numbers on every backend (issue #10; the twin of
+    ``xformer_torch.modules.Dropout``).
+
+    With ``mask`` set (an NDArray, see :func:`use_dropout_masks`) the call is ``x * mask``: the
+    mask already holds ``keep / (1 - p)`` in the model dtype (inverted dropout, as
+    ``F.Dropout`` scales), so nothing is drawn and nothing rescaled, in train and predict mode
+    alike (a mask is only given during a training step). With ``mask`` ``None`` (the default)
+    it is exactly ``nn.Dropout(rate)``: ``F.Dropout`` draws in ``autograd.train_mode`` and is
+    the identity otherwise, imperatively and in a hybridized graph.
+
+    A mask is an NDArray, and a hybridized graph cannot take an NDArray attribute as an input
+    (tracing would have to freeze it, and the next call would silently reuse it): a masked
+    call must run imperatively, which :func:`use_dropout_masks` arranges (:func:`imperative`,
+    the cached graph is kept). Called with ``F`` = ``mx.sym`` while a mask is set, the block
+    raises rather than bake the mask in; but a graph already traced does not call
+    ``hybrid_forward`` at all, so a mask set directly on a hybridized block would be ignored:
+    give masks through :func:`use_dropout_masks`, never by hand to a hybridized model.
+
+    Args:
+        rate: the drop probability ``p`` in ``[0, 1)`` (``nn.Dropout``'s ``rate``; the spec's
+            ``dropout``).
+
+    Call ``(x)``: any shape, returned in its shape and dtype; ``mask`` exactly ``x``'s shape
+    (the site's shape, :func:`xformer.training.dropout_sites`; the attention probabilities
+    reach it as ``(B, H, T, S)``) and dtype.
+
+    Raises:
+        InputError: a mask whose shape is not ``x``'s (a broadcast would silently reuse it).
+        RuntimeError: a mask set while the block runs as a hybridized graph.
+    """
+
+    #: The scaled keep mask of the current call, or ``None`` (draw natively).
+    mask = None
+
+    def hybrid_forward(self, F, x):
+        mask = self.mask
+        if mask is None:
+            return super().hybrid_forward(F, x)
+        if not isinstance(x, mx.nd.NDArray):
+            raise RuntimeError("a Dropout with a stream mask must run imperatively (inside "
+                               "use_dropout_masks / imperative): a hybridized graph would "
+                               "freeze the mask")
+        if mask.shape != x.shape:
+            raise InputError(f"dropout mask of shape {tuple(mask.shape)} for an input of shape "
+                             f"{tuple(x.shape)}; give the site's exact shape")
+        return x * mask
+
+
+def _named_blocks(block, prefix: str = ""):
+    """``(attribute path, block)`` of every descendant of ``block`` (Gluon's registered
+    children; ``nn.HybridSequential`` names them ``"0"``, ``"1"``, ...)."""
+    for name, child in block._children.items():
+        path = f"{prefix}{name}"
+        yield path, child
+        yield from _named_blocks(child, f"{path}.")
+
+
+@contextlib.contextmanager
+def use_dropout_masks(model: HybridBlock, masks):
+    """``with use_dropout_masks(model, masks):`` every :class:`Dropout` named in ``masks`` (its
+    attribute path in ``model``, the canonical site name: ``embeddings.dropout``,
+    ``decoder.layers.0.self_attn.dropout``, ...; :func:`xformer.training.dropout_sites`)
+    multiplies by its mask instead of drawing, and ``model`` runs imperatively
+    (:func:`imperative`: a hybridized model keeps its cached graph for later calls, but the
+    masked calls cannot go through it, see :class:`Dropout`). On exit (also on error) every
+    mask is cleared, and the blocks draw natively and run hybridized again. ``masks`` ``None``
+    or empty: nothing changes (a hybridized model stays hybridized).
+
+    Autograd keeps the mask arrays it multiplied by, so ``backward()`` may run after the
+    ``with`` block.
+
+    Args:
+        model: an :class:`EncoderModel`, :class:`DecoderModel` or :class:`EncoderDecoderModel`
+            (any block whose dropout blocks are :class:`Dropout`).
+        masks: ``{site: NDArray}`` in the model's dtype and context, each of its site's shape.
+    Raises:
+        InputError: a site that is not a :class:`Dropout` of ``model`` (a wiring bug, so it is
+            loud rather than a silent native draw).
+    """
+    if not masks:
+        yield model
+        return
+    blocks = dict(_named_blocks(model))
+    chosen = []
+    for site, mask in masks.items():
+        block = blocks.get(site)
+        if not isinstance(block, Dropout):
+            raise InputError(f"dropout site {site!r} is not a Dropout block of the model")
+        chosen.append((block, mask))
+    try:
+        for block, mask in chosen:
+            block.mask = mask
+        with imperative(model):
+            yield model
+    finally:
+        for block, _ in chosen:
+            block.mask = None
 
 
 class FeedForward(_SpecLayer):
@@ -565,7 +675,7 @@ class FeedForward(_SpecLayer):
         with self.name_scope():
             self.linear1 = _dense(spec.d_ff, spec.d_model, bias, dtype)
             self.linear2 = _dense(spec.d_model, spec.d_ff, bias, dtype)
-            self.dropout = nn.Dropout(spec.dropout)
+            self.dropout = Dropout(spec.dropout)
 
     def hybrid_forward(self, F, x):
         hidden = self._act(F, self.linear1(x), exact_grad=self._exact_grad)
@@ -591,7 +701,7 @@ class GatedFeedForward(_SpecLayer):
             self.gate_proj = _dense(spec.d_ff, spec.d_model, bias, dtype)
             self.up_proj = _dense(spec.d_ff, spec.d_model, bias, dtype)
             self.down_proj = _dense(spec.d_model, spec.d_ff, bias, dtype)
-            self.dropout = nn.Dropout(spec.dropout)
+            self.dropout = Dropout(spec.dropout)
 
     def hybrid_forward(self, F, x):
         gate = self._act(F, self.gate_proj(x), exact_grad=self._exact_grad)
@@ -619,8 +729,8 @@ class EncoderLayer(_SpecLayer):
             self.ffn = (GatedFeedForward(spec, dtype=dtype) if spec.ffn == "glu" else
                         FeedForward(spec, dtype=dtype))
             self.norm2 = _norm(spec, dtype)
-            self.dropout1 = nn.Dropout(spec.dropout)
-            self.dropout2 = nn.Dropout(spec.dropout)
+            self.dropout1 = Dropout(spec.dropout)
+            self.dropout2 = Dropout(spec.dropout)
 
     def hybrid_forward(self, F, x, attention_bias=None):
         if self._parallel:
@@ -814,9 +924,9 @@ class DecoderLayer(_SpecLayer):
                 self.norm3 = _norm(spec, dtype)
             else:
                 self.norm2 = _norm(spec, dtype)
-            self.dropout1 = nn.Dropout(spec.dropout)
-            self.dropout2 = nn.Dropout(spec.dropout)
-            self.dropout3 = nn.Dropout(spec.dropout)
+            self.dropout1 = Dropout(spec.dropout)
+            self.dropout2 = Dropout(spec.dropout)
+            self.dropout3 = Dropout(spec.dropout)
 
     def hybrid_forward(self, F, x, attention_bias=None, encoder_hidden_states=None,
                        encoder_attention_bias=None, past_key_value=None, use_cache=False):
