@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from xformer.backend import Backend, check_dtype
-from xformer.errors import BackendError
+from xformer.errors import BackendError, InputError
 from xformer.spec import ModelSpec
 from xformer.weights import check_weights
 
@@ -172,6 +172,101 @@ class TensorFlowBackend(Backend):
         idx = tf.constant(beam_idx)
         return tf.nest.map_structure(lambda t: tf.gather(t, idx, axis=0), past_key_values)
 
+    # -- training --------------------------------------------------------------------------
+    def _make_trainer(self, model: Any, config: Any, steps: int) -> "_KerasTrainer":
+        """A Keras optimizer with ``torch.optim`` semantics built on the model's variables in
+        canonical order (:func:`xformer_tensorflow.optimizers.make_optimizer`: the corrected
+        :class:`~xformer_tensorflow.optimizers.SGD` / ``Adam`` / ``AdamW``, its rate a
+        float64 :class:`~xformer_tensorflow.optimizers.Schedule`, AdamW's exclusions by
+        canonical name through ``exclude_from_weight_decay``), whether the objective shifts
+        (causal LM) and the config. The loss lives in the model's cached gradient function
+        (:meth:`_train_fn`)."""
+        from xformer.training import objective
+
+        from .optimizers import make_optimizer
+
+        variables = {name: var for name, (var, _) in self.variables(model).items()}
+        optimizer = make_optimizer(config, steps, variables, self.model_dtype(model))
+        return _KerasTrainer(optimizer, objective(model.spec) == "causal_lm", config)
+
+    def _train_step(self, model: Any, trainer: "_KerasTrainer",
+                    micro: list[dict[str, np.ndarray]], masks: list[dict[str, np.ndarray]] | None,
+                    dropout: str, step: int, mode: str) -> tuple[float, float, float]:
+        """One optimizer step: see :meth:`Backend._train_step`.
+
+        The gradient of each micro-batch (the model called with ``training=True`` unless
+        dropout is ``"off"``, the loss, ``loss / len(micro)``, ``tf.GradientTape``) is one
+        function per mode, cached on the model: called directly in ``"eager"``,
+        ``tf.function(reduce_retracing=True)`` in ``"function"``, ``tf.function(jit_compile=
+        True)`` in ``"xla"``. The stream's masks are an argument of that function (a dict of
+        tensors), set on the :class:`~xformer_tensorflow.modules.Dropout` layers while the
+        body runs (while it is traced, in the traced modes) and cleared afterwards, so each
+        call multiplies by its own masks, never by ones captured at trace time. The update
+        (the micro-batch gradients added up, the global norm, :func:`~xformer_tensorflow.
+        optimizers.clip_grad_norm`, ``optimizer.apply``) is a second function per trainer,
+        compiled the same way. The rate is the optimizer's :class:`~xformer_tensorflow.
+        optimizers.Schedule` at its ``iterations`` before the update."""
+        tf = self.tf
+        if trainer.optimizer.iterations.numpy() != step:
+            raise InputError(f"train_step {step} on a trainer that has done "
+                             f"{int(trainer.optimizer.iterations.numpy())} steps; give the "
+                             f"steps in order, from 0")
+        grad_fn = self._compiled(model, "train", mode)
+        count = tf.constant(float(len(micro)), dtype=model.dtype)
+        losses, grads = [], []
+        for i, batch in enumerate(micro):
+            inputs = self._tensors({k: v for k, v in batch.items() if k != "labels"})
+            site_masks = self._tensors(masks[i]) if masks is not None else {}
+            loss, g = grad_fn(inputs, tf.constant(batch["labels"]), site_masks, count,
+                              trainer.shift, dropout != "off")
+            losses.append(loss)
+            grads.append(g)
+        lr, norm = trainer.update_fn(self, mode)(grads)
+        loss = float(np.mean(np.array([x.numpy() for x in losses])))
+        return loss, float(lr.numpy()), float(norm.numpy())
+
+    def _optimizer_state(self, model: Any, trainer: "_KerasTrainer") -> dict[str, np.ndarray]:
+        """``{"<name>:exp_avg" | ":exp_avg_sq" | ":momentum_buffer": numpy}`` read from the
+        optimizer's variables (Keras' ``"momentum"`` / ``"velocity"``), kernels transposed back
+        to the canonical ``(out, in)``; empty before the first step."""
+        opt = trainer.optimizer
+        if int(opt.iterations.numpy()) == 0:
+            return {}
+        out = {}
+        for name, (var, transposed) in self.variables(model).items():
+            for key, value in opt.torch_state(var).items():
+                arr = np.array(value.numpy())
+                out[f"{name}:{key}"] = np.ascontiguousarray(arr.T) if transposed else arr
+        return out
+
+    def _train_fn(self, model: Any):
+        """``(inputs, labels, masks, count, shift, training) -> (loss, grads)``: one
+        micro-batch's mean loss, Keras' ``SparseCategoricalCrossentropy(from_logits=True,
+        ignore_class=-100)`` in the model dtype (a Keras loss computes in ``floatx()`` unless
+        told; Hugging Face ``ForCausalLMLoss``: ``logits[:, :-1]`` against ``labels[:, 1:]``
+        for a causal LM, no shift for seq2seq), and the gradients of ``loss / count`` w.r.t. the model's variables in
+        canonical order (dense, Keras layout)."""
+        tf, table = self.tf, self.variables(model)
+        from xformer.training import IGNORE_INDEX
+
+        loss_obj = self.keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, ignore_class=IGNORE_INDEX, dtype=model.dtype)
+        variables = [var for var, _ in table.values()]
+
+        def step(inputs, labels, masks, count, shift, training):
+            with tf.GradientTape() as tape:
+                with self.modules.use_dropout_masks(model, masks):
+                    logits = model(**inputs, training=training)["logits"]
+                if shift:
+                    logits, labels = logits[:, :-1], labels[:, 1:]
+                loss = loss_obj(labels, logits)
+                scaled = loss / count
+            grads = tape.gradient(scaled, variables,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return loss, [tf.convert_to_tensor(g) for g in grads]
+
+        return step
+
     # -- the environment -----------------------------------------------------------------
     def framework_version(self) -> str:
         return f"{self.tf.__version__} (keras {self.keras.__version__})"
@@ -224,7 +319,7 @@ class TensorFlowBackend(Backend):
         if (kind, mode) not in cache:
             tf = self.tf
             fn = {"forward": self._forward_fn, "backward": self._step_fn,
-                  "decode": self._decode_fn}[kind](model)
+                  "decode": self._decode_fn, "train": self._train_fn}[kind](model)
             if mode == "function":
                 fn = tf.function(fn, reduce_retracing=True)
             elif mode == "xla":
@@ -271,3 +366,41 @@ class TensorFlowBackend(Backend):
 
     def _tensors(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         return {k: self.tf.convert_to_tensor(v) for k, v in arrays.items()}
+
+
+class _KerasTrainer:
+    """The native trainer of :meth:`TensorFlowBackend.make_trainer`: the Keras ``optimizer``
+    (:mod:`xformer_tensorflow.optimizers`), whether the objective shifts (causal LM) and the
+    config; :meth:`update_fn` compiles the update once per mode."""
+
+    def __init__(self, optimizer: Any, shift: bool, config: Any) -> None:
+        self.optimizer, self.shift, self.config = optimizer, shift, config
+        self._updates: dict[str, Any] = {}
+
+    def update_fn(self, backend: TensorFlowBackend, mode: str):
+        """``(micro_grads: list of lists of tensors) -> (lr, pre-clip global norm)``: the
+        gradients added up in micro-batch order, the norm of the per-tensor norms, clipping when
+        configured, ``optimizer.apply``; eager, ``tf.function`` or ``jit_compile`` by mode."""
+        if mode not in self._updates:
+            from .optimizers import clip_grad_norm, global_norm
+
+            tf, opt, limit = backend.tf, self.optimizer, self.config.clip_grad_norm
+
+            def update(micro_grads):
+                grads = list(micro_grads[0])
+                for more in micro_grads[1:]:
+                    grads = [a + b for a, b in zip(grads, more)]
+                if limit is None:
+                    norm = global_norm(grads)
+                else:
+                    grads, norm = clip_grad_norm(grads, limit)
+                lr = tf.convert_to_tensor(opt.learning_rate)
+                opt.apply(grads)
+                return lr, norm
+
+            if mode == "function":
+                update = tf.function(update, reduce_retracing=True)
+            elif mode == "xla":
+                update = tf.function(update, jit_compile=True)
+            self._updates[mode] = update
+        return self._updates[mode]

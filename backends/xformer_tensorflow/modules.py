@@ -43,6 +43,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import math
 
@@ -54,10 +56,10 @@ from xformer.errors import InputError, SpecError
 from xformer.spec import ModelSpec, sinusoidal_table
 
 __all__ = ["gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm",
-           "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "FeedForward",
+           "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "Dropout", "FeedForward",
            "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
            "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel",
-           "causal_allowed", "allowed_bias", "past_length"]
+           "causal_allowed", "allowed_bias", "past_length", "use_dropout_masks"]
 
 _PACKAGE = "xformer"
 
@@ -111,7 +113,7 @@ def _dense(spec: ModelSpec, units: int, dtype, name: str, part: str | None = Non
 
 def _residual(x, sublayer, norm, dropout, norm_first: bool):
     """A residual sub-layer (attention or FFN) with its norm ``norm`` and ``dropout`` (a
-    ``keras.layers.Dropout`` with ``training`` bound): pre-LN ``x + dropout(sublayer(norm(x)))``
+    :class:`Dropout` with ``training`` bound): pre-LN ``x + dropout(sublayer(norm(x)))``
     when ``norm_first``, else post-LN ``norm(x + dropout(sublayer(x)))``."""
     if norm_first:
         return x + dropout(sublayer(norm(x)))
@@ -403,7 +405,7 @@ class Embeddings(_SpecLayer):
             self.token_type_embeddings = keras.layers.Embedding(
                 spec.type_vocab_size, spec.d_model, dtype=dtype, name="token_type_embeddings")
         self.norm = _norm(spec, dtype, "norm") if spec.embedding_norm else None
-        self.dropout = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout")
+        self.dropout = Dropout(spec.dropout, dtype=dtype, name="dropout")
         # Not a weight: the same float64 table on every backend, cast once to the compute dtype.
         self._sinusoidal = (sinusoidal_table(spec.max_len, spec.d_model)
                             .astype(self.compute_dtype) if spec.positional == "sinusoidal"
@@ -536,7 +538,7 @@ class MultiHeadAttention(_SpecLayer):
         self.out_proj = _dense(spec, spec.d_model, dtype, "out_proj", part="out_proj")
         self.rotary = (RotaryEmbedding(spec, dtype=dtype, name="rotary")
                        if spec.positional == "rope" and not cross_attention else None)
-        self.dropout = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout")
+        self.dropout = Dropout(spec.dropout, dtype=dtype, name="dropout")
 
     def build(self, input_shape=None):
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -597,6 +599,93 @@ class MultiHeadAttention(_SpecLayer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+class Dropout(keras.layers.Dropout):
+    """Inverted dropout (Srivastava et al. 2014) that can take its mask from outside: Keras'
+    own ``keras.layers.Dropout``, except that while :attr:`stream_mask` is set the call returns
+    ``x * stream_mask`` whatever ``training`` says, drawing nothing.
+
+    Every dropout site of the models is one of these, at the canonical path that
+    :func:`xformer.training.dropout_sites` names (``embeddings.dropout``,
+    ``decoder.layers.0.self_attn.dropout``, ...). Training with ``TrainConfig(dropout="stream")``
+    sets each site's mask (:func:`xformer.training.dropout_masks`: ``keep / (1 - p)`` in the
+    model dtype, exactly the site's shape) for one model call and clears it afterwards
+    (:func:`use_dropout_masks`); inside a ``tf.function`` the mask is a traced input
+    (a symbolic tensor set while the function is traced), never a constant. Unset (the
+    default), the layer is Keras' dropout: on with ``training=True`` and ``rate > 0``.
+
+    Args: as ``keras.layers.Dropout`` (``rate``, ``noise_shape``, ``seed``, ``dtype``,
+    ``name``).
+
+    Call args:
+        x: any shape. training: Keras' dropout on when true (ignored while a mask is set).
+
+    Returns:
+        ``x * stream_mask``, or Keras' dropout of ``x``.
+
+    Raises:
+        InputError: a mask whose static shape is not ``x``'s.
+
+    Example::
+
+        >>> drop = Dropout(0.5, dtype="float64")
+        >>> drop.stream_mask = np.array([[2.0, 0.0]])
+        >>> drop(np.array([[3.0, 4.0]])).numpy().tolist()
+        [[6.0, 0.0]]
+    """
+
+    #: The scaled keep mask of the current call (a tensor of ``x``'s shape), or ``None``.
+    stream_mask = None
+
+    def call(self, x, training=False):
+        mask = self.stream_mask
+        if mask is None:
+            return super().call(x, training=training)
+        x = ops.convert_to_tensor(x, dtype=self.compute_dtype)
+        mask = ops.convert_to_tensor(mask, dtype=x.dtype)
+        if (None not in tuple(x.shape) and None not in tuple(mask.shape)
+                and tuple(mask.shape) != tuple(x.shape)):
+            raise InputError(f"dropout mask of {self.name!r} has shape {tuple(mask.shape)}, "
+                             f"the input {tuple(x.shape)}; give one mask per site of exactly "
+                             f"its shape")
+        return x * mask
+
+
+@contextlib.contextmanager
+def use_dropout_masks(model, masks):
+    """``with use_dropout_masks(model, masks):`` every :class:`Dropout` named in ``masks`` (its
+    attribute path in ``model``, the canonical site name: ``embeddings.dropout``,
+    ``decoder.layers.0.self_attn.dropout``, ...; :func:`xformer.training.dropout_sites`)
+    multiplies by its mask (its ``stream_mask``) instead of drawing; on exit (also on error)
+    every mask is cleared. Inside a ``tf.function`` the masks are the function's (symbolic)
+    arguments, so each call uses its own. ``masks`` ``None`` or empty: nothing changes.
+
+    Args:
+        model: an :class:`EncoderModel`, :class:`DecoderModel` or :class:`EncoderDecoderModel`.
+        masks: ``{site: tensor}`` in the model's dtype, each of its site's shape.
+    Raises:
+        InputError: a site that is not a :class:`Dropout` of ``model`` (a wiring bug, so it is
+            loud rather than a silent native draw).
+    """
+    layers = []
+    try:
+        for site, mask in (masks or {}).items():
+            layer = model
+            try:
+                for part in site.split("."):
+                    layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+            except (AttributeError, IndexError, TypeError):
+                layer = None
+            if not isinstance(layer, Dropout):
+                raise InputError(f"dropout site {site!r} is not a Dropout layer of the model")
+            layer.stream_mask = mask
+            layers.append(layer)
+        yield model
+    finally:
+        for layer in layers:
+            layer.stream_mask = None
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
 class FeedForward(_SpecLayer):
     """Position-wise feed-forward network ``linear2(dropout(act(linear1(x))))``
     (Vaswani 2017 §3.3), ``act`` from ``spec.activation`` (:data:`ACTIVATIONS`); biases iff
@@ -625,7 +714,7 @@ class FeedForward(_SpecLayer):
         dtype = self.dtype_policy
         self.linear1 = _dense(self.spec, self.spec.d_ff, dtype, "linear1", part="mlp")
         self.activation = ACTIVATIONS[self.spec.activation]
-        self.dropout = keras.layers.Dropout(self.spec.dropout, dtype=dtype, name="dropout")
+        self.dropout = Dropout(self.spec.dropout, dtype=dtype, name="dropout")
         self.linear2 = _dense(self.spec, self.spec.d_model, dtype, "linear2", part="mlp")
 
     def build(self, input_shape=None):
@@ -669,7 +758,7 @@ class GatedFeedForward(_SpecLayer):
         self.gate_proj = _dense(spec, spec.d_ff, dtype, "gate_proj", part="mlp")
         self.up_proj = _dense(spec, spec.d_ff, dtype, "up_proj", part="mlp")
         self.activation = ACTIVATIONS[spec.activation]
-        self.dropout = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout")
+        self.dropout = Dropout(spec.dropout, dtype=dtype, name="dropout")
         self.down_proj = _dense(spec, spec.d_model, dtype, "down_proj", part="mlp")
 
     def build(self, input_shape=None):
@@ -718,8 +807,8 @@ class EncoderLayer(_SpecLayer):
         self.ffn = (GatedFeedForward if spec.ffn == "glu" else FeedForward)(
             spec, dtype=dtype, name="ffn")
         self.norm2 = _norm(spec, dtype, "norm2")
-        self.dropout1 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout1")
-        self.dropout2 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout2")
+        self.dropout1 = Dropout(spec.dropout, dtype=dtype, name="dropout1")
+        self.dropout2 = Dropout(spec.dropout, dtype=dtype, name="dropout2")
 
     def build(self, input_shape=None):
         for layer in (self.self_attn, self.norm1, self.ffn, self.norm2):
@@ -947,9 +1036,9 @@ class DecoderLayer(_SpecLayer):
             self.ffn = ffn(spec, dtype=dtype, name="ffn")
             self.norm2 = _norm(spec, dtype, "norm2")
             self.norm3 = None
-        self.dropout1 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout1")
-        self.dropout2 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout2")
-        self.dropout3 = keras.layers.Dropout(spec.dropout, dtype=dtype, name="dropout3")
+        self.dropout1 = Dropout(spec.dropout, dtype=dtype, name="dropout1")
+        self.dropout2 = Dropout(spec.dropout, dtype=dtype, name="dropout2")
+        self.dropout3 = Dropout(spec.dropout, dtype=dtype, name="dropout3")
 
     def build(self, input_shape=None):
         shape = (None, None, self.spec.d_model)
