@@ -19,7 +19,9 @@ from xformer.weights import check_weights
 class TorchBackend(Backend):
     """PyTorch (``torch.nn``). Modes: ``"eager"``; ``"compile"`` runs ``torch.compile(model)``,
     compiled once per model and cached on it (``model._xformer_compiled``). Tracing and cached
-    decoding always run the module itself, eagerly."""
+    decoding always run the module itself, eagerly. Training (:meth:`make_trainer`,
+    :meth:`train_step`) uses ``torch.optim``, ``LambdaLR`` and ``clip_grad_norm_`` as they are
+    (:mod:`xformer_torch.optimizers`), in both modes."""
 
     name = "torch"
     modes = ("eager", "compile")
@@ -160,6 +162,78 @@ class TorchBackend(Backend):
         rows = self.torch.from_numpy(beam_idx)
         return tuple(tuple(t.index_select(0, rows.to(t.device)) for t in layer)
                      for layer in past_key_values)
+
+    # -- training ------------------------------------------------------------------------
+    def _make_trainer(self, model, config, steps: int):
+        """``torch.optim`` ``SGD`` / ``Adam`` / ``AdamW`` over ``model.named_parameters()`` with
+        its ``LambdaLR`` schedule and the clip threshold (:mod:`xformer_torch.optimizers`):
+        torch's semantics are the contract, nothing to correct."""
+        from . import optimizers
+
+        return optimizers.make_trainer(model, config, steps)
+
+    def _train_step(self, model, trainer, micro: list[dict[str, np.ndarray]],
+                    masks: list[dict[str, np.ndarray]] | None, dropout: str, step: int,
+                    mode: str) -> tuple[float, float, float]:
+        """One optimizer step, the Hugging Face ``Trainer`` loop written with torch's own parts:
+        ``zero_grad``; per micro-batch the model (``mode``'s callable, :meth:`_callable`) in
+        training mode, the loss with ``F.cross_entropy(ignore_index=-100)`` (:meth:`_loss`),
+        ``(loss / K).backward()`` (the ``.grad`` add up over the ``K`` micro-batches);
+        ``clip_grad_norm_`` (or just the global norm); ``optimizer.step()`` then
+        ``scheduler.step()``.
+
+        Dropout: ``"native"`` is torch's own (``model.train()``); ``"off"`` runs the model in
+        eval mode (the modules' only train/eval difference is dropout); ``"stream"`` trains with
+        each micro-batch's masks on the :class:`~xformer_torch.modules.Dropout` layers
+        (:func:`~xformer_torch.modules.use_dropout_masks`). In ``"compile"`` mode the masks are
+        module attributes that Dynamo lifts as graph inputs: a new mask each step neither
+        recompiles nor is reused as a constant (tests/test_train_torch.py checks the recompile
+        count and the numbers against eager). The caller's train/eval mode is restored.
+        """
+        from .modules import use_dropout_masks
+        from .optimizers import clip_grad_norm
+
+        torch = self.torch
+        fn = self._callable(model, mode)
+        was_training = model.training
+        losses = []
+        trainer.optimizer.zero_grad(set_to_none=True)
+        try:
+            model.train(dropout != "off")
+            for i, batch in enumerate(micro):
+                x = self._tensors(model, batch)
+                labels = x.pop("labels")
+                site_masks = None if masks is None else self._tensors(model, masks[i])
+                with use_dropout_masks(model, site_masks):
+                    logits = fn(**x)["logits"]
+                loss = self._loss(model, logits, labels)
+                (loss / len(micro)).backward()
+                losses.append(loss.detach())
+        finally:
+            model.train(was_training)
+        norm = clip_grad_norm(model.parameters(), trainer.clip)
+        lr = trainer.lr  # what this optimizer.step() uses: lr_at(step), set by LambdaLR
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        return float(torch.stack(losses).mean()), lr, float(norm)
+
+    def _loss(self, model, logits, labels):
+        """The objective (:func:`xformer.training.objective`) natively: mean
+        ``F.cross_entropy(ignore_index=-100)`` of ``logits`` ``(B, T, V)`` against ``labels``
+        ``(B, T)`` int64, shifted for a causal LM (``logits[:, :-1]`` vs ``labels[:, 1:]``,
+        Hugging Face ``ForCausalLMLoss``), not for seq2seq; in the logits' dtype (Hugging Face
+        upcasts to float32; here float64 stays float64)."""
+        from xformer.training import objective
+
+        if objective(model.spec) == "causal_lm":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return self.torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    def _optimizer_state(self, model, trainer) -> dict[str, np.ndarray]:
+        """``optimizer.state`` by canonical name (the param groups' ``param_names``); torch's
+        layout is the canonical one."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in trainer.state().items()}
 
     # -- the environment -----------------------------------------------------------------
     def framework_version(self) -> str:

@@ -43,6 +43,9 @@ PyTorch specifics (docs/design.md §3, §5):
   ``eps=spec.norm_eps``; both scale by ``spec.norm_scale_offset + weight``;
 * GELU and SiLU are composed from ``torch.erf`` / ``torch.tanh`` / ``torch.sigmoid``
   (:func:`gelu`, :func:`gelu_tanh`, :func:`silu`) instead of ``F.gelu`` / ``F.silu``;
+* every dropout site is a :class:`Dropout` (``nn.Dropout`` that applies a given mask instead
+  of drawing: the framework-neutral stream of :func:`xformer.training.dropout_masks`, set for
+  a call with :func:`use_dropout_masks`); its module path is the canonical site name;
 * attention is written out (``softmax(Q K^T / sqrt(d_head) + bias) V``, Hugging Face
   ``BertSelfAttention``'s eager path) rather than calling ``F.scaled_dot_product_attention``: on
   CPU (torch 2.13) the fused SDPA kernel returns wrong gradients for a fully padded row when the
@@ -68,8 +71,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -80,9 +84,9 @@ from xformer.spec import ModelSpec, sinusoidal_table
 
 __all__ = [
     "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm", "RotaryEmbedding",
-    "Embeddings", "MultiHeadAttention", "FeedForward", "GatedFeedForward", "EncoderLayer",
-    "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder", "LMHead", "DecoderModel",
-    "EncoderDecoderModel", "causal_allowed", "allowed_bias",
+    "Embeddings", "MultiHeadAttention", "Dropout", "FeedForward", "GatedFeedForward",
+    "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder", "LMHead",
+    "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias", "use_dropout_masks",
 ]
 
 
@@ -128,7 +132,7 @@ def _norm(spec: ModelSpec, dtype: torch.dtype, device) -> LayerNorm | RMSNorm:
 
 
 def _residual(x: Tensor, sublayer: Callable[[Tensor], Tensor], norm: nn.Module,
-              dropout: nn.Dropout, norm_first: bool) -> Tensor:
+              dropout: Dropout, norm_first: bool) -> Tensor:
     """One residual sub-layer of an encoder or decoder layer: ``x + dropout(sublayer(norm(x)))``
     when ``norm_first`` (pre-LN: GPT-2, Xiong et al. 2020), else ``norm(x + dropout(
     sublayer(x)))`` (post-LN: Vaswani 2017 §3.1, BERT)."""
@@ -281,7 +285,10 @@ class RotaryEmbedding(_SpecLayer):
 
 # ---------------------------------------------------------------------- blocks
 class Embeddings(_SpecLayer):
-    """Token + position (+ segment) embeddings, then the norm if ``spec.embedding_norm``.
+    """Token + position (+ segment) embeddings, then the norm if ``spec.embedding_norm``, then
+    ``dropout`` (a :class:`Dropout` of ``spec.dropout``, training mode only; Hugging Face
+    ``BertEmbeddings``, Vaswani 2017 §5.4 "dropout to the sums of the embeddings and the
+    positional encodings"; the site ``embeddings.dropout`` / ``decoder_embeddings.dropout``).
 
     ``x = word_embeddings[input_ids] * s + positions[:T] + token_type_embeddings[token_type_ids]``
     with ``s = sqrt(d_model)`` if ``spec.embed_scale`` (Vaswani 2017 §3.4) else 1; positions are
@@ -327,6 +334,7 @@ class Embeddings(_SpecLayer):
             nn.Embedding(spec.type_vocab_size, spec.d_model, **factory)
             if spec.type_vocab_size else None)
         self.norm = _norm(spec, dtype, device) if spec.embedding_norm else None
+        self.dropout = Dropout(spec.dropout)
 
     def embed_tokens(self, input_ids: Tensor, weight: Tensor | None = None) -> Tensor:
         """``word_embeddings[input_ids]`` times ``sqrt(d_model)`` if ``embed_scale``: what
@@ -356,7 +364,7 @@ class Embeddings(_SpecLayer):
             x = x + self.token_type_embeddings(token_type_ids)
         elif token_type_ids is not None:
             raise InputError("token_type_ids given but the spec has type_vocab_size = 0")
-        return self.norm(x) if self.norm is not None else x
+        return self.dropout(self.norm(x) if self.norm is not None else x)
 
 
 class MultiHeadAttention(_SpecLayer):
@@ -412,7 +420,7 @@ class MultiHeadAttention(_SpecLayer):
         self.out_proj = nn.Linear(inner, d, bias=spec.has_bias("out_proj"), **factory)
         self.rotary = (RotaryEmbedding(spec, **factory)
                        if spec.positional == "rope" and not cross_attention else None)
-        self.dropout = nn.Dropout(spec.dropout)
+        self.dropout = Dropout(spec.dropout)
 
     def _split_heads(self, y: Tensor, heads: int) -> Tensor:
         # (B, S, heads d_head) -> (B, heads, S, d_head)
@@ -450,6 +458,82 @@ class MultiHeadAttention(_SpecLayer):
         return (out, (k, v)) if use_cache else out
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that can be handed the mask to apply instead of drawing its own: the
+    framework-neutral dropout stream of :func:`xformer.training.dropout_masks`, so that a
+    training step computes the same numbers on every backend (docs/design.md; issue #10).
+
+    With ``mask`` set (a tensor, see :func:`use_dropout_masks`) the forward pass is
+    ``x * mask``: the mask already holds ``keep / (1 - p)`` in the model dtype (inverted
+    dropout, as ``F.dropout`` scales), so nothing is drawn and nothing rescaled, in training and
+    eval mode alike (a mask is only given during a training step). With ``mask`` ``None`` (the
+    default) it is exactly ``nn.Dropout(rate)``: ``F.dropout(x, rate, self.training)``, torch's
+    own random draws in training mode, the identity in eval mode. ``mask`` is a plain tensor
+    attribute, not a buffer: never in the ``state_dict``; under ``torch.compile`` Dynamo lifts
+    it as a graph input (inlined ``nn.Module`` attributes), so a new mask each step neither
+    recompiles nor is baked in as a constant (tests/test_train_torch.py checks both).
+
+    Args:
+        rate: the drop probability ``p`` in ``[0, 1]`` (``nn.Dropout``'s ``p``; the spec's
+            ``dropout``).
+
+    Shapes: ``x`` any shape, returned in its shape and dtype; ``mask`` exactly ``x``'s shape
+    (the site's shape, :func:`xformer.training.dropout_sites`) and dtype.
+
+    Raises:
+        InputError: a mask whose shape is not ``x``'s (a broadcast would silently reuse it).
+    """
+
+    #: The scaled keep mask of the current call, or ``None`` (draw natively).
+    mask: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = self.mask
+        if mask is None:
+            return super().forward(x)
+        if mask.shape != x.shape:
+            raise InputError(f"dropout mask of shape {tuple(mask.shape)} for an input of shape "
+                             f"{tuple(x.shape)}; give the site's exact shape")
+        return x * mask
+
+
+@contextlib.contextmanager
+def use_dropout_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> Iterator[None]:
+    """``with use_dropout_masks(model, masks):`` every :class:`Dropout` named in ``masks`` (its
+    module path in ``model``, the canonical site name: ``embeddings.dropout``,
+    ``decoder.layers.0.self_attn.dropout``, ...; :func:`xformer.training.dropout_sites`)
+    applies its mask instead of drawing; on exit (also on error) every mask is cleared and the
+    layers draw natively again. ``masks`` ``None`` or empty: nothing changes.
+
+    The autograd graph keeps the mask tensors it multiplied by, so ``backward()`` may run after
+    the ``with`` block.
+
+    Args:
+        model: an :class:`EncoderModel`, :class:`DecoderModel` or :class:`EncoderDecoderModel`
+            (any module whose dropout layers are :class:`Dropout`).
+        masks: ``{site: tensor}`` in the model's dtype and device.
+    Raises:
+        InputError: a site that is not a :class:`Dropout` of ``model`` (a wiring bug, so it is
+            loud rather than a silently native draw).
+    """
+    layers = []
+    for site, mask in (masks or {}).items():
+        try:
+            layer = model.get_submodule(site)
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, Dropout):
+            raise InputError(f"dropout site {site!r} is not a Dropout layer of the model")
+        layers.append((layer, mask))
+    try:
+        for layer, mask in layers:
+            layer.mask = mask
+        yield
+    finally:
+        for layer, _ in layers:
+            layer.mask = None
+
+
 class FeedForward(_SpecLayer):
     """Position-wise feed-forward network (Vaswani 2017 §3.3):
     ``linear2(dropout(act(linear1(x))))``, ``act`` from ``spec.activation``.
@@ -467,7 +551,7 @@ class FeedForward(_SpecLayer):
         factory = {"dtype": dtype, "device": device, "bias": spec.has_bias("mlp")}
         self.linear1 = nn.Linear(spec.d_model, spec.d_ff, **factory)
         self.activation = ACTIVATIONS[spec.activation]
-        self.dropout = nn.Dropout(spec.dropout)
+        self.dropout = Dropout(spec.dropout)
         self.linear2 = nn.Linear(spec.d_ff, spec.d_model, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -497,7 +581,7 @@ class GatedFeedForward(_SpecLayer):
         self.gate_proj = nn.Linear(spec.d_model, spec.d_ff, **factory)
         self.up_proj = nn.Linear(spec.d_model, spec.d_ff, **factory)
         self.activation = ACTIVATIONS[spec.activation]
-        self.dropout = nn.Dropout(spec.dropout)
+        self.dropout = Dropout(spec.dropout)
         self.down_proj = nn.Linear(spec.d_ff, spec.d_model, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -533,8 +617,8 @@ class EncoderLayer(_SpecLayer):
         self.ffn = (GatedFeedForward if spec.ffn == "glu" else FeedForward)(
             spec, dtype=dtype, device=device)
         self.norm2 = _norm(spec, dtype, device)
-        self.dropout1 = nn.Dropout(spec.dropout)
-        self.dropout2 = nn.Dropout(spec.dropout)
+        self.dropout1 = Dropout(spec.dropout)
+        self.dropout2 = Dropout(spec.dropout)
 
     def forward(self, x: Tensor, attention_bias: Tensor | None = None) -> Tensor:
         if self.parallel_residual:
@@ -693,9 +777,9 @@ class DecoderLayer(_SpecLayer):
             spec, dtype=dtype, device=device)
         # the FFN's norm: norm3 after cross-attention, else norm2 (GPT-2's ln_2)
         setattr(self, "norm3" if cross_attention else "norm2", _norm(spec, dtype, device))
-        self.dropout1 = nn.Dropout(spec.dropout)
-        self.dropout2 = nn.Dropout(spec.dropout)
-        self.dropout3 = nn.Dropout(spec.dropout)
+        self.dropout1 = Dropout(spec.dropout)
+        self.dropout2 = Dropout(spec.dropout)
+        self.dropout3 = Dropout(spec.dropout)
 
     def forward(self, x: Tensor, attention_bias: Tensor | None = None,
                 encoder_hidden_states: Tensor | None = None,
