@@ -18,7 +18,7 @@ from xformer.show import PACKAGES, class_source, node_classes
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = ["LayerNorm", "RMSNorm", "RotaryEmbedding", "Embeddings", "MultiHeadAttention",
-         "FeedForward", "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
+         "Dropout", "FeedForward", "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
          "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel"]
 TABS = ["PyTorch", "TensorFlow (Keras 3)", "MXNet (Gluon)"]
 

@@ -10,8 +10,8 @@ CLASSES = node_classes("torch")
 
 
 def test_the_three_backends_define_the_same_node_classes_in_the_same_order():
-    assert CLASSES[:10] == ["LayerNorm", "RMSNorm", "RotaryEmbedding", "Embeddings",
-                            "MultiHeadAttention", "FeedForward", "GatedFeedForward",
+    assert CLASSES[:11] == ["LayerNorm", "RMSNorm", "RotaryEmbedding", "Embeddings",
+                            "MultiHeadAttention", "Dropout", "FeedForward", "GatedFeedForward",
                             "EncoderLayer", "Encoder", "Pooler"]
     for backend in ("tensorflow", "mxnet"):
         theirs = [c for c in node_classes(backend) if c in CLASSES]

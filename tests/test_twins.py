@@ -23,6 +23,10 @@ FRAMEWORK_BASES = {"nn.Module", "keras.layers.Layer", "keras.Model", "HybridBloc
 #: ``LayerNormalization``), which xformer's ``LayerNorm`` extends: one label,
 #: ``<framework LayerNorm>``; Gluon passes such a block its ``gamma`` / ``beta``.
 FRAMEWORK_LAYER_NORMS = {"nn.LayerNorm", "keras.layers.LayerNormalization"}
+#: The frameworks' own dropout layers (torch and Gluon ``nn.Dropout``, Keras
+#: ``keras.layers.Dropout``), which xformer's ``Dropout`` extends (the dropout stream of
+#: issue #10): one label, ``<framework Dropout>``.
+FRAMEWORK_DROPOUTS = {"nn.Dropout", "keras.layers.Dropout"}
 GLUON_LAYER_NORM_PARAMETERS = {"gamma", "beta"}
 PLUMBING = {"self", "device", "training", "F"}
 CALL_METHODS = ("forward", "call", "hybrid_forward")
@@ -69,7 +73,8 @@ def describe(source: str) -> list[tuple[str, tuple[str, ...], list[str], list[st
         if cls.name not in wanted:
             continue
         labels = {**dict.fromkeys(FRAMEWORK_BASES, "<framework>"),
-                  **dict.fromkeys(FRAMEWORK_LAYER_NORMS, "<framework LayerNorm>")}
+                  **dict.fromkeys(FRAMEWORK_LAYER_NORMS, "<framework LayerNorm>"),
+                  **dict.fromkeys(FRAMEWORK_DROPOUTS, "<framework Dropout>")}
         bases = tuple(labels.get(ast.unparse(b), ast.unparse(b)) for b in cls.bases)
         methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
         drop = PLUMBING | _gluon_parameters(cls)
