@@ -48,8 +48,8 @@ OPTIMIZERS = {
     "adamw": dict(optimizer="adamw", lr=3e-3, weight_decay=0.1, no_decay_bias_and_norm=True),
 }
 #: Adam with L2 decay is unstable at a zero parameter whose gradient is zero (a key bias):
-#: there Adam's step is ``lr·g/(|g|+eps)`` with ``g = wd·p + noise``, i.e. ``p·(1 − lr·wd/eps)``
-#: (a factor −3000 here), so each backend's rounding noise grows to the size of ``lr`` and the
+#: there Adam's step is ``lr·g/(|g|+eps)`` with ``g = wd·p + noise``, i.e.
+#: ``p·(1 − lr·wd/eps)`` (a factor −3000 here), so each backend's rounding noise grows to the size of ``lr`` and the
 #: runs part (docs/pitfalls.md). It trains the Llama-like spec, which has no biases.
 SPEC_OF = {"adam-l2": LLAMA}
 SCHEDULES = {"constant": dict(schedule="constant"),

@@ -1076,15 +1076,18 @@ def cmd_compare_training(args, spec, weights, label, targets) -> int:
         tol_loss, tol_param = report.tolerance
         table = Table(title=f"{label}, {dtype}: {args.train_steps} {config.optimizer} steps, "
                             f"baseline {report.targets[0]}", title_justify="left")
-        for col in ("step", "lr", "loss", "loss err", "param err", "state err", "worst"):
-            table.add_column(col, justify="left" if col == "worst" else "right")
+        for col in ("step", "lr", "loss", "loss err", "param err", "state err"):
+            table.add_column(col, justify="right")
         for r in report.rows:
-            mark = "" if r.ok else "[red]✗[/] "
-            table.add_row(str(r.step), f"{r.lr:.3g}", f"{r.losses[report.targets[0]]:.6g}",
-                          f"{r.loss_error:.1e}", f"{r.param_error:.1e}",
-                          f"{r.state_error:.1e}",
-                          f"{mark}{r.worst} ({r.worst_target})" if r.worst else "")
+            mark = "" if r.ok else " [red]✗[/]"
+            table.add_row(f"{r.step}{mark}", f"{r.lr:.3g}", f"{r.losses[report.targets[0]]:.6g}",
+                          f"{r.loss_error:.1e}", f"{r.param_error:.1e}", f"{r.state_error:.1e}")
         console.print(table)
+        worst = max(report.rows, key=lambda r: max(r.param_error, r.state_error)
+                    if r.ok else math.inf)
+        if worst.worst:
+            console.print(f"largest error: {worst.worst} on {worst.worst_target} at step "
+                          f"{worst.step}")
         console.print(f"tolerance: loss {tol_loss:.0e}, parameters and state {tol_param:.0e} "
                       f"(relative, vs {report.targets[0]})")
     ok = all(r.ok for r in reports)

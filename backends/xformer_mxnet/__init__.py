@@ -30,11 +30,11 @@ with warnings.catch_warnings():  # numpy 1.24-1.26 warn on the *lookup* of the r
 from .backend import MXNetBackend  # noqa: E402  (imports no framework)
 
 _NATIVE = ("LayerNorm", "RMSNorm", "RotaryEmbedding", "Embeddings", "MultiHeadAttention",
-           "FeedForward", "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler",
+           "Dropout", "FeedForward", "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler",
            "EncoderModel", "DecoderLayer", "Decoder", "LMHead", "DecoderModel",
            "EncoderDecoderModel", "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS",
            "erf_exact_grad", "causal_allowed", "allowed_bias", "imperative", "cache_length",
-           "reorder_cache", "canonical_parameters")
+           "reorder_cache", "canonical_parameters", "use_dropout_masks")
 
 __all__ = ["MXNetBackend", *_NATIVE]
 

@@ -17,10 +17,10 @@ import tempfile
 from .backend import TensorFlowBackend
 
 _MODULE_NAMES = ("gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm",
-                 "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "FeedForward",
+                 "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "Dropout", "FeedForward",
                  "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
                  "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel",
-                 "causal_allowed", "allowed_bias", "past_length")
+                 "causal_allowed", "allowed_bias", "past_length", "use_dropout_masks")
 
 __all__ = ["TensorFlowBackend", "import_tensorflow", *_MODULE_NAMES]
 

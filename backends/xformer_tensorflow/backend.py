@@ -244,8 +244,8 @@ class TensorFlowBackend(Backend):
         micro-batch's mean loss, Keras' ``SparseCategoricalCrossentropy(from_logits=True,
         ignore_class=-100)`` in the model dtype (a Keras loss computes in ``floatx()`` unless
         told; Hugging Face ``ForCausalLMLoss``: ``logits[:, :-1]`` against ``labels[:, 1:]``
-        for a causal LM, no shift for seq2seq), and the gradients of ``loss / count`` w.r.t. the model's variables in
-        canonical order (dense, Keras layout)."""
+        for a causal LM, no shift for seq2seq), and the gradients of ``loss / count`` w.r.t. the
+        model's variables in canonical order (dense, Keras layout)."""
         tf, table = self.tf, self.variables(model)
         from xformer.training import IGNORE_INDEX
 

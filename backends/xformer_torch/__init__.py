@@ -11,10 +11,10 @@ from __future__ import annotations
 from .backend import TorchBackend
 
 _MODULES = ("gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm",
-            "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "FeedForward",
+            "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "Dropout", "FeedForward",
             "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel",
             "DecoderLayer", "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel",
-            "causal_allowed", "allowed_bias")
+            "causal_allowed", "allowed_bias", "use_dropout_masks")
 
 __all__ = ["TorchBackend", "nn_transformer_reference", *_MODULES]
 

@@ -50,8 +50,8 @@ Two properties of the contract itself show in the tests, not torch deviations. A
 normalisation turns the ~1e-19 rounding noise of ``k_proj.bias``'s gradient (0 in exact
 arithmetic: the softmax cancels a key bias) into updates ``lr * noise / (|noise| + eps)``, so
 that tensor differs by ~1e-12 of its attention block's weights. And ``Adam`` with L2 decay on
-such a parameter is unstable: while ``|wd * p| << eps`` each step multiplies ``p`` by about ``lr * wd / eps``
-(1e4 at ``lr=1e-2, wd=0.01, eps=1e-8``), so ~1e-19 gradient rounding grows to steps of size
+such a parameter is unstable: while ``|wd * p| << eps`` each step multiplies ``p`` by about
+``lr * wd / eps`` (1e4 at ``lr=1e-2, wd=0.01, eps=1e-8``), so ~1e-19 gradient rounding grows to steps of size
 ``lr`` whose signs any two implementations choose differently.
 """
 
