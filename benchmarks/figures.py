@@ -19,6 +19,10 @@ table of measured figures sits inside markers). Sections:
   Hugging Face classes (docs/conformance.md) and the float32-inside-float64 and RoPE pitfalls
   (docs/pitfalls.md).
 
+* ``training``: ``benchmarks/training_agreement.py``: every optimizer × schedule trained 10 steps
+  on every target in lockstep, the dropout stream, and every target against a Hugging Face +
+  ``torch.optim`` loop (docs/training.md).
+
 ``--check`` measures nothing: it exits 1 if a marked region is missing from its file.
 About four minutes on 2 cores for everything.
 """
@@ -50,6 +54,7 @@ REGIONS = {
     "generation": {"docs/conformance.md": ["generation"]},
     "speed": {"docs/benchmarks.md": ["speed"]},
     "llama": {"docs/conformance.md": ["llama-family"], "docs/pitfalls.md": ["llama-pitfalls"]},
+    "training": {"docs/training.md": ["training"]},
 }
 _REGION = r"(<!-- figures:{name} -->\n)(.*?)(<!-- /figures:{name} -->)"
 
@@ -211,6 +216,15 @@ def measure_llama() -> dict[str, str]:
     return {"llama-family": conformance, "llama-pitfalls": pitfalls}
 
 
+def measure_training() -> dict[str, str]:
+    ta = _load("training_agreement")
+    rows = ta.measure()
+    return {"training": "Worst relative error against the first target over 10 steps, every "
+                        "target (opt-in modes included).\n\n" + table(
+        ["optimizer / schedule", "spec", "float64 parameters", "float64 state", "float64 loss",
+         "float32 parameters", "float32 state", "float32 loss"], rows)}
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -219,7 +233,8 @@ def _load(name: str):
 
 
 MEASURE = {"minilm": measure_minilm, "matrix": measure_matrix,
-           "generation": measure_generation, "speed": measure_speed, "llama": measure_llama}
+           "generation": measure_generation, "speed": measure_speed, "llama": measure_llama,
+           "training": measure_training}
 
 
 def main() -> int:

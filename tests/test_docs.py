@@ -54,7 +54,7 @@ def test_blocks_run_and_generation_agrees(section):
 ROOT = PAGE.parent.parent
 #: Pages whose figure tables are measurements of this project (benchmarks/figures.py).
 FIGURE_PAGES = ["README.md", "docs/index.md", "docs/conformance.md", "docs/benchmarks.md",
-                "docs/getting-started.md", "docs/examples.md"]
+                "docs/getting-started.md", "docs/examples.md", "docs/training.md"]
 #: A measured figure: a mantissa with decimals and an exponent (2.7e-14), unlike a bound (1e-11).
 FIGURE = re.compile(r"\b\d\.\d+e[-+]?\d+\b")
 
