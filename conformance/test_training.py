@@ -108,13 +108,15 @@ def test_float64_encoder_decoder():
     assert_trains_alike(report)
 
 
-@pytest.mark.parametrize("opt", ["sgd-nesterov", "adamw"])
+@pytest.mark.parametrize("opt", OPTIMIZERS)
 def test_float32_loss_and_parameters(opt):
-    # AdamW on the Llama-like spec: float32 noise on a key bias's zero gradient, normalised by
-    # Adam, moves it by ~1e-4 of the block's weights (a bias-free spec has none)
-    spec = GPT2 if opt.startswith("sgd") else LLAMA
+    """Every optimizer at a constant rate (no warm-up: Adam's first step is the most sensitive,
+    docs/training.md), on the default targets."""
+    # AdamW on the Llama-like spec too: on the GPT-2-like one float32 AdamW ends ~9e-5 apart,
+    # a tied table's components near eps carrying their float32 error into their updates
+    spec = LLAMA if opt.startswith("adam") else GPT2
     report = run_training(spec, init_weights(spec, 0, "float32"), data(spec),
-                          config(opt, "cosine"), STEPS, targets(False), "float32",
+                          config(opt, "constant"), STEPS, targets(False), "float32",
                           name=f"{opt} float32")
     assert report.tolerance == (1e-5, 1e-4)
     assert_trains_alike(report)
