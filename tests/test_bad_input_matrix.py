@@ -88,6 +88,16 @@ def _write(name: str, data: bytes | str):
     return make
 
 
+def _npy(name: str, array, **save):
+    """A ``.npy`` training data file (``np.save``; ``allow_pickle`` for object arrays)."""
+    def make(tmp: Path, shared) -> dict:
+        p = tmp / name
+        with open(p, "wb") as f:
+            np.save(f, array, **save)
+        return {"f": str(p)}
+    return make
+
+
 def _spec_with(**fields):
     def make(tmp: Path, shared) -> dict:
         p = tmp / "s.json"
@@ -243,6 +253,8 @@ def _toml(data: bytes | None = None, *, directory: bool = False, mode: int | Non
 # ---------------------------------------------------------------------- the CLI matrix
 E2 = 2
 INIT_F = ["init", "--spec", "{f}", "--out", "{tmp}/o.safetensors"]  # init on the row's file
+TRAIN_F = ["train", "--model", "{gpt}", "--backend", "torch", "--data", "{f}", "--steps", "2",
+           "--out", "{tmp}/trained"]  # train gpt2-tiny on the row's data file
 HA = "HA (cli.py): "
 HB = "HB (files & resources): "
 
@@ -437,6 +449,30 @@ CLI_ROWS = [
     pytest.param(_nothing, ["generate", "--model", "{gpt}", "--prompt-ids", "1,2",
                             "--max-new-tokens", "2", "--backend", "torch", "--json"], 0, None,
                  id="ok-generate"),
+    # ---- training data and options (xformer train; issue #10): refused before any step
+    pytest.param(_npy("v.npy", np.full((4, 8), 1000)), TRAIN_F,
+                 E2, r"token id 1000 at row 0, column 0, outside \[0, vocab_size=1000\)",
+                 id="train-token-over-vocab"),
+    pytest.param(_npy("long.npy", np.zeros((4, 129), np.int64)), TRAIN_F,
+                 E2, r"129 tokens, more than max_len=128", id="train-rows-over-max_len"),
+    pytest.param(_write("empty.npy", b""), TRAIN_F,
+                 E2, r"not a valid \.npy file", id="train-empty-data-file"),
+    pytest.param(_npy("f.npy", np.zeros((4, 8))), TRAIN_F,
+                 E2, r"integer array of token ids", id="train-float-data"),
+    pytest.param(_npy("o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True), TRAIN_F,
+                 E2, r"not a valid \.npy file", id="train-pickled-data-not-run"),
+    pytest.param(_write("t.txt", "1 2 3"), TRAIN_F,
+                 E2, r"must be a \.npy array", id="train-data-not-npy"),
+    pytest.param(_npy("ok.npy", np.ones((4, 8), np.int64)), [*TRAIN_F, "--lr", "-0.1"],
+                 E2, r"--lr must be a finite number >= 0", id="train-negative-lr"),
+    pytest.param(_npy("ok.npy", np.ones((4, 8), np.int64)), [*TRAIN_F, "--optimizer", "lion"],
+                 E2, r"invalid choice: 'lion'", id="train-unknown-optimizer"),
+    pytest.param(_npy("ok.npy", np.ones((4, 8), np.int64)), [*TRAIN_F, "--steps", "0"],
+                 E2, r"--steps must be >= 1", id="train-zero-steps"),
+    pytest.param(_npy("ok.npy", np.ones((4, 8), np.int64)),
+                 ["train", "--spec", "{spec}", "--data", "{f}", "--steps", "1", "--out",
+                  "{tmp}/trained"],
+                 E2, r"head='lm'", id="train-encoder-has-no-objective"),
 ]
 
 

@@ -945,9 +945,24 @@ def _train_config(args, steps: int, **fixed):
         value = opts.get(name)
         if value is not None and not math.isfinite(value):
             raise InputError(f"{_option(name)} must be a finite number, got {value}")
-    config = TrainConfig(**opts, **fixed)
-    config.lr_at(0, steps)  # warmup_steps within the run
+    try:
+        config = TrainConfig(**opts, **fixed)
+        config.lr_at(0, steps)  # warmup_steps within the run
+    except InputError as e:  # name the flag, not the TrainConfig field
+        import re
+
+        message = re.sub(r"^(betas\[[01]\]|[a-z_]+)(?= must)",
+                         lambda m: _TRAIN_FLAGS.get(m.group(1), m.group(1)), str(e))
+        raise InputError(message) from None
     return config
+
+
+#: TrainConfig fields as the flags that set them, for error messages.
+_TRAIN_FLAGS = {"lr": "--lr", "eps": "--eps", "momentum": "--momentum",
+                "weight_decay": "--weight-decay", "clip_grad_norm": "--clip-grad-norm",
+                "batch_size": "--batch-size", "grad_accum": "--grad-accum",
+                "warmup_steps": "--warmup-steps", "betas[0]": "--betas B1",
+                "betas[1]": "--betas B2", "seed": "--seed"}
 
 
 def _train_data(args, spec, config, steps: int):
