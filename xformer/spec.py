@@ -214,7 +214,11 @@ class ModelSpec:
         bos_token_id: first token of generation: the decoder start token of an
             encoder-decoder; ``None`` if unknown.
         eos_token_id: end-of-sequence token that stops generation; ``None`` for none.
-        dropout: dropout probability, used in training mode only; conformance runs without it.
+        dropout: dropout probability at every site (the embeddings' output, the attention
+            probabilities, the FFN's hidden activation, each residual branch), training mode
+            only: forward and gradient conformance runs without it; training conformance draws
+            the masks from one framework-neutral stream (:func:`xformer.training.dropout_masks`,
+            docs/training.md).
 
     Raises:
         SpecError: a field has a wrong type or a value out of range; the message names the field,
