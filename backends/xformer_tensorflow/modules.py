@@ -23,7 +23,8 @@ Keras specifics (docs/design.md §5): every sub-layer gets ``dtype`` explicitly 
 dtype does not reach sub-layers created without one); :class:`LayerNorm` gets
 ``epsilon=spec.norm_eps`` (the Keras default is 1e-3); GELU and SiLU are composed from
 ``ops.erf`` / ``ops.tanh`` / ``ops.sigmoid`` with constants in the input dtype (``tf.nn.gelu`` is
-off by ~5e-9 in float64 and ``keras.ops.gelu`` defaults to the tanh form); ``training`` switches
+off by ~5e-9 in float64 and ``keras.ops.gelu`` defaults to the tanh form), except exact GELU in
+float32, the fused ``ops.gelu(x, approximate=False)`` (float32-grade); ``training`` switches
 dropout; the key/value cache is a plain tuple of tensors, per decoder layer ``(k, v)`` of
 ``(B, H_kv, T_past, d_head)`` (``H_kv = spec.kv_heads`` key/value heads, not their repeated
 copies; the keys already rotated with ``positional="rope"``), plus ``(cross_k, cross_v)``
@@ -66,9 +67,13 @@ _PACKAGE = "xformer"
 
 # ---------------------------------------------------------------------- activations
 def gelu(x):
-    """Exact GELU, ``0.5 x (1 + erf(x / sqrt(2)))`` (Hendrycks & Gimpel 2016), constants in
-    ``x.dtype``. Not ``tf.nn.gelu`` / ``keras.ops.gelu``: those lose ~5e-9 in float64 or default
-    to the tanh approximation."""
+    """Exact GELU, ``0.5 x (1 + erf(x / sqrt(2)))`` (Hendrycks & Gimpel 2016). float64: composed,
+    constants in ``x.dtype`` (``tf.nn.gelu`` loses ~5e-9 there); float32: the fused
+    ``keras.ops.gelu(x, approximate=False)`` (its default is the tanh form), float32-grade: 2.7e-8
+    of the largest value, 1.5e-7 for the gradient (docs/pitfalls.md; issue #11)."""
+    x = ops.convert_to_tensor(x)
+    if x.dtype == "float32":
+        return ops.gelu(x, approximate=False)
     c = lambda v: ops.convert_to_tensor(v, dtype=x.dtype)  # noqa: E731
     return c(0.5) * x * (c(1.0) + ops.erf(x / c(math.sqrt(2.0))))
 
