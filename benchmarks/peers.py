@@ -15,6 +15,10 @@ another), its preferred mode on both sides:
 * MXNet hybridized: ``xformer_mxnet.modules.EncoderLayer`` vs GluonNLP 0.10
   ``TransformerEncoderCell`` (``activation="gelu"``).
 
+And the whole all-MiniLM-L6-v2 shape (BERT: 6 layers, d_model 384, 12 heads, d_ff 1536, vocabulary
+30522, batch 8 × 128 token ids, pooler) against Hugging Face ``BertModel`` (torch), keras-hub
+``BertBackbone`` (TensorFlow) and GluonNLP ``BERTModel`` (MXNet), random weights on both sides.
+
 Timing is interleaved: each round times ``steps`` calls of xformer's layer, then ``steps`` of
 the peer's, so load on the machine hits both alike; the figure is the median over rounds of
 the per-round ratio ``xformer / peer`` (absolute times here swing ±25 % between runs, ratios
@@ -46,6 +50,12 @@ def _spec():
     return xformer.ModelSpec(vocab_size=1000, d_model=D, n_heads=H, d_ff=F, n_layers=1,
                              max_len=T, type_vocab_size=0, embedding_norm=False,
                              activation="gelu", norm_eps=1e-5)
+
+
+def _minilm():
+    import xformer
+
+    return xformer.ModelSpec.preset("minilm-l6")
 
 
 def interleaved(ours, peer, rounds: int, steps: int, sync=lambda: None) -> dict[str, float]:
@@ -107,6 +117,41 @@ def bench_torch(rounds: int, steps: int, threads: int) -> list[dict]:
     rows.append({"framework": "torch", "mode": "eager", "peer": "nn.TransformerEncoderLayer",
                  "pass": "forward+backward",
                  **interleaved(step(ours), step(peer), rounds, steps)})
+    try:
+        import transformers
+    except ImportError:
+        return rows
+    from xformer_torch.modules import EncoderModel
+
+    spec = _minilm()
+    ids = torch.randint(0, spec.vocab_size, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    ours = EncoderModel(spec).train()
+    cfg = transformers.BertConfig(vocab_size=spec.vocab_size, hidden_size=spec.d_model,
+                                  num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads,
+                                  intermediate_size=spec.d_ff, max_position_embeddings=spec.max_len,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  attn_implementation="eager")
+    peer = transformers.BertModel(cfg).train()
+
+    def bert(model, key):
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, attention_mask=mask)[key].sum().backward()
+        return run
+
+    def bert_forward(model, key):
+        def run():
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)[key]
+        return run
+
+    for name, ours_fn, peer_fn in (
+            ("forward", bert_forward(ours, "pooler_output"),
+             bert_forward(peer, "pooler_output")),
+            ("forward+backward", bert(ours, "pooler_output"), bert(peer, "pooler_output"))):
+        rows.append({"framework": "torch", "mode": "eager", "peer": "HF BertModel (MiniLM)",
+                     "pass": name, **interleaved(ours_fn, peer_fn, max(rounds // 2, 3), 2)})
     return rows
 
 
@@ -148,6 +193,41 @@ def bench_tensorflow(rounds: int, steps: int, threads: int) -> list[dict]:
              "pass": "forward", **interleaved(forward(ours), forward(peer), rounds, steps)},
             {"framework": "tensorflow", "mode": "function", "peer": "keras_hub TransformerEncoder",
              "pass": "forward+backward", **interleaved(step(ours), step(peer), rounds, steps)}]
+    from xformer_tensorflow.modules import EncoderModel
+
+    spec = _minilm()
+    ids = tf.random.uniform((B, T), 0, spec.vocab_size, dtype="int32", seed=0)
+    mask = tf.ones((B, T), "int32")
+    ours = EncoderModel(spec, dtype="float32")
+    peer = keras_hub.models.BertBackbone(
+        vocabulary_size=spec.vocab_size, num_layers=spec.n_layers, num_heads=spec.n_heads,
+        hidden_dim=spec.d_model, intermediate_dim=spec.d_ff, dropout=0.0,
+        max_sequence_length=spec.max_len, num_segments=spec.type_vocab_size)
+    calls = {id(ours): lambda training: ours(input_ids=ids, attention_mask=mask,
+                                            training=training)["pooler_output"],
+             id(peer): lambda training: peer({"token_ids": ids, "segment_ids": tf.zeros_like(ids),
+                                              "padding_mask": mask},
+                                             training=training)["pooled_output"]}
+    for model in (ours, peer):
+        calls[id(model)](False)
+
+    def bert_forward(model):
+        fn = tf.function(lambda: calls[id(model)](False))
+        return lambda: fn().numpy()
+
+    def bert_step(model):
+        @tf.function
+        def fn():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(calls[id(model)](True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            return [tf.convert_to_tensor(g) for g in grads if g is not None]  # dense tables
+        return lambda: [g.numpy() for g in fn()]
+
+    for name, make in (("forward", bert_forward), ("forward+backward", bert_step)):
+        rows.append({"framework": "tensorflow", "mode": "function",
+                     "peer": "keras_hub BertBackbone (MiniLM)", "pass": name,
+                     **interleaved(make(ours), make(peer), max(rounds // 2, 3), 2)})
     return rows
 
 
@@ -190,11 +270,51 @@ def bench_mxnet(rounds: int, steps: int, threads: int) -> list[dict]:
         return run
 
     sync = mx.nd.waitall
-    return [{"framework": "mxnet", "mode": "hybridize", "peer": "GluonNLP TransformerEncoderCell",
+    rows = [{"framework": "mxnet", "mode": "hybridize", "peer": "GluonNLP TransformerEncoderCell",
              "pass": "forward", **interleaved(forward(ours), forward(peer), rounds, steps, sync)},
             {"framework": "mxnet", "mode": "hybridize", "peer": "GluonNLP TransformerEncoderCell",
              "pass": "forward+backward",
              **interleaved(step(ours), step(peer), rounds, steps, sync)}]
+    from gluonnlp.model.bert import BERTEncoder, BERTModel
+
+    spec = _minilm()
+    ids = mx.nd.random.randint(0, spec.vocab_size, shape=(B, T)).astype("int64")
+    mask = mx.nd.ones((B, T))
+    types = mx.nd.zeros((B, T))
+    ours = modules.EncoderModel(spec, "float32")
+    encoder = BERTEncoder(num_layers=spec.n_layers, units=spec.d_model, hidden_size=spec.d_ff,
+                          max_length=spec.max_len, num_heads=spec.n_heads, dropout=0.0,
+                          activation="gelu", layer_norm_eps=spec.norm_eps)
+    peer = BERTModel(encoder, vocab_size=spec.vocab_size,
+                     token_type_vocab_size=spec.type_vocab_size, units=spec.d_model,
+                     embed_size=spec.d_model, use_pooler=True, use_decoder=False,
+                     use_classifier=False)
+    valid = mx.nd.full((B,), T)
+    for block in (ours, peer):
+        block.initialize(mx.init.Normal(0.02))
+        block.hybridize(static_alloc=True, static_shape=True)
+    pooled = {id(ours): lambda: ours(input_ids=ids, attention_mask=mask)[-1],
+              id(peer): lambda: peer(ids.astype("float32"), types, valid)[-1]}
+
+    def bert_forward(block):
+        return lambda: pooled[id(block)]().wait_to_read()
+
+    def bert_step(block):
+        params = [p for p in block.collect_params().values() if p.grad_req != "null"]
+
+        def run():
+            with mx.autograd.record():
+                loss = pooled[id(block)]().sum()
+            loss.backward()
+            for p in params:
+                p.grad().wait_to_read()
+        return run
+
+    for name, make in (("forward", bert_forward), ("forward+backward", bert_step)):
+        rows.append({"framework": "mxnet", "mode": "hybridize",
+                     "peer": "GluonNLP BERTModel (MiniLM)", "pass": name,
+                     **interleaved(make(ours), make(peer), max(rounds // 2, 3), 2, sync)})
+    return rows
 
 
 BENCH = {"torch": bench_torch, "tensorflow": bench_tensorflow, "mxnet": bench_mxnet}
