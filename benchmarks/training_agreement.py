@@ -22,14 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "conformance"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from figures import e as _e  # noqa: E402  (the figures' number format)
 from test_training import (GPT2, LLAMA, OPTIMIZERS, SCHEDULES, SPEC_OF, STEPS,  # noqa: E402
                            config, data, targets)
-
-
-def _e(x: float) -> str:
-    import re
-
-    return re.sub(r"e([-+])0(\d)", r"e\1\2", f"{x:.1e}")
 
 
 def measure() -> list[list[str]]:

@@ -22,6 +22,7 @@ if importlib.util.find_spec("mxnet") is None:
 
 from xformer import ModelSpec, init_weights, training  # noqa: E402
 from xformer.backend import get_backend  # noqa: E402
+from xformer.conformance import zero_gradient_scale  # noqa: E402
 from xformer.errors import InputError  # noqa: E402
 from xformer_mxnet import modules  # noqa: E402
 from xformer_mxnet import optimizers  # noqa: E402
@@ -72,12 +73,10 @@ def _model(spec: ModelSpec, dtype: str = "float64", seed: int = 0):
 
 
 def _scale(name: str, values: dict) -> float:
-    """The denominator of the relative error of ``values[name]``."""
-    if name.split(":")[0].endswith("k_proj.bias"):
-        block, _, rest = name.partition(".k_proj.bias")
-        return max(float(np.abs(values[f"{block}.{p}.weight{rest}"]).max())
-                   for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
-    return float(np.abs(values[name]).max())
+    """The denominator of the relative error of ``values[name]``: its own magnitude, or for a
+    key bias (and its state) its block's weights' (:func:`zero_gradient_scale`)."""
+    scale = zero_gradient_scale(name, values)
+    return float(np.abs(values[name]).max()) if scale is None else scale
 
 
 def _max_rel(got: dict, want: dict) -> tuple[float, str]:

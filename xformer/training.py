@@ -992,8 +992,7 @@ def train(backend: Any, model: Any, data: Any, config: TrainConfig, steps: int,
     """
     steps = _count("steps", steps, 1)
     rows = check_data(model.spec, data)
-    config.lr_at(0, steps)
-    trainer = backend.make_trainer(model, config, steps)
+    trainer = backend.make_trainer(model, config, steps)  # checks the config against steps
     logs = []
     for step in range(steps):
         log = backend.train_step(model, trainer, micro_batches(model.spec, rows, config, step),

@@ -273,11 +273,13 @@ class MXNetBackend(Backend):
         the dropout stream every mode runs the model imperatively
         (:func:`xformer_mxnet.modules.use_dropout_masks`: a hybridized graph cannot take the
         per-step mask NDArrays), keeping the cached graph for later calls."""
+        from xformer.training import objective
+
         from .optimizers import clip_grad_norm, global_norm
 
         mx = self._mx
         params = trainer.params
-        shift = model.spec.architecture != "encoder-decoder"  # causal LM: t predicts t + 1
+        shift = objective(model.spec) == "causal_lm"  # t predicts t + 1; seq2seq: no shift
         k = len(micro)
         total: dict[str, Any] = {}
         losses = []

@@ -19,7 +19,7 @@ No module here imports a framework; a backend or a reference imports its own whe
 """
 
 from .case import TOLERANCES, Case, RunResult, Tolerance
-from .compare import ZERO_GRADIENTS, Diff, compare_runs, diff_tensors
+from .compare import ZERO_GRADIENTS, Diff, compare_runs, diff_tensors, zero_gradient_scale
 from .coverage import (DECODER_FIELD_VALUES, ENCODER_DECODER_FIELD_VALUES, FIELD_VALUES,
                        SWITCHES, VARIANTS, covering_specs, field_values)
 from .environment import environment
@@ -34,5 +34,5 @@ __all__ = [
     "VARIANTS", "Target", "Tolerance", "ZERO_GRADIENTS", "available_references", "compare_runs",
     "covering_specs", "default_targets", "diff_tensors", "diff_traces", "environment",
     "field_values", "first_divergence", "get_reference", "greedy_margins", "run_case",
-    "run_generation", "run_reference", "run_target", "trace_run",
+    "run_generation", "run_reference", "run_target", "trace_run", "zero_gradient_scale",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -75,12 +76,20 @@ def diff_tensors(a_label: str, b_label: str, tensor: str, a: np.ndarray, b: np.n
 ZERO_GRADIENTS = re.compile(r"^(?P<block>.+\.(self|cross)_attn)\.k_proj\.bias$")
 
 
-def _grad_scale(name: str, a: RunResult, b: RunResult) -> float | None:
-    m = ZERO_GRADIENTS.match(name)
+def zero_gradient_scale(name: str, *tensors: Mapping[str, np.ndarray]) -> float | None:
+    """The scale that :data:`ZERO_GRADIENTS` tensors are measured against: for a key
+    projection's bias (``…self_attn.k_proj.bias``, its gradient, or an optimizer state of it,
+    ``…k_proj.bias:exp_avg``), the largest magnitude of the same tensor of its attention block's
+    ``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj`` weights over the dicts ``tensors``;
+    ``None`` for every other name (measured against its own magnitude)."""
+    base, sep, key = name.partition(":")
+    m = ZERO_GRADIENTS.match(base)
     if not m:
         return None
-    sib = [f"{m['block']}.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
-    return max(float(np.abs(r.grads[n]).max()) for r in (a, b) for n in sib if n in r.grads)
+    sib = [f"{m['block']}.{p}.weight{sep}{key}" for p in ("q_proj", "k_proj", "v_proj",
+                                                          "out_proj")]
+    found = [float(np.abs(t[n]).max()) for t in tensors for n in sib if n in t]
+    return max(found) if found else None
 
 
 def compare_runs(a: RunResult, b: RunResult, tol: Tolerance) -> list[Diff]:
@@ -90,7 +99,7 @@ def compare_runs(a: RunResult, b: RunResult, tol: Tolerance) -> list[Diff]:
     for k in a.grads:
         if k in b.grads:
             diffs.append(diff_tensors(a.label, b.label, f"grad:{k}", a.grads[k], b.grads[k],
-                                      tol.grad, _grad_scale(k, a, b)))
+                                      tol.grad, zero_gradient_scale(k, a.grads, b.grads)))
     return diffs
 
 

@@ -16,6 +16,7 @@ model per target and the first diverging step and tensor are known as soon as th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,28 +24,13 @@ import numpy as np
 
 from ..backend import get_backend
 from ..training import StepLog, TrainConfig, _count, check_data, micro_batches, objective
-from .compare import ZERO_GRADIENTS, diff_tensors, json_number
+from .compare import diff_tensors, json_number, zero_gradient_scale
 from .run import Target
 
 #: ``{dtype: (loss, parameters and optimizer state)}`` relative bounds between targets after
 #: every step (issue #10: float64 1e-10 for the parameters after 10 steps; float32 1e-5 for
 #: every step's loss and 1e-4 for the parameters).
 TRAIN_TOLERANCES = {"float64": (1e-10, 1e-10), "float32": (1e-5, 1e-4)}
-
-
-def _scale(name: str, tensors: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]
-           ) -> float | None:
-    """The scale of a zero-gradient key bias (``…k_proj.bias`` or ``…k_proj.bias:exp_avg``):
-    the largest magnitude of its block's projection weights (same state key); ``None`` for
-    every other tensor (its own magnitude)."""
-    base, _, key = name.partition(":")
-    m = ZERO_GRADIENTS.match(base)
-    if not m:
-        return None
-    suffix = f":{key}" if key else ""
-    sib = [f"{m['block']}.{p}.weight{suffix}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
-    found = [float(np.abs(t[n]).max()) for t in (tensors, other) for n in sib if n in t]
-    return max(found) if found else None
 
 
 @dataclass
@@ -108,7 +94,7 @@ def _worst(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> tuple[fl
     for name in a:
         if name not in b:
             return float("nan"), f"{name} (missing)"
-        d = diff_tensors("a", "b", name, a[name], b[name], 0.0, _scale(name, a, b))
+        d = diff_tensors("a", "b", name, a[name], b[name], 0.0, zero_gradient_scale(name, a, b))
         err = d.max_rel
         if not err <= worst:  # NaN wins
             worst, where = err, name
@@ -136,7 +122,7 @@ def run_training(spec: Any, weights: Mapping[str, np.ndarray], data: Any, config
     steps = _count("steps", steps, 1)
     rows_data = check_data(spec, data)
     if spec.dropout and config.dropout != "stream":
-        config = TrainConfig(**{**config.__dict__, "dropout": "stream"})
+        config = dataclasses.replace(config, dropout="stream")
     config.lr_at(0, steps)
     tol_loss, tol_param = TRAIN_TOLERANCES[dtype]
     runs = []
