@@ -110,7 +110,7 @@ def gelu(F, x, exact_grad: bool = False):
     is off by ~3e-7 in float64. Otherwise (float32 models) that fused operator: float32-grade
     (6.7e-8 of the largest value, 2.5e-7 for the gradient, docs/pitfalls.md) and one pass over
     the ``(B, T, d_ff)`` activation, where MXNet's ``erf`` alone took 11.5 ms against 0.47 ms
-    (issue #11).
+    (issue #11's profile).
     """
     if not exact_grad:
         return F.LeakyReLU(x, act_type="gelu")
