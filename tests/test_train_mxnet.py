@@ -225,6 +225,7 @@ def test_dropout_block_applies_the_given_mask_exactly():
         block(x)
     block.mask = None  # native again: identity when not training, draws when training
     np.testing.assert_array_equal(block(x).asnumpy(), x.asnumpy())
+    x = mx.nd.array(rng.standard_normal((40, 50)), dtype="float64")  # 0.75**2000: never all kept
     with mx.autograd.record(train_mode=True):
         drawn = block(x).asnumpy()
     assert (drawn == 0).any() and not np.array_equal(drawn, x.asnumpy())
