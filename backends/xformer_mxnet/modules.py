@@ -545,8 +545,10 @@ class MultiHeadAttention(_SpecLayer):
         if self._kv_heads != self._heads:  # (B, H_kv, S, dh) -> (B, H, S, dh)
             group = self._heads // self._kv_heads
             keys, values = (F.repeat(t, repeats=group, axis=1) for t in (k, v))
+        # Q / sqrt(d_head) before the product (GluonNLP's order): a pass over (B, H, T, d_head)
+        # instead of over the (B, H, T, S) scores; the same numbers up to rounding
+        q = q / math.sqrt(self._d_head)
         scores = F.batch_dot(self._fold(F, q), self._fold(F, keys), transpose_b=True)
-        scores = scores / math.sqrt(self._d_head)                               # (B*H, T, S)
         if attention_bias is not None:
             scores = F.reshape(scores, shape=(-1, self._heads, 0, 0), reverse=True)
             scores = F.broadcast_add(scores, attention_bias)                     # (B, H, T, S)
@@ -603,6 +605,8 @@ class Dropout(nn.Dropout):
     def hybrid_forward(self, F, x):
         mask = self.mask
         if mask is None:
+            if self._rate == 0:  # nn.Dropout would copy (F.identity): a pass for nothing
+                return x
             return super().hybrid_forward(F, x)
         if not isinstance(x, mx.nd.NDArray):
             raise RuntimeError("a Dropout with a stream mask must run imperatively (inside "
