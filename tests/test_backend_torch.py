@@ -22,7 +22,7 @@ from xformer_torch.modules import (DecoderModel, EncoderDecoderModel, EncoderMod
                                    gelu, gelu_tanh)
 from xformer_torch.reference_nn import nn_transformer_reference  # noqa: E402
 from backend_helpers import (SPECS, built, covering_params, cotangents, make_inputs,  # noqa: E402
-                      max_rel)
+                      max_rel, reference, rel)
 
 BACKEND = get_backend("torch")
 
@@ -71,6 +71,106 @@ def test_native_dtype_and_train_mode_kept():
     model.eval()
     np.testing.assert_array_equal(out["last_hidden_state"],
                                   BACKEND.forward(model, {"input_ids": ids})["last_hidden_state"])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_inference_attention_is_the_fused_kernel_with_the_same_numbers(name, dtype, monkeypatch):
+    """Eval mode under ``no_grad`` calls ``F.scaled_dot_product_attention`` (issue #11); with
+    autograd on it is written out. Both give the numpy reference's numbers, fully padded rows
+    included: float64 to rounding, float32 within its output bound."""
+    import torch.nn.functional as F
+
+    model, weights = built(BACKEND, SPECS[name], dtype, fresh=True)
+    inputs = make_inputs(model.spec)  # row 1 fully padded
+    calls = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or fused(*a, **k))
+    tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    model.eval()
+    with torch.no_grad():
+        inference = {k: v.numpy() for k, v in model(**tensors).items()
+                     if isinstance(v, torch.Tensor)}
+    assert len(calls) == model.spec.n_layers  # every self-attention, fused
+    written = {k: v.detach().numpy() for k, v in model(**tensors).items()
+               if isinstance(v, torch.Tensor)}
+    assert len(calls) == model.spec.n_layers  # with autograd: not called again
+    want = reference(model.spec, weights, inputs)
+    bound = 1e-12 if dtype == "float64" else 1e-5
+    for key, value in inference.items():
+        assert rel(value, want[key]) < bound, key
+        assert rel(value, written[key]) < bound / 10, key
+
+
+def test_expanding_projections_are_stored_in_out():
+    """``(in, out)`` storage for projections at least as wide as their input, ``nn.Linear``'s
+    ``(out, in)`` for contracting ones (issue #11: batch-1 decoding); every caller still sees
+    an ``(out, in)`` weight, and weights go in and come out unchanged, C-ordered."""
+    spec = SPECS["gpt2"]
+    model, weights = built(BACKEND, spec, fresh=True)
+    layer = model.decoder.layers[0]
+    assert layer.ffn.linear1.weight.shape == (spec.d_ff, spec.d_model)
+    assert layer.ffn.linear1.weight.stride() == (1, spec.d_ff)
+    assert layer.self_attn.q_proj.weight.stride() == (1, spec.d_model)
+    assert layer.ffn.linear2.weight.is_contiguous()
+    out = BACKEND.get_weights(model)
+    for name, value in weights.items():
+        assert out[name].flags.c_contiguous, name
+        np.testing.assert_array_equal(out[name], value, err_msg=name)
+    BACKEND.set_weights(model, out)
+    assert layer.ffn.linear1.weight.stride() == (1, spec.d_ff)  # copied in, storage kept
+    untied, _ = built(BACKEND, SPECS["dec_post"], fresh=True)
+    assert not untied.spec.tie_embeddings
+    assert untied.lm_head.weight.shape == (untied.spec.vocab_size, untied.spec.d_model)
+    assert untied.lm_head.weight.stride() == (1, untied.spec.vocab_size)
+
+
+def test_generation_reads_a_tied_table_from_a_transposed_copy():
+    """Inside ``generate`` a tied LM head multiplies by a ``(D, vocab)``-stored copy of the
+    table (issue #11): the same logits to rounding, the same ids, and no copy left after."""
+    from xformer.generation import generate
+
+    model, _ = built(BACKEND, SPECS["gpt2"], fresh=True)
+    head = model.lm_head
+    prompt = make_inputs(model.spec, full_pad=False)["input_ids"][:2, :3]
+    plain, _ = BACKEND.decode(model, {"input_ids": prompt})
+    with head.decoding_table(model.target_word_embeddings()):
+        assert head.tied_copy.stride() == (1, model.spec.vocab_size)
+        copied, _ = BACKEND.decode(model, {"input_ids": prompt})
+    assert head.tied_copy is None
+    assert rel(copied, plain) < 1e-13
+    seen = []
+    original = type(head).forward
+
+    def spy(self, x, tied_weight=None):
+        seen.append(self.tied_copy is not None)
+        return original(self, x, tied_weight)
+
+    type(head).forward = spy
+    try:
+        ids = BACKEND.generate(model, prompt, max_new_tokens=4)
+        assert generate(BACKEND, model, prompt, max_new_tokens=4) == ids  # no copy there
+    finally:
+        type(head).forward = original
+    assert seen[:4] == [True] * 4 and not any(seen[4:])
+    assert head.tied_copy is None
+
+
+def test_generate_restores_every_modules_train_mode():
+    """``generate`` runs every step in eval mode (switched once, not once per token) and gives
+    each submodule back its own mode, a child left in eval mode by the caller included."""
+    model, _ = built(BACKEND, SPECS["gpt2"].replace(dropout=0.5), fresh=True)
+    model.train()
+    model.decoder.layers[0].eval()
+    prompt = make_inputs(model.spec, full_pad=False)["input_ids"][:1, :3]
+    first = BACKEND.generate(model, prompt, max_new_tokens=4)
+    assert first == BACKEND.generate(model, prompt, max_new_tokens=4)  # dropout was off
+    assert model.training and model.decoder.training
+    assert not model.decoder.layers[0].training
+    assert not any(m.training for m in model.decoder.layers[0].modules())
+    assert all(m.training for m in model.decoder.layers[1].modules())
+    assert "_xformer_eval_held" not in model.__dict__
 
 
 def test_compiled_module_is_cached():

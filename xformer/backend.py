@@ -13,6 +13,8 @@ the environment variable ``XFORMER_BACKEND`` > ``backend = "..."`` in ``./xforme
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import time
 import tomllib
@@ -359,7 +361,14 @@ class Backend:
         numpy code, so every backend makes the same choices from the same logits."""
         from .generation import generate
 
-        return generate(self, model, input_ids, **kwargs)
+        with self._inference(model):
+            return generate(self, model, input_ids, **kwargs)
+
+    def _inference(self, model: Any) -> contextlib.AbstractContextManager:
+        """Hook: a context in which :meth:`decode` steps run back to back (:meth:`generate`
+        enters it once rather than once per step); by default nothing. torch switches the
+        model to eval mode there, so a model in train mode is not walked twice a token."""
+        return contextlib.nullcontext()
 
     def make_trainer(self, model: Any, config: Any, steps: int) -> Any:
         """The native optimizer and schedule of a training run of ``steps`` optimizer steps

@@ -48,10 +48,17 @@ PyTorch specifics (docs/design.md §3, §5):
   of drawing: the framework-neutral stream of :func:`xformer.training.dropout_masks`, set for
   a call with :func:`use_dropout_masks`); its module path is the canonical site name;
 * attention is written out (``softmax(Q K^T / sqrt(d_head) + bias) V``, Hugging Face
-  ``BertSelfAttention``'s eager path) rather than calling ``F.scaled_dot_product_attention``: on
-  CPU (torch 2.13) the fused SDPA kernel returns wrong gradients for a fully padded row when the
-  mask is the finite ``finfo.min`` (its log-sum-exp absorbs ``log(T)``, so every padded query's
-  weights come back as 1 instead of ``1/T`` in the backward pass), while its forward is right.
+  ``BertSelfAttention``'s eager path) whenever autograd records or the module is in training
+  mode, rather than calling ``F.scaled_dot_product_attention``: on CPU (torch 2.13) the fused
+  SDPA kernel returns wrong gradients for a fully padded row when the mask is the finite
+  ``finfo.min`` (its log-sum-exp absorbs ``log(T)``, so every padded query's weights come back
+  as 1 instead of ``1/T`` in the backward pass), while its forward is right. Inference (eval
+  mode under ``no_grad``) calls the fused kernel: one pass instead of four, and the
+  ``(B, H, T, T)`` scores never stored (issue #11), except inside
+  :func:`written_out_attention` (the Backend protocol's ``forward``);
+* projections whose output is at least as wide as their input keep their ``nn.Linear`` weight
+  in ``(in, out)`` storage (:func:`_linear`), as does an untied LM head: batch-1 decoding reads
+  them faster (docs/pitfalls.md).
 
 Incremental decoding uses Hugging Face's legacy cache format: per decoder layer a tuple
 ``(k, v)`` of ``(B, H_kv, T_past, d_head)`` tensors (``H_kv = spec.kv_heads`` key/value heads,
@@ -88,6 +95,7 @@ __all__ = [
     "Embeddings", "MultiHeadAttention", "Dropout", "FeedForward", "GatedFeedForward",
     "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder", "LMHead",
     "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias", "use_dropout_masks",
+    "written_out_attention",
 ]
 
 
@@ -159,6 +167,50 @@ def allowed_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     is already the product of padding and causality (docs/design.md §3; two ``finfo.min`` biases
     would add up to ``-inf``). Finite, so a fully padded row attends uniformly, never NaN."""
     return (1.0 - allowed.to(dtype)) * torch.finfo(dtype).min
+
+
+#: Set inside :func:`written_out_attention`.
+_WRITTEN_OUT = False
+
+
+@contextlib.contextmanager
+def written_out_attention() -> Iterator[None]:
+    """Inside, attention is written out in inference too (no fused
+    ``F.scaled_dot_product_attention``): a no-grad forward then computes bit for bit what a
+    gradient pass computes. The Backend protocol's ``forward`` runs inside it, so that its
+    outputs equal ``forward_backward``'s and ``trace``'s exactly (docs/design.md §3, §8); the
+    fused kernel agrees with it to rounding (``tests/test_backend_torch.py``). Not thread-safe:
+    one flag for the process."""
+    global _WRITTEN_OUT
+    previous, _WRITTEN_OUT = _WRITTEN_OUT, True
+    try:
+        yield
+    finally:
+        _WRITTEN_OUT = previous
+
+
+def _linear(in_features: int, out_features: int, bias: bool = True,
+            device: torch.device | str | None = None, dtype: torch.dtype | None = None
+            ) -> nn.Linear:
+    """``nn.Linear(in_features, out_features)`` (``y = x W^T + b``, ``weight`` ``(out, in)``,
+    torch's initialisation and ``state_dict``) whose weight is *stored* transposed,
+    ``(in, out)`` row-major (``weight.stride() == (1, out_features)``), when ``in_features <=
+    out_features``: Hugging Face GPT-2's ``Conv1D`` layout.
+
+    Why (issue #11): a decoding step multiplies one row by every weight, a matrix-vector
+    product that streams the weight from memory once. On CPU (torch 2.13, MKL, 2 threads) that
+    product reads expanding and square weights markedly faster from ``(in, out)`` storage,
+    contracting ones slightly faster from ``(out, in)``; with batch x length rows (training,
+    full forward passes) the storage makes no difference (docs/pitfalls.md, figures from
+    ``benchmarks/kernels.py``). ``F.linear`` takes either layout: the same numbers. Copying weights in
+    (``load_state_dict``, ``weight.copy_``) keeps the storage; ``state_dict()`` hands out the
+    transposed view (``.contiguous()`` it for a library that requires contiguous tensors, such
+    as ``safetensors.torch.save_file``; :meth:`xformer.backend.Backend.get_weights` returns
+    C-ordered numpy arrays)."""
+    linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+    if in_features <= out_features:
+        linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
+    return linear
 
 
 class _SpecLayer(nn.Module):
@@ -420,10 +472,10 @@ class MultiHeadAttention(_SpecLayer):
         self.cross_attention = cross_attention
         self.n_heads, self.n_kv_heads, self.d_head = spec.n_heads, spec.kv_heads, spec.d_head
         inner, kv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
-        self.q_proj = nn.Linear(d, inner, bias=qkv_bias, **factory)
-        self.k_proj = nn.Linear(d, kv, bias=qkv_bias, **factory)
-        self.v_proj = nn.Linear(d, kv, bias=qkv_bias, **factory)
-        self.out_proj = nn.Linear(inner, d, bias=spec.has_bias("out_proj"), **factory)
+        self.q_proj = _linear(d, inner, bias=qkv_bias, **factory)
+        self.k_proj = _linear(d, kv, bias=qkv_bias, **factory)
+        self.v_proj = _linear(d, kv, bias=qkv_bias, **factory)
+        self.out_proj = _linear(inner, d, bias=spec.has_bias("out_proj"), **factory)
         self.rotary = (RotaryEmbedding(spec, **factory)
                        if spec.positional == "rope" and not cross_attention else None)
         self.dropout = Dropout(spec.dropout)
@@ -455,11 +507,16 @@ class MultiHeadAttention(_SpecLayer):
             if past_key_value is not None:  # self-attention: append to the cache
                 k = torch.cat((past_key_value[0], k), dim=2)
                 v = torch.cat((past_key_value[1], v), dim=2)
-        scores = q @ self._repeat_kv(k).transpose(-2, -1) / math.sqrt(self.d_head)
-        if attention_bias is not None:
-            scores = scores + attention_bias
-        probs = self.dropout(scores.softmax(dim=-1))
-        context = (probs @ self._repeat_kv(v)).transpose(1, 2).reshape(b, t, -1)
+        if not (torch.is_grad_enabled() or self.training or _WRITTEN_OUT):  # the fused kernel
+            context = F.scaled_dot_product_attention(
+                q, self._repeat_kv(k), self._repeat_kv(v), attn_mask=attention_bias,
+                scale=1.0 / math.sqrt(self.d_head))
+        else:  # written out: see the module docstring for the fused kernel's CPU gradients
+            scores = q @ self._repeat_kv(k).transpose(-2, -1) / math.sqrt(self.d_head)
+            if attention_bias is not None:
+                scores = scores + attention_bias
+            context = self.dropout(scores.softmax(dim=-1)) @ self._repeat_kv(v)
+        context = context.transpose(1, 2).reshape(b, t, -1)
         out = self.out_proj(context)
         return (out, (k, v)) if use_cache else out
 
@@ -555,10 +612,10 @@ class FeedForward(_SpecLayer):
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
         factory = {"dtype": dtype, "device": device, "bias": spec.has_bias("mlp")}
-        self.linear1 = nn.Linear(spec.d_model, spec.d_ff, **factory)
+        self.linear1 = _linear(spec.d_model, spec.d_ff, **factory)
         self.activation = ACTIVATIONS[spec.activation]
         self.dropout = Dropout(spec.dropout)
-        self.linear2 = nn.Linear(spec.d_ff, spec.d_model, **factory)
+        self.linear2 = _linear(spec.d_ff, spec.d_model, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -584,11 +641,11 @@ class GatedFeedForward(_SpecLayer):
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
         factory = {"dtype": dtype, "device": device, "bias": spec.has_bias("mlp")}
-        self.gate_proj = nn.Linear(spec.d_model, spec.d_ff, **factory)
-        self.up_proj = nn.Linear(spec.d_model, spec.d_ff, **factory)
+        self.gate_proj = _linear(spec.d_model, spec.d_ff, **factory)
+        self.up_proj = _linear(spec.d_model, spec.d_ff, **factory)
         self.activation = ACTIVATIONS[spec.activation]
         self.dropout = Dropout(spec.dropout)
-        self.down_proj = nn.Linear(spec.d_ff, spec.d_model, **factory)
+        self.down_proj = _linear(spec.d_ff, spec.d_model, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.dropout(self.activation(self.gate_proj(x)) * self.up_proj(x)))
@@ -664,7 +721,7 @@ class Pooler(_SpecLayer):
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
-        self.dense = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias, dtype=dtype,
+        self.dense = _linear(spec.d_model, spec.d_model, bias=spec.bias, dtype=dtype,
                                device=device)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -867,14 +924,33 @@ class LMHead(_SpecLayer):
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
+        # (vocab, D) in (D, vocab) storage, as :func:`_linear` keeps expanding projections
         self.weight = (None if tied else
-                       nn.Parameter(torch.empty(spec.vocab_size, spec.d_model, dtype=dtype,
-                                                device=device)))
+                       nn.Parameter(torch.empty(spec.d_model, spec.vocab_size, dtype=dtype,
+                                                device=device).t()))
         if self.weight is not None:
             nn.init.normal_(self.weight, std=0.02)
+        #: Set by :meth:`decoding_table` for its duration: the tied table in (D, vocab) storage.
+        self.tied_copy: Tensor | None = None
 
     def forward(self, x: Tensor, tied_weight: Tensor | None = None) -> Tensor:
+        if tied_weight is not None and self.tied_copy is not None \
+                and not torch.is_grad_enabled():
+            tied_weight = self.tied_copy
         return F.linear(x, self.weight if tied_weight is None else tied_weight)
+
+    @contextlib.contextmanager
+    def decoding_table(self, table: Tensor) -> Iterator[None]:
+        """Inside, no-grad calls multiply by a ``(D, vocab)``-stored copy of the tied ``table``
+        (the same numbers to rounding): torch's batch-1 matrix-vector product reads the
+        ``(vocab, D)`` table markedly slower (docs/pitfalls.md, ``benchmarks/kernels.py``).
+        The copy (``vocab x D`` values) lives only inside:
+        :meth:`xformer.backend.Backend.generate` holds it for one generation."""
+        self.tied_copy = table.detach().t().contiguous().t()
+        try:
+            yield
+        finally:
+            self.tied_copy = None
 
 
 class _CausalModel(_SpecModel):
@@ -896,6 +972,14 @@ class _CausalModel(_SpecModel):
         """The ``(vocab_size, D)`` token table of the target side: what target tokens look up
         and what a tied LM head multiplies by."""
         return self.embeddings.word_embeddings.weight
+
+    def decoding_tables(self) -> contextlib.AbstractContextManager:
+        """A context for a run of no-grad decoding steps: a tied LM head multiplies by a
+        transposed copy of the table inside (:meth:`LMHead.decoding_table`); otherwise
+        nothing."""
+        if self.lm_head is None or not self.spec.tie_embeddings:
+            return contextlib.nullcontext()
+        return self.lm_head.decoding_table(self.target_word_embeddings())
 
     def _outputs(self, hidden: Tensor, presents: tuple, use_cache: bool,
                  **extra: Tensor) -> dict[str, Tensor]:
