@@ -22,6 +22,11 @@ table of measured figures sits inside markers). Sections:
 * ``training``: ``benchmarks/training_agreement.py``: every optimizer × schedule trained 10 steps
   on every target in lockstep, the dropout stream, and every target against a Hugging Face +
   ``torch.optim`` loop (docs/training.md).
+* ``peers``: ``benchmarks/peers.py`` (each backend against its framework's own layer and BERT,
+  every mode, % of GEMM peak, the protocol's overhead) and ``benchmarks/decoding.py`` (tokens/s
+  against Hugging Face ``generate()``): docs/benchmarks.md with its plot
+  (docs/images/peers.png), and README.md's summary line; ``benchmarks/kernels.py`` (the
+  kernel measurements behind the torch choices, docs/pitfalls.md). About 15 minutes.
 
 ``--check`` measures nothing: it exits 1 if a marked region is missing from its file.
 About four minutes on 2 cores for everything.
@@ -55,6 +60,8 @@ REGIONS = {
     "speed": {"docs/benchmarks.md": ["speed"]},
     "llama": {"docs/conformance.md": ["llama-family"], "docs/pitfalls.md": ["llama-pitfalls"]},
     "training": {"docs/training.md": ["training"]},
+    "peers": {"docs/benchmarks.md": ["peers", "peers-protocol", "decoding"],
+              "README.md": ["peers-summary"], "docs/pitfalls.md": ["kernels"]},
 }
 _REGION = r"(<!-- figures:{name} -->\n)(.*?)(<!-- /figures:{name} -->)"
 
@@ -225,6 +232,91 @@ def measure_training() -> dict[str, str]:
          "float32 parameters", "float32 state", "float32 loss"], rows)}
 
 
+def measure_peers() -> dict[str, str]:
+    peers = _load("peers").measure()
+    decoding = _load("decoding").measure()
+    timed = [r for r in peers if "ratio" in r and r["pass"] != "protocol"]
+    rows = [[r["framework"], r["mode"], r["peer"], r["pass"], f"{r['ratio']:.2f}x",
+             f"{r['xformer_ms']:.1f}", f"{r['peer_ms']:.1f}", f"{r['pct_of_peak']:.0f}%"]
+            for r in timed]
+    skipped = [f"{r['framework']}: skipped ({r['skipped']})" for r in peers + decoding
+               if "skipped" in r]
+    peak = {r["framework"]: r["gemm_peak_gflops"] for r in timed}
+    peaks = ", ".join(f"{fw} {g:.0f}" for fw, g in peak.items())
+    body = table(["framework", "mode", "peer", "pass", "xformer ÷ peer (time)", "xformer ms",
+                  "peer ms", "xformer, % of GEMM peak"], rows)
+    body = (f"Float32 GEMM peak (2048³, GFLOP/s): {peaks}.\n\n" + body
+            + ("\n\n" + "; ".join(skipped) if skipped else ""))
+    protocol = table(["framework", "mode", "Backend.forward ÷ bare module (time)",
+                      "protocol ms", "bare ms"],
+                     [[r["framework"], r["mode"], f"{r['ratio']:.2f}x", f"{r['xformer_ms']:.1f}",
+                       f"{r['peer_ms']:.1f}"] for r in peers if r.get("pass") == "protocol"])
+    dec = table(["framework", "mode", "xformer tokens/s", "HF generate() tokens/s",
+                 "xformer ÷ HF (tokens/s)", "same tokens as HF"],
+                [[r["framework"], r["mode"], f"{r['xformer_tok_s']:.1f}",
+                  f"{r['peer_tok_s']:.1f}", f"{r['ratio']:.2f}x", r["same_tokens"]]
+                 for r in decoding if "ratio" in r])
+    _plot_peers(timed, ROOT / "docs" / "images" / "peers.png")
+    worst = {}
+    for r in timed:
+        if r["mode"] in ("eager", "function", "hybridize"):
+            worst[r["framework"]] = max(worst.get(r["framework"], 0.0), r["ratio"])
+    summary = ("Time against each framework's own implementation (preferred mode; one layer, "
+               "MiniLM and, on torch, GPT-2; forward and forward+backward; < 1 is faster; "
+               "[docs/benchmarks.md](docs/benchmarks.md)): worst row "
+               + ", ".join(f"{fw} {x:.2f}x" for fw, x in worst.items())
+               + "; cached greedy decoding against Hugging Face `generate()`: "
+               + ", ".join(f"{r['framework']} {r['ratio']:.2f}x its tokens/s" for r in decoding
+                           if "ratio" in r) + ".")
+    return {"peers": body, "peers-protocol": protocol, "decoding": dec,
+            "peers-summary": summary, "kernels": _kernels(_load("kernels").measure())}
+
+
+def _kernels(k: dict) -> str:
+    storage = table(["product (GPT-2 small)", "rows", "`(out, in)` storage, ms",
+                     "`(in, out)` storage, ms", "`(out, in)` ÷ `(in, out)`"], k["storage"])
+    contiguous, transposed = k["lookup"]
+    sdpa = table(["model", "output", "fused SDPA (inference) vs float64",
+                  "written out vs float64"], k["sdpa"])
+    alloc = table(["malloc", "xformer layer forward, ms", "`nn` layer forward, ms",
+                   "xformer ÷ `nn`"],
+                  [[a["malloc"], f"{a['xformer_ms']:.1f}", f"{a['peer_ms']:.1f}",
+                    f"{a['ratio']:.2f}x"] for a in k["allocator"]])
+    return (storage + f"\n\nToken-table lookup, forward + backward (MiniLM's 30522 × 384 "
+            f"table, 8 × 128 ids): {contiguous:.1f} ms contiguous, {transposed:.1f} ms stored "
+            f"transposed.\n\nFloat32 inference with one row padded at the end and one fully "
+            f"padded, max error relative to the largest value:\n\n" + sdpa
+            + "\n\nOne encoder layer's forward (d_model 256, 8 × 128), each line a fresh "
+              "process:\n\n" + alloc)
+
+
+def _plot_peers(rows: list[dict], path: Path) -> None:
+    """One bar per (backend, mode, model, pass): time ÷ the native peer's, a line at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def model(peer: str) -> str:
+        return "GPT-2" if "GPT-2" in peer else "MiniLM" if "MiniLM" in peer else "layer"
+
+    labels = [f"{r['framework']}/{r['mode']}\n{model(r['peer'])}"
+              f" {'fwd' if r['pass'] == 'forward' else 'fwd+bwd'}" for r in rows]
+    colours = {"torch": "#ee4c2c", "tensorflow": "#ff8f00", "mxnet": "#3b7dd8"}
+    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(rows)), 4.5))
+    ax.bar(range(len(rows)), [r["ratio"] for r in rows],
+           color=[colours.get(r["framework"], "grey") for r in rows])
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("time ÷ native peer's (< 1: xformer faster)")
+    ax.set_title("xformer against each framework's own implementation, float32, 2 threads")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -234,7 +326,7 @@ def _load(name: str):
 
 MEASURE = {"minilm": measure_minilm, "matrix": measure_matrix,
            "generation": measure_generation, "speed": measure_speed, "llama": measure_llama,
-           "training": measure_training}
+           "training": measure_training, "peers": measure_peers}
 
 
 def main() -> int:
