@@ -103,6 +103,25 @@ def test_inference_attention_is_the_fused_kernel_with_the_same_numbers(name, dty
         assert rel(value, written[key]) < bound / 10, key
 
 
+def test_a_mask_without_padding_adds_no_bias_and_changes_no_bit():
+    """An all-ones mask gives no key-padding bias (issue #11: a pass over the scores saved):
+    adding its zeros would change no bit, forward or backward."""
+    from xformer_torch.modules import allowed_bias
+
+    model, _ = built(BACKEND, SPECS["bert"], fresh=True)
+    ones = torch.ones(3, 7, dtype=torch.long)
+    assert model.key_padding_bias(ones) is None
+    assert model.key_padding_bias(ones.clone().index_fill_(1, torch.tensor([6]), 0)) is not None
+    x = torch.randn(3, 7, model.spec.d_model, dtype=torch.float64, requires_grad=True)
+    zeros = allowed_bias(ones[:, None, None, :], torch.float64)
+    assert not zeros.any()
+    with_bias, without = model.encoder(x, zeros), model.encoder(x, None)
+    assert torch.equal(with_bias, without)
+    g1, = torch.autograd.grad(with_bias.sum(), x)
+    g2, = torch.autograd.grad(without.sum(), x)
+    assert torch.equal(g1, g2)
+
+
 def test_expanding_projections_are_stored_in_out():
     """``(in, out)`` storage for projections at least as wide as their input, ``nn.Linear``'s
     ``(out, in)`` for contracting ones (issue #11: batch-1 decoding); every caller still sees

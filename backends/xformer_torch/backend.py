@@ -283,7 +283,9 @@ class TorchBackend(Backend):
         storage decoding reads fastest (:meth:`xformer_torch.modules.LMHead.decoding_table`)."""
         stack = contextlib.ExitStack()
         stack.enter_context(_EvalMode(model))
-        stack.enter_context(model.decoding_tables())
+        tables = getattr(model, "decoding_tables", None)  # decoders (an encoder is refused
+        if tables is not None:                             # by generate, inside)
+            stack.enter_context(tables())
         return stack
 
 

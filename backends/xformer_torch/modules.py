@@ -169,6 +169,13 @@ def allowed_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return (1.0 - allowed.to(dtype)) * torch.finfo(dtype).min
 
 
+def _compiling() -> bool:
+    """Whether Dynamo is tracing (``torch.compiler.is_compiling``, torch >= 2.3; a
+    data-dependent branch there would break the graph)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 #: Set inside :func:`written_out_attention`.
 _WRITTEN_OUT = False
 
@@ -746,8 +753,13 @@ class _SpecModel(nn.Module):
 
     def key_padding_bias(self, attention_mask: Tensor | None) -> Tensor | None:
         """``(B, 1, 1, S)`` additive key-padding bias of a ``(B, S)`` 0/1 ``attention_mask``
-        (encoder self-attention, cross-attention), in the model dtype; ``None`` for ``None``."""
+        (encoder self-attention, cross-attention), in the model dtype; ``None`` for ``None``
+        and, outside ``torch.compile``, for a mask without padding: its bias is all zeros,
+        and adding zeros changes no bit, so attention skips a pass over the ``(B, H, T, S)``
+        scores (Hugging Face drops such a mask too; issue #11)."""
         if attention_mask is None:
+            return None
+        if not _compiling() and bool(attention_mask.all()):
             return None
         return allowed_bias(attention_mask[:, None, None, :], self.dtype)
 
