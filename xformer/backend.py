@@ -183,7 +183,7 @@ class Backend:
 
     def _train_step(self, model: Any, trainer: Any, micro: list[dict[str, np.ndarray]],
                     masks: list[dict[str, np.ndarray]] | None, dropout: str, step: int,
-                    mode: str) -> tuple[float, float, float]:
+                    mode: str, shares: list[float] | None = None) -> tuple[float, float, float]:
         """One optimizer step ``step`` (0-based): for each checked micro-batch (model inputs
         plus ``labels`` ``(B, T)`` int64), the model in training mode, the objective
         (:func:`xformer.training.objective`) computed natively, its backward pass with the loss
@@ -192,7 +192,13 @@ class Backend:
         step at this step's scheduled rate. Dropout: ``dropout == "stream"`` multiplies each
         site by ``masks[i][site]`` (:func:`xformer.training.dropout_masks`), ``"native"`` uses
         the framework's own dropout, ``"off"`` none. Returns ``(mean micro loss, learning rate
-        used, global gradient norm before clipping)``."""
+        used, global gradient norm before clipping)``.
+
+        Data-parallel (``shares`` given, after :meth:`init_distributed`): ``micro`` and ``masks``
+        are this worker's rows (:func:`xformer.distributed.shard`); micro-batch ``i``'s loss is
+        scaled by ``shares[i]`` so that the engine's sum over workers is the global mean (an
+        engine that averages, as DDP does, scales by ``shares[i] * world.size``); the
+        gradients, the norm and the returned loss are the reduced, global ones."""
         raise NotImplementedError
 
     def _optimizer_state(self, model: Any, trainer: Any) -> dict[str, np.ndarray]:
@@ -200,6 +206,17 @@ class Backend:
         ``{"<parameter>:exp_avg" | ":exp_avg_sq" | ":momentum_buffer": array}`` for every
         parameter that has it (none before the first step)."""
         raise NotImplementedError
+
+    def _init_distributed(self) -> Any:
+        """Join the data-parallel run that the environment describes (the framework launcher's
+        variables: :mod:`xformer.distributed`) with the framework's own engine; must run before
+        the model is built. Returns :class:`xformer.distributed.World`. After it,
+        :meth:`_make_trainer` builds a trainer whose :meth:`_train_step` reduces the gradients
+        through that engine."""
+        raise BackendError(f"backend {self.name!r} has no data-parallel engine")
+
+    def _finish_distributed(self) -> None:
+        """Leave the run: wait for every worker (a barrier), then release the engine."""
 
     def framework_version(self) -> str:
         """The framework's version string, e.g. ``"2.13.0+cpu"``."""
@@ -370,6 +387,30 @@ class Backend:
         model to eval mode there, so a model in train mode is not walked twice a token."""
         return contextlib.nullcontext()
 
+    #: This process's place in a data-parallel run (:meth:`init_distributed`), else ``None``.
+    world: Any = None
+
+    def init_distributed(self) -> Any:
+        """Join the data-parallel run the environment describes, through the framework's own
+        engine (:mod:`xformer.distributed`); call it once, before building the model. From then
+        on :meth:`train_step` trains on this worker's rows of every global micro-batch and the
+        engine reduces the gradients, so that every worker ends each step with the weights that
+        single-process training on the global batch gives.
+
+        Returns:
+            :class:`xformer.distributed.World`.
+        Raises:
+            BackendError: the backend has no engine, or joining failed (named, with the fix).
+        """
+        if self.world is None:
+            self.world = self._init_distributed()
+        return self.world
+
+    def finish_distributed(self) -> None:
+        """Wait for every worker, then leave the run (no-op outside one)."""
+        if self.world is not None:
+            self._finish_distributed()
+
     def make_trainer(self, model: Any, config: Any, steps: int) -> Any:
         """The native optimizer and schedule of a training run of ``steps`` optimizer steps
         (:meth:`train_step` takes it); see :func:`xformer.training.train` for the whole loop.
@@ -432,8 +473,15 @@ class Backend:
         if dropout == "stream":
             masks = [dropout_masks(spec, c, config.seed, step, i, dtype)
                      for i, c in enumerate(checked)]
-        loss, lr, norm = self._train_step(model, trainer.native, checked, masks, dropout,
-                                          step, mode)
+        if self.world is not None and self.world.size > 1:
+            from .distributed import shard
+
+            checked, masks, shares = shard(self.world, checked, masks)
+            loss, lr, norm = self._train_step(model, trainer.native, checked, masks, dropout,
+                                              step, mode, shares=shares)
+        else:
+            loss, lr, norm = self._train_step(model, trainer.native, checked, masks, dropout,
+                                              step, mode)
         want = config.lr_at(step, trainer.steps)
         if abs(lr - want) > 1e-12 * max(abs(want), 1e-300):
             raise BackendError(f"backend {self.name!r} used learning rate {lr!r} at step "

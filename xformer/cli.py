@@ -6,13 +6,16 @@
 ``xformer diff``     where two runs diverge, node by node.
 ``xformer show``     the three implementations of one node class.
 ``xformer init``     random canonical weights for a spec (a checkpoint directory or one file).
-``xformer train``    optimizer steps on one backend with its own optimizer; writes a checkpoint.
+``xformer train``    optimizer steps on one backend with its own optimizer; writes a checkpoint;
+                     ``--nproc N``: data-parallel on the framework's own engine.
 ``xformer backends`` the registered backends, installed or not.
 
 Exit status, one contract for every command (:func:`main`):
 
 * **0** success (``compare``/``diff``: every backend conforms, no divergence);
 * **1** ``compare`` or ``diff`` ran and found a mismatch (NOT CONFORMANT, a divergence);
+  ``train --nproc N``: a worker died (killed, or a status other than 2 / 3, which pass
+  through) and the launcher stopped the run;
 * **2** bad input or environment: an :class:`~xformer.errors.XformerError`, a usage error, an
   ``OSError`` (missing, unreadable or unwritable path, full disk), an argument that is not
   UTF-8, input nested too deeply (``RecursionError``) or too large (``MemoryError``);
@@ -169,6 +172,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the run (per-step loss, learning rate, gradient norm) as JSON")
     t.add_argument("--force", action="store_true",
                    help="build the model even if it needs more memory than is available")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="data-parallel on N local workers through the framework's own engine "
+                        "(torch DDP/gloo, TF MultiWorkerMirroredStrategy, MXNet kvstore "
+                        "dist_sync); --batch-size is the global batch, split evenly")
+    t.add_argument("--port", type=int, default=None,
+                   help="with --nproc: the rendezvous port on 127.0.0.1 (default: a free one)")
 
     e = add("embed", "sentence embeddings (mean-pooled, L2-normalised)")
     e.add_argument("--model", metavar="DIR", required=True,
@@ -249,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _check_arguments(args)
             _check_outputs(args)
+            args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc's workers run it
             return {"compare": cmd_compare, "embed": cmd_embed, "init": cmd_init,
                     "train": cmd_train,
                     "generate": cmd_generate, "diff": cmd_diff, "show": cmd_show,
@@ -1021,8 +1031,31 @@ def cmd_train(args) -> int:
         weights = init_weights(spec, seed=args.seed, dtype=args.dtype)
     else:
         check_finite(weights, source)
+    from . import distributed
+
+    if args.nproc is not None:
+        distributed.check_nproc(args.nproc, config.batch_size)
+    if args.port is not None and args.nproc is None:
+        raise InputError("--port only applies with --nproc N")
     be, note = _get_backend(args.backend)
     mode = be.check_mode(args.mode)
+    worker = distributed.requested(be.name)
+    if args.nproc is not None and args.nproc > 1 and not worker:
+        if be.name not in distributed.ENGINES:
+            raise InputError(f"backend {be.name!r} has no data-parallel engine; use torch, "
+                             f"tensorflow or mxnet")
+        port = distributed.check_port(args.port) if args.port is not None else None
+        code = distributed.launch(be.name, args.argv, args.nproc, port)
+        if code:
+            _error(f"{distributed.launch.failure[1]}; the run stopped, every worker with it, "
+                   f"and nothing was written to {args.out}")
+        return code
+    world = be.init_distributed() if worker else None
+    if world is not None and args.nproc is not None and args.nproc != world.size:
+        raise InputError(f"--nproc {args.nproc} but the launcher started {world.size} workers; "
+                         f"give the same number or leave --nproc out")
+    if world is not None:
+        distributed.check_nproc(world.size, config.batch_size)
     model = build(spec, backend=be.name, dtype=args.dtype, weights=weights)
     console = _console()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -1039,9 +1072,14 @@ def cmd_train(args) -> int:
         raise InputError(f"training diverged: {len(bad)} tensors hold NaN/inf after "
                          f"{args.steps} steps (e.g. {bad[0]}); lower --lr or clip with "
                          f"--clip-grad-norm; nothing was written")
+    be.finish_distributed()  # every worker has finished its last step
+    if world is not None and world.rank != 0:
+        return 0  # rank 0 writes the checkpoint and the report
     save_pretrained(Path(args.out), spec, final)
     if args.json:
         print(json.dumps({"backend": be.name, "mode": mode, "dtype": args.dtype,
+                          "engine": world.engine if world else None,
+                          "world_size": world.size if world else 1,
                           "config": config.to_dict(), "out": str(args.out),
                           "steps": [log.__dict__ for log in logs]}))
     else:

@@ -173,11 +173,52 @@ class TorchBackend(Backend):
         torch's semantics are the contract, nothing to correct."""
         from . import optimizers
 
-        return optimizers.make_trainer(model, config, steps)
+        trainer = optimizers.make_trainer(model, config, steps)
+        if self.world is not None and self.world.size > 1:
+            # the module's own parameters stay the optimizer's; DDP only reduces their .grad
+            # (averaged over the workers, bucketed, overlapped with the backward pass)
+            import inspect
+
+            ddp = self.torch.nn.parallel.DistributedDataParallel
+            # no buffer broadcast at every forward: the buffers (rotary tables, position ids)
+            # are computed, the same on every worker (torch >= 2.12 names it differently)
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers"
+                       in inspect.signature(ddp).parameters else {"broadcast_buffers": False})
+            trainer.ddp = ddp(model, **no_sync)
+        return trainer
+
+    def _init_distributed(self):
+        """``torch.distributed.init_process_group("gloo")`` from torchrun's variables
+        (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``); gloo: CPU tensors,
+        float64 included (NCCL is for CUDA tensors, which this backend does not place)."""
+        import datetime
+
+        from xformer.backend import BackendError
+        from xformer.distributed import ENGINES, World
+
+        dist = self.torch.distributed
+        if not dist.is_available():
+            raise BackendError("this torch build has no torch.distributed; install a build "
+                               "with it (every PyPI wheel has it)")
+        if not dist.is_initialized():
+            try:
+                dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
+            except (RuntimeError, ValueError, KeyError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise BackendError(f"torch.distributed could not join the run ({first[:200]}); "
+                                   f"check MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE "
+                                   f"(torchrun sets them)") from None
+        return World(ENGINES["torch"], dist.get_rank(), dist.get_world_size())
+
+    def _finish_distributed(self) -> None:
+        dist = self.torch.distributed
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def _train_step(self, model, trainer, micro: list[dict[str, np.ndarray]],
                     masks: list[dict[str, np.ndarray]] | None, dropout: str, step: int,
-                    mode: str) -> tuple[float, float, float]:
+                    mode: str, shares: list[float] | None = None) -> tuple[float, float, float]:
         """One optimizer step, the Hugging Face ``Trainer`` loop written with torch's own parts:
         ``zero_grad``; per micro-batch the model (``mode``'s callable, :meth:`_callable`) in
         training mode, the loss with ``F.cross_entropy(ignore_index=-100)`` (:meth:`_loss`),
@@ -192,12 +233,20 @@ class TorchBackend(Backend):
         module attributes that Dynamo lifts as graph inputs: a new mask each step neither
         recompiles nor is reused as a constant (tests/test_train_torch.py checks the recompile
         count and the numbers against eager). The caller's train/eval mode is restored.
+
+        Data-parallel (``shares``): the model runs through its ``DistributedDataParallel``
+        (compiled in ``"compile"`` mode), which averages the gradients over the workers during
+        the last micro-batch's backward pass (``no_sync()`` for the others: the local
+        gradients add up first, as in ``torch.nn.parallel``'s accumulation recipe); each loss
+        is scaled by ``shares[i] * world_size`` (exactly 1 for an even split) and the global
+        loss is one ``all_reduce`` of the shares' weighted losses.
         """
         from .modules import use_dropout_masks
         from .optimizers import clip_grad_norm
 
         torch = self.torch
-        fn = self._callable(model, mode)
+        ddp = trainer.ddp if shares is not None else None
+        fn = self._callable(model, mode) if ddp is None else self._callable_ddp(ddp, mode)
         was_training = model.training
         losses = []
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -207,13 +256,22 @@ class TorchBackend(Backend):
                 x = self._tensors(model, batch)
                 labels = x.pop("labels")
                 site_masks = None if masks is None else self._tensors(model, masks[i])
-                with use_dropout_masks(model, site_masks):
-                    logits = fn(**x)["logits"]
-                loss = self._loss(model, logits, labels)
-                (loss / len(micro)).backward()
+                sync = (contextlib.nullcontext() if ddp is None or i == len(micro) - 1
+                        else ddp.no_sync())
+                with sync:
+                    with use_dropout_masks(model, site_masks):
+                        logits = fn(**x)["logits"]
+                    loss = self._loss(model, logits, labels)
+                    if shares is not None:
+                        loss = loss * (shares[i] * self.world.size)
+                    (loss / len(micro)).backward()
                 losses.append(loss.detach())
         finally:
             model.train(was_training)
+        if ddp is not None:  # sum over workers of share * local mean = the global mean
+            total = torch.stack(losses) / self.world.size
+            torch.distributed.all_reduce(total)
+            losses = list(total)
         norm = clip_grad_norm(model.parameters(), trainer.clip)
         lr = trainer.lr  # what this optimizer.step() uses: lr_at(step), set by LambdaLR
         trainer.optimizer.step()
@@ -273,6 +331,17 @@ class TorchBackend(Backend):
             # (gradients 5x off at T=5; forward fine): keep the written-out attention.
             compiled = self.torch.compile(model, options={"pattern_matcher": False})
             model.__dict__["_xformer_compiled"] = compiled
+        return compiled
+
+    def _callable_ddp(self, ddp, mode: str):
+        """The ``DistributedDataParallel`` module, compiled in ``"compile"`` mode (Dynamo splits
+        the graph at DDP's bucket boundaries; cached on the wrapper)."""
+        if mode == "eager":
+            return ddp
+        compiled = ddp.__dict__.get("_xformer_compiled")
+        if compiled is None:
+            compiled = self.torch.compile(ddp, options={"pattern_matcher": False})
+            ddp.__dict__["_xformer_compiled"] = compiled
         return compiled
 
     def _eval(self, model):

@@ -181,6 +181,8 @@ class TorchTrainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     clip: float | None
+    #: ``DistributedDataParallel`` around the model in a data-parallel run, else ``None``.
+    ddp: Any = None
 
     @property
     def lr(self) -> float:
