@@ -60,6 +60,7 @@ REGIONS = {
     "speed": {"docs/benchmarks.md": ["speed"]},
     "llama": {"docs/conformance.md": ["llama-family"], "docs/pitfalls.md": ["llama-pitfalls"]},
     "training": {"docs/training.md": ["training"]},
+    "distributed": {"docs/distributed.md": ["distributed-conformance", "distributed-scaling"]},
     "peers": {"docs/benchmarks.md": ["peers", "peers-protocol", "decoding"],
               "README.md": ["peers-summary"], "docs/pitfalls.md": ["kernels"]},
 }
@@ -317,6 +318,26 @@ def _plot_peers(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def measure_distributed() -> dict[str, str]:
+    from xformer.distributed import SHORT_ENGINES
+
+    m = _load("distributed").measure()
+    conf = [[r["backend"], SHORT_ENGINES[r["backend"]], e(r["param_error"]), e(r["loss_error"]),
+             "" if r["against"] == r["backend"] else f"{e(r['cross_error'])} (vs {r['against']})"]
+            for r in m["conformance"]]
+    scale = [[r["backend"], SHORT_ENGINES[r["backend"]] if r["workers"] > 1 else "(one process)",
+              str(r["workers"]), f"{r['samples_per_s']:.1f}", f"{r['speedup']:.2f}x"]
+             for r in m["scaling"]]
+    return {"distributed-conformance": (
+        "4 workers against one process, float64, 5 AdamW steps (worst relative error).\n\n"
+        + table(["backend", "engine", "parameters vs 1 process", "loss vs 1 process",
+                 "parameters vs another backend's 4 workers"], conf)),
+        "distributed-scaling": (
+            "Samples/s of `xformer train --nproc N` (float32, GPT-2-like d_model 128, 2 layers, "
+            "T 64, global batch 16; best of 2 alternating rounds).\n\n"
+            + table(["backend", "engine", "workers", "samples/s", "vs 1 process"], scale))}
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -326,7 +347,8 @@ def _load(name: str):
 
 MEASURE = {"minilm": measure_minilm, "matrix": measure_matrix,
            "generation": measure_generation, "speed": measure_speed, "llama": measure_llama,
-           "training": measure_training, "peers": measure_peers}
+           "training": measure_training, "peers": measure_peers,
+           "distributed": measure_distributed}
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ SECTIONS = {
     10: "How to add a backend",
     11: "Pitfalls: where to look",
     12: "Training",
+    13: "Data-parallel training",
 }
 #: Top-level folders of this repository: a backticked path starting with one of them is a path
 #: into the repository (others, such as einops' ``einops/_backends.py``, name other projects).

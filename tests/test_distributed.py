@@ -112,6 +112,23 @@ def test_backends_agree_with_two_workers(root):
         assert err <= BOUND, (other, err, where)
 
 
+def test_compare_with_workers(root, tmp_path):
+    """``compare --train-steps N --nproc 2``: the 2-worker run against one process, in the
+    table and the JSON report."""
+    model, data = _inputs(root)
+    report = tmp_path / "report.json"
+    done = xformer("compare", "--model", model, "--backends", "torch", "--train-steps", 2,
+                   "--nproc", 2, "--dtype", "float64", "--batch-size", 4, "--data", data,
+                   "--json", report)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 workers against one process" in done.stdout
+    (dist,) = json.loads(report.read_text())["distributed"]
+    (row,) = dist["rows"]
+    assert (dist["nproc"], row["target"], row["engine"]) == (2, "torch/eager", ENGINES["torch"])
+    assert 0 <= row["param_error"] <= BOUND and 0 <= row["loss_error"] <= BOUND
+    assert len(row["losses"]) == 2
+
+
 # ---------------------------------------------------------------------- faults
 def _children(pid: int) -> list[int]:
     """Every descendant of ``pid`` (from /proc)."""
@@ -185,6 +202,33 @@ def test_killed_worker_ends_the_run(backend, root, tmp_path):
              and "zombie" not in Path(f"/proc/{p}/status").read_text()]
     assert not alive, alive
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_terminated_launcher_stops_its_workers(root, tmp_path):
+    """SIGTERM to ``xformer train --nproc 2`` (a scheduler's cancel): exit 130, no worker
+    left, nothing written."""
+    model, data = _inputs(root)
+    out = tmp_path / "o"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "xformer", "train", "--model", str(model), "--data", str(data),
+         "--backend", "torch", "--nproc", "2", "--out", str(out), "--steps", "100000",
+         "--batch-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(launcher.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        family = _children(launcher.pid)
+        assert len(family) >= 2
+        time.sleep(3)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130
+    assert not [p for p in family if Path(f"/proc/{p}").exists()
+                and "zombie" not in Path(f"/proc/{p}/status").read_text()]
+    assert not out.exists()
 
 
 def test_failing_workers_stop_the_run(tmp_path):

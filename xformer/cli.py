@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -146,6 +147,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare N optimizer steps instead of one pass: per step the loss and "
                         "the worst error of parameters and optimizer state between targets "
                         "(data: --data, or seeded random token rows)")
+
+    c.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="with --train-steps: also train every target data-parallel on N "
+                        "workers (xformer train --nproc N) and compare with one process")
 
     t = add("train", "train with one backend's own optimizer; write a checkpoint", opt)
     tsrc = t.add_mutually_exclusive_group(required=True)
@@ -875,7 +880,8 @@ def cmd_compare(args) -> int:
     targets = _targets(args)
     if args.train_steps is not None:
         return cmd_compare_training(args, spec, weights, label, targets)
-    given = [_option(k) for k in ("data", *_TRAIN_OPTIONS, "betas", "no_decay_bias_norm")
+    given = [_option(k) for k in ("data", *_TRAIN_OPTIONS, "betas", "no_decay_bias_norm",
+                                  "nproc")
              if getattr(args, k, None) is not None]
     if given:
         raise InputError(f"{', '.join(given)} only apply with --train-steps N")
@@ -1064,7 +1070,9 @@ def cmd_train(args) -> int:
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=_console_err(), transient=True) as bar:
         task = bar.add_task(f"training on {be.name}/{mode}", total=args.steps)
+        ticks = [time.perf_counter()]
         logs = train(be, model, data, config, args.steps, mode=mode, callback=lambda log: (
+            ticks.append(time.perf_counter()),
             bar.update(task, advance=1, description=f"step {log.step}: loss {log.loss:.4f}")))
     final = be.get_weights(model)
     bad = [n for n, w in final.items() if not np.isfinite(w).all()]
@@ -1081,7 +1089,8 @@ def cmd_train(args) -> int:
                           "engine": world.engine if world else None,
                           "world_size": world.size if world else 1,
                           "config": config.to_dict(), "out": str(args.out),
-                          "steps": [log.__dict__ for log in logs]}))
+                          "steps": [{**log.__dict__, "seconds": round(b - a, 6)}
+                                    for log, a, b in zip(logs, ticks, ticks[1:])]}))
     else:
         console.print(f"trained {args.steps} steps on {be.name}/{mode} ({args.dtype}, "
                       f"{config.optimizer}): loss {logs[0].loss:.6g} -> {logs[-1].loss:.6g}; "
@@ -1098,6 +1107,37 @@ def _console_err():
     return Console(stderr=True)
 
 
+def _compare_distributed(args, spec, weights, data, config, targets, dtype, report, console):
+    """``compare --train-steps N --nproc W``: every target trained by ``xformer train --nproc
+    W`` against its single-process run in ``report`` and against the first target's
+    ``W``-worker run (:func:`xformer.conformance.distributed.run_distributed`); one table."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .conformance.distributed import run_distributed
+    from .distributed import SHORT_ENGINES
+
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(f"{dtype}: {args.nproc} workers per target", total=len(targets))
+        dist = run_distributed(spec, weights, data, config, args.train_steps, targets, dtype,
+                               args.nproc, report.final,
+                               progress=lambda label: bar.update(task, advance=1))
+    table = Table(title=f"{dtype}: {args.nproc} workers against one process, "
+                        f"{args.train_steps} steps", title_justify="left")
+    for col in ("target", "engine", "loss err", "param err vs 1 process",
+                f"param err vs {dist.rows[0].target}", "s"):
+        table.add_column(col, justify="right" if "err" in col or col == "s" else "left")
+    for r in dist.rows:
+        mark = "" if r.ok else " [red]✗[/]"
+        engine = SHORT_ENGINES[r.target.partition("/")[0]]
+        table.add_row(f"{r.target}{mark}", engine, f"{r.loss_error:.1e}",
+                      f"{r.param_error:.1e}", f"{r.cross_error:.1e}", f"{r.seconds:.1f}")
+    console.print(table)
+    return dist
+
+
 def cmd_compare_training(args, spec, weights, label, targets) -> int:
     """``compare --train-steps N``: :func:`xformer.conformance.training.run_training` per
     dtype, one table per dtype (per step: the loss, the worst relative error of the loss, the
@@ -1112,9 +1152,20 @@ def cmd_compare_training(args, spec, weights, label, targets) -> int:
     objective(spec)
     config = _train_config(args, args.train_steps, seed=args.seed)
     data = _train_data(args, spec, config, args.train_steps)
+    if args.nproc is not None:
+        from .distributed import ENGINES, check_nproc
+
+        check_nproc(args.nproc, config.batch_size)
+        no_engine = [t.label for t in targets if t.backend not in ENGINES]
+        if no_engine:
+            raise InputError(f"--nproc: {', '.join(no_engine)} has no data-parallel engine")
+        if spec.dropout and config.dropout != "stream":
+            import dataclasses
+
+            config = dataclasses.replace(config, dropout="stream")
     dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
     console = _console()
-    reports = []
+    reports, dist_reports = [], []
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     for dtype in dtypes:
@@ -1143,9 +1194,14 @@ def cmd_compare_training(args, spec, weights, label, targets) -> int:
                           f"{worst.step}")
         console.print(f"tolerance: loss {tol_loss:.0e}, parameters and state {tol_param:.0e} "
                       f"(relative, vs {report.targets[0]})")
-    ok = all(r.ok for r in reports)
+        if args.nproc is not None:
+            dist_reports.append(_compare_distributed(args, spec, weights, data, config, targets,
+                                                     dtype, report, console))
+    ok = all(r.ok for r in reports) and all(r.ok for r in dist_reports)
     doc = {"ok": ok, "model": label, "environment": environment(targets, None),
            "training": [r.to_dict() for r in reports]}
+    if dist_reports:
+        doc["distributed"] = [r.to_dict() for r in dist_reports]
     if args.html:
         from .report import write_training_html
 
@@ -1158,6 +1214,13 @@ def cmd_compare_training(args, spec, weights, label, targets) -> int:
                       f"alike on {label} ({', '.join(dtypes)}): loss, parameters and optimizer "
                       f"state within tolerance at every step.")
         return 0
+    for r in dist_reports:
+        for row in r.rows:
+            if not row.ok:
+                console.print(f"[bold red]NOT CONFORMANT[/] ({r.dtype}, {r.nproc} workers): "
+                              f"{row.target}: loss {row.loss_error:.1e}, parameters "
+                              f"{row.param_error:.1e} ({row.param_worst}) vs one process, "
+                              f"{row.cross_error:.1e} vs {r.rows[0].target}")
     for r in reports:
         first = r.first_divergence
         if first is not None:

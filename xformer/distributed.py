@@ -55,6 +55,9 @@ ENGINES = {
     "tensorflow": "tf.distribute.MultiWorkerMirroredStrategy",
     "mxnet": "mxnet kvstore dist_sync (parameter server)",
 }
+#: The engine in a few words, for tables.
+SHORT_ENGINES = {"torch": "DDP (gloo)", "tensorflow": "MultiWorkerMirrored",
+                 "mxnet": "kvstore dist_sync"}
 #: Seconds a stopped process gets between SIGTERM and SIGKILL.
 GRACE = 5.0
 
@@ -275,6 +278,10 @@ def launch(backend: str, argv: Sequence[str], nproc: int, port: int | None = Non
     threads: list[threading.Thread] = []
     worker_cmd = [sys.executable, "-m", "xformer", *argv]
     launch.failure = None
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # a SIGTERM to the launcher stops its workers too (they run in their own sessions)
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         for role, extra, cmd in process_envs(backend, nproc, port):
             env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
@@ -324,6 +331,13 @@ def launch(backend: str, argv: Sequence[str], nproc: int, port: int | None = Non
     except BaseException:
         _stop(procs, grace=1.0)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # the CLI's interrupted path: exit 130, workers stopped
 
 
 launch.failure = None

@@ -69,6 +69,9 @@ class TrainReport:
     steps: int
     tolerance: tuple[float, float]
     rows: list[StepRow] = field(default_factory=list)
+    #: ``{target label: (per-step losses, final weights)}`` (not in :meth:`to_dict`).
+    final: dict[str, tuple[list[float], dict[str, np.ndarray]]] = field(
+        default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -168,6 +171,9 @@ def run_training(spec: Any, weights: Mapping[str, np.ndarray], data: Any, config
                                    worst_target, ok))
         if progress is not None:
             progress(step)
+    for t, be, model, _ in runs:
+        report.final[t.label] = ([r.losses[t.label] for r in report.rows],
+                                 be.get_weights(model))
     return report
 
 
