@@ -300,13 +300,10 @@ def launch(backend: str, argv: Sequence[str], nproc: int, port: int | None = Non
                 threads.append(t)
         workers = [p for p in procs if p.role.startswith("worker")]
         while True:
+            # a scheduler or server exits 0 once every worker has left the kvstore (ps-lite's
+            # finalisation), which may be before rank 0 has written the checkpoint: only a
+            # non-zero status is a failure
             failed = next((p for p in procs if p.popen.poll() not in (None, 0)), None)
-            if failed is None and any(p.popen.poll() == 0 for p in procs
-                                      if not p.role.startswith("worker")) \
-                    and any(w.popen.poll() is None for w in workers):
-                # a scheduler or server that ends before its workers is a failure too
-                failed = next(p for p in procs if not p.role.startswith("worker")
-                              and p.popen.poll() == 0)
             if failed is not None:
                 _stop(procs)
                 for t in threads:

@@ -16,20 +16,34 @@ Cached decoding runs imperatively whatever the mode (:func:`xformer_mxnet.module
 the hybridized graph of full-sequence calls is kept. Divergence localisation (:meth:`trace`)
 also runs imperatively, with a zero "probe" added to each node's output for the one pass, so
 ``mx.autograd.grad`` gives the gradient flowing into every node.
+
+Data-parallel training (issue #12, :mod:`xformer.distributed`) goes through MXNet's parameter
+server: the worker joins the ``dist_sync`` kvstore (:meth:`MXNetBackend._init_distributed`),
+the ``gluon.Trainer`` reduces the gradients through it (``update_on_kvstore=False``) and every
+worker clips and updates its own copy; the scheduler and the servers are
+``python -m xformer_mxnet.ps`` (:mod:`xformer_mxnet.ps`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import os
+import socket
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
 from xformer.backend import Backend, check_dtype
 from xformer.weights import check_weights
+
+
+#: Seconds a data-parallel worker waits for the scheduler to listen before it gives up.
+SCHEDULER_WAIT = 120.0
 
 
 @contextlib.contextmanager
@@ -43,11 +57,15 @@ def _quiet():
 @dataclass
 class _Run:
     """What :meth:`MXNetBackend._make_trainer` returns: the ``gluon.Trainer``, the canonical
-    parameters it updates (its index order) and the run's config."""
+    parameters it updates (its index order, = their kvstore keys) and the run's config; in a
+    data-parallel run also the ``dist_sync`` kvstore and ``{micro-batch count: kvstore key}``
+    of the loss vectors (:meth:`MXNetBackend._global_loss`)."""
 
     trainer: Any
     params: dict
     config: Any
+    kvstore: Any = None
+    loss_keys: dict = field(default_factory=dict)
 
 
 def lm_loss(logits, labels: np.ndarray, shift: bool):
@@ -87,6 +105,26 @@ def lm_loss(logits, labels: np.ndarray, shift: bool):
     return -mx.nd.sum(picked * weights).reshape((1,)) / float(keep.sum())
 
 
+def _free_kvstore(kv, barrier: bool = True) -> None:
+    """Free ``kv``'s C++ ``KVStore`` now, as its ``__del__`` would (``MXKVStoreFree``), and
+    leave it a NULL handle, which a later ``__del__`` (or call) frees as nothing
+    (``delete nullptr``).
+
+    A ``dist_sync`` worker's destructor waits for every worker (``barrier_before_exit``), has
+    rank 0 stop the servers and finalises ps-lite with a last barrier of all nodes: the clean
+    end of a run. ``barrier=False`` (``MXKVStoreSetBarrierBeforeExit(0)``) leaves without
+    waiting for anyone, for a worker that fails while the others are still training: with the
+    barrier it would hang at exit, its failure unseen by the launcher."""
+    from mxnet.base import _LIB, KVStoreHandle, check_call
+
+    if not kv.handle:
+        return
+    if not barrier:
+        check_call(_LIB.MXKVStoreSetBarrierBeforeExit(kv.handle, ctypes.c_int(0)))
+    handle, kv.handle = kv.handle, KVStoreHandle()
+    check_call(_LIB.MXKVStoreFree(handle))
+
+
 class MXNetBackend(Backend):
     """Builds :class:`xformer_mxnet.modules.EncoderModel`, ``DecoderModel`` or
     ``EncoderDecoderModel`` (Gluon ``HybridBlock`` s) from ``spec.architecture`` and runs them.
@@ -97,6 +135,8 @@ class MXNetBackend(Backend):
     modes = ("imperative", "hybridize")
     default_modes = ("imperative", "hybridize")
     preferred_mode = "hybridize"
+    #: The ``dist_sync`` kvstore of a data-parallel run (:meth:`_init_distributed`), else None.
+    _kv: Any = None
 
     def __init__(self) -> None:
         from . import modules  # imports mxnet, after restoring numpy's np.bool alias
@@ -252,27 +292,53 @@ class MXNetBackend(Backend):
     def _make_trainer(self, model, config, steps: int) -> "_Run":
         """A ``gluon.Trainer`` over the canonical parameters with the optimizer and schedule of
         ``config`` (:func:`xformer_mxnet.optimizers.make_optimizer`: MXNet optimizers with
-        ``torch.optim`` semantics, an ``mx.lr_scheduler`` subclass)."""
+        ``torch.optim`` semantics, an ``mx.lr_scheduler`` subclass). In a data-parallel run
+        (:meth:`_init_distributed`, more than one worker) the Trainer reduces the gradients
+        through the ``dist_sync`` kvstore; a float64 model first checks that the servers keep
+        float64 (:meth:`_check_float64`)."""
         from . import optimizers
 
+        mx = self._mx
         params = self._modules.canonical_parameters(model)
-        return _Run(optimizers.make_optimizer(params, config, steps), params, config)
+        kv = self._kv if self.world is not None and self.world.size > 1 else None
+        if kv is not None and np.dtype(model.dtype) == np.float64:
+            self._check_float64(kv, key=len(params))
+        trainer = optimizers.make_optimizer(params, config, steps, kvstore=kv)
+        if kv is not None:
+            # Gluon initialises parameter i's key with rank 0's weights and pulls them back
+            # (kvstore.broadcast) at the first allreduce_grads(), then pushpulls the gradient
+            # under the same key. The pull and the push are independent engine operations
+            # (the weights' and the gradient's arrays), so ps-lite may deliver this worker's
+            # push first: once every worker has pushed, the server's value is the gradient
+            # sum, and a pull still in flight returns that as the weights (seen under load:
+            # a bias off by 150%). Broadcasting here, and waiting for it, orders them.
+            trainer._init_kvstore()
+            trainer._init_params()
+            mx.nd.waitall()
+        return _Run(trainer, params, config, kvstore=kv)
 
     def _train_step(self, model, trainer: "_Run", micro: list[dict[str, np.ndarray]],
                     masks: list[dict[str, np.ndarray]] | None, dropout: str, step: int,
-                    mode: str) -> tuple[float, float, float]:
+                    mode: str, shares: list[float] | None = None) -> tuple[float, float, float]:
         """One optimizer step. Each micro-batch runs inside ``autograd.record`` (train mode
         unless ``dropout == "off"``), its loss (:func:`lm_loss`) divided by ``len(micro)``
         before ``backward``; the gradients are summed across micro-batches (each backward
         overwrites ``param.grad()``: ``grad_req="write"``, so a later
-        :meth:`forward_backward` is not affected), clipped
-        (:func:`xformer_mxnet.optimizers.clip_grad_norm`) and applied by ``trainer.step(1)``
-        (``rescale_grad`` 1: the loss is already a mean).
+        :meth:`forward_backward` is not affected), reduced by ``trainer.allreduce_grads()``
+        (a no-op in one process), clipped (:func:`xformer_mxnet.optimizers.clip_grad_norm`)
+        and applied by ``trainer.update(1)`` (``rescale_grad`` 1: the loss is already a mean).
 
         ``mode`` ``"hybridize"`` trains through the cached graph with native or no dropout; with
         the dropout stream every mode runs the model imperatively
         (:func:`xformer_mxnet.modules.use_dropout_masks`: a hybridized graph cannot take the
-        per-step mask NDArrays), keeping the cached graph for later calls."""
+        per-step mask NDArrays), keeping the cached graph for later calls.
+
+        Data-parallel (``shares``, :mod:`xformer.distributed`): ``micro`` and ``masks`` are
+        this worker's rows; micro-batch ``i``'s loss is scaled by ``shares[i]`` too, the
+        summed local gradients go through the ``dist_sync`` kvstore once (``pushpull``: the
+        server sums them over the workers, so every worker gets the gradient of the global
+        mean), and clipping and the optimizer see that same reduced gradient on every worker.
+        The returned loss is the global one (:meth:`_global_loss`)."""
         from xformer.training import objective
 
         from .optimizers import clip_grad_norm, global_norm
@@ -293,7 +359,7 @@ class MXNetBackend(Backend):
                 out = model(**args)
                 logits = out[-1]  # (..., logits): head="lm"
                 loss = lm_loss(logits, batch["labels"], shift)
-                scaled = loss / k
+                scaled = loss / k if shares is None else loss * shares[i] / k
             scaled.backward()
             losses.append(loss.asnumpy()[0])
             for name, param in params.items():
@@ -304,11 +370,137 @@ class MXNetBackend(Backend):
             if k > 1:
                 param.grad()[:] = total[name]
             grads.append(param.grad())
+        trainer.trainer.allreduce_grads()  # dist_sync: each grad := its sum over the workers
+        losses = np.array(losses, dtype=model.dtype)
+        if shares is not None:
+            losses = self._global_loss(trainer, losses * np.array(shares, dtype=model.dtype))
         clip = trainer.config.clip_grad_norm
         norm = global_norm(grads) if clip is None else clip_grad_norm(grads, clip)
-        trainer.trainer.step(1)
+        trainer.trainer.update(1)
         lr = trainer.trainer.learning_rate  # the Schedule at num_update = step + 1
-        return float(np.mean(np.array(losses, dtype=model.dtype))), lr, norm
+        return float(np.mean(losses)), lr, norm
+
+    def _global_loss(self, trainer: "_Run", weighted: np.ndarray) -> np.ndarray:
+        """``(K,)`` per-micro-batch losses of the global batch: the sum over the workers of
+        ``shares[i] * local mean loss[i]`` (``weighted``, this worker's), through the run's
+        kvstore itself (``pushpull`` of one more key: the server sums, as for the gradients).
+        Key ``len(params) + K``, initialised (to zeros, by rank 0, with MXNet's barrier) the
+        first time a step has ``K`` micro-batches; every worker has the same ``K``."""
+        mx = self._mx
+        kv = trainer.kvstore
+        k = len(weighted)
+        key = trainer.loss_keys.get(k)
+        if key is None:
+            key = trainer.loss_keys[k] = len(trainer.params) + k
+            kv.init(key, mx.nd.zeros((k,), dtype=weighted.dtype))
+        value = mx.nd.array(weighted, dtype=weighted.dtype)
+        kv.pushpull(key, value)  # in place: the sum over the workers
+        return value.asnumpy()
+
+    def _check_float64(self, kv, key: int) -> None:
+        """Check that the kvstore's servers store and sum float64 as float64: initialise key
+        ``key`` (reserved for this) with ``1 + 2**-40`` and pull it back.
+
+        Raises:
+            BackendError: it came back rounded to float32. MXNet 1.9.1's server leaves its
+                ``multi_precision_`` flag uninitialised and, when the byte happens to be
+                non-zero, keeps float32 copies of float64 keys (:mod:`xformer_mxnet.ps`, which
+                starts its servers so that it reads false).
+        """
+        from xformer.backend import BackendError
+
+        from .ps import SERVER_TUNABLES
+
+        mx = self._mx
+        want = 1.0 + 2.0 ** -40
+        kv.init(key, mx.nd.array([want], dtype="float64"))
+        back = mx.nd.zeros((1,), dtype="float64")
+        kv.pull(key, out=back)
+        got = float(back.asnumpy()[0])
+        if got != want:
+            raise BackendError(
+                f"the MXNet kvstore server rounds float64 to float32 (1 + 2**-40 came back as "
+                f"{got!r}): MXNet 1.9.1's KVStoreDistServer leaves multi_precision_ "
+                f"uninitialised, so a server may keep float32 copies of float64 gradients; start "
+                f"the servers with `DMLC_ROLE=server python -m xformer_mxnet.ps` (it runs them "
+                f"with GLIBC_TUNABLES={SERVER_TUNABLES}), or train in float32")
+
+    def _init_distributed(self):
+        """Join the parameter-server run of ps-lite's environment (``DMLC_ROLE=worker``,
+        ``DMLC_PS_ROOT_URI``, ``DMLC_PS_ROOT_PORT``, ``DMLC_NUM_SERVER``,
+        ``DMLC_NUM_WORKER``): ``mx.kv.create("dist_sync")``, kept for :meth:`_make_trainer`
+        and :meth:`_finish_distributed`.
+
+        The world's rank (which rows this worker trains on, and rank 0 writes the checkpoint
+        and the report) is the launcher's ``XFORMER_WORKER`` when it is set
+        (:func:`xformer.distributed.launch`, which passes worker 0's standard output through),
+        else the kvstore's. ps-lite's scheduler numbers the workers in the order they
+        register (``DMLC_RANK`` is not read), so ``kv.rank`` is worker 0's only about half the
+        time; MXNet's own use of its rank (rank 0 pushes the initial values of every key) needs
+        nothing from ours, as every worker holds the same weights.
+
+        Raises:
+            BackendError: a variable missing or not a number (``XFORMER_WORKER`` outside
+                ``[0, DMLC_NUM_WORKER)`` included), no scheduler listening at
+                ``DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`` within :data:`SCHEDULER_WAIT` seconds
+                (ps-lite itself would wait forever), or MXNet refusing the kvstore.
+        """
+        from xformer.backend import BackendError
+        from xformer.distributed import ENGINES, World
+
+        env = os.environ
+        names = ("DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT", "DMLC_NUM_SERVER", "DMLC_NUM_WORKER")
+        missing = [n for n in names if not env.get(n)]
+        if missing:
+            raise BackendError(f"this MXNet worker (DMLC_ROLE=worker) has no "
+                               f"{', '.join(missing)}; set them as for the scheduler and the "
+                               f"servers (docs/distributed.md), or use xformer train --nproc N")
+        for n in names[1:]:
+            if not env[n].isdigit() or int(env[n]) < 1:
+                raise BackendError(f"{n} must be a positive integer, got {env[n]!r}")
+        rank = env.get("XFORMER_WORKER")
+        if rank is not None and not (rank.isdigit() and int(rank) < int(env["DMLC_NUM_WORKER"])):
+            raise BackendError(f"XFORMER_WORKER must be a worker index in [0, DMLC_NUM_WORKER="
+                               f"{env['DMLC_NUM_WORKER']}), got {rank!r}; leave it unset to use "
+                               f"the rank MXNet's scheduler assigns")
+        host, port = env["DMLC_PS_ROOT_URI"], int(env["DMLC_PS_ROOT_PORT"])
+        deadline = time.monotonic() + SCHEDULER_WAIT
+        while True:  # the scheduler may still be starting; ps-lite would block without a word
+            try:
+                socket.create_connection((host, port), timeout=5).close()
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise BackendError(f"no MXNet scheduler answered at {host}:{port} "
+                                       f"(DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT) within "
+                                       f"{SCHEDULER_WAIT:.0f} s ({e.strerror or e}); start one "
+                                       f"with DMLC_ROLE=scheduler python -m xformer_mxnet.ps")
+                time.sleep(0.5)
+        try:
+            kv = self._mx.kv.create("dist_sync")
+        except self._mx.base.MXNetError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BackendError(f"MXNet could not join the parameter-server run "
+                               f"({first[:200]}); this wheel needs USE_DIST_KVSTORE (every "
+                               f"PyPI mxnet wheel has it)") from None
+        self._kv = kv
+        # a worker that fails before _finish_distributed leaves without the exit barrier
+        atexit.register(_free_kvstore, kv, barrier=False)  # after it: frees nothing
+        return World(ENGINES["mxnet"], kv.rank if rank is None else int(rank), kv.num_workers)
+
+    def _finish_distributed(self) -> None:
+        """Wait for every worker (``kv._barrier()``: each has finished its last step), then
+        leave the run: free the kvstore now (:func:`_free_kvstore`: ``KVStoreDist``'s
+        destructor waits for the engine, barriers the workers, has rank 0 stop the servers and
+        finalises ps-lite), after which the scheduler and the servers exit 0. Left to the
+        garbage collector, that would happen only when the last reference goes, the Trainer's
+        among them (the model's parameters hold it), if at all before the interpreter's
+        teardown."""
+        kv, self._kv = self._kv, None
+        if kv is None:
+            return
+        kv._barrier()
+        _free_kvstore(kv)
 
     def _optimizer_state(self, model, trainer: "_Run") -> dict[str, np.ndarray]:
         """The ``gluon.Trainer``'s updater states (per parameter index, created on the first

@@ -6,7 +6,9 @@ and global-norm clipping (issue #10; the twin of ``xformer_torch.optimizers`` an
 :func:`make_optimizer` builds, for a :class:`xformer.training.TrainConfig`, a ``gluon.Trainer``
 over the model's canonical ``Parameter`` s with one of the optimizers below and a
 :class:`Schedule`. The training step (``xformer_mxnet.backend``) sums the micro-batch gradients,
-clips them with :func:`clip_grad_norm` and calls ``trainer.step(1)``.
+calls ``trainer.allreduce_grads()`` (a no-op without a kvstore; in a data-parallel run the
+``dist_sync`` kvstore's sum over the workers), clips with :func:`clip_grad_norm` and calls
+``trainer.update(1)``: Gluon's recipe for clipping the reduced gradients.
 
 What MXNet 1.9.1's own optimizers (``python/mxnet/optimizer/optimizer.py``) do, and why each is
 replaced here (sizes measured in ``tests/test_train_mxnet.py``):
@@ -36,8 +38,8 @@ replaced here (sizes measured in ``tests/test_train_mxnet.py``):
   step (lr 1/30). So :class:`SGD`, :class:`Adam` and :class:`AdamW` update with plain
   ``mx.nd`` arithmetic in the weight's dtype (MXNet's scalar operators take a C++
   ``double``): float64 models train in float64 end to end, rate, eps and state included.
-* ``gluon.Trainer.step(batch_size)`` sets ``rescale_grad = 1 / batch_size``: the step calls
-  ``step(1)`` with the mean loss (``rescale_grad`` exactly 1).
+* ``gluon.Trainer.step(batch_size)`` / ``update(batch_size)`` set ``rescale_grad = 1 /
+  batch_size``: the step calls ``update(1)`` with the mean loss (``rescale_grad`` exactly 1).
 * ``Optimizer.set_wd_mult`` zeroes the decay of every parameter whose name does not end in
   ``_weight`` / ``_gamma`` when ``param_idx2name`` is given; a ``gluon.Trainer`` passes
   ``param_dict`` instead, whose ``Parameter.wd_mult`` (default 1) wins, so every parameter
@@ -121,7 +123,7 @@ class Schedule(mx.lr_scheduler.LRScheduler):
 
 def _gradient(opt: mx.optimizer.Optimizer, grad):
     """``grad * rescale_grad``, clipped elementwise to ``clip_gradient`` if set (the
-    ``Optimizer`` contract; ``gluon.Trainer.step(1)`` leaves ``rescale_grad`` at 1)."""
+    ``Optimizer`` contract; ``gluon.Trainer.update(1)`` leaves ``rescale_grad`` at 1)."""
     g = grad * opt.rescale_grad
     if opt.clip_gradient is not None:
         g = mx.nd.clip(g, -opt.clip_gradient, opt.clip_gradient)
@@ -240,23 +242,35 @@ class AdamW(Adam):
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
-def make_optimizer(params: Mapping[str, Any], config: Any, steps: int) -> mx.gluon.Trainer:
+def make_optimizer(params: Mapping[str, Any], config: Any, steps: int,
+                   kvstore: Any = None) -> mx.gluon.Trainer:
     """A ``gluon.Trainer`` over ``params`` with the optimizer and schedule of ``config``.
 
     Every parameter decays (``Parameter.wd_mult = 1``) except the names ``config.decays``
     excludes (``no_decay_bias_and_norm``: ``wd_mult = 0``, a torch param group with
-    ``weight_decay=0``); the optimizer's ``wd`` is ``config.decay``. No kvstore (one context:
-    the Trainer's updater runs the optimizer directly).
+    ``weight_decay=0``); the optimizer's ``wd`` is ``config.decay``.
+
+    The optimizer always runs in this process (``update_on_kvstore=False``): without a kvstore
+    (one context) the Trainer's updater applies it directly; with a ``dist_sync`` kvstore
+    (data-parallel, :meth:`xformer_mxnet.backend.MXNetBackend._init_distributed`),
+    ``trainer.allreduce_grads()`` replaces every gradient by its sum over the workers
+    (``kvstore.pushpull``, parameter ``i`` under key ``i``; the first call broadcasts rank 0's
+    weights) and every worker then updates its own copy with the same reduced gradient.
+    ``update_on_kvstore=True`` would run the optimizer on the server, which would have to
+    unpickle these classes (``KVStoreServer._controller``) and would apply the update before
+    this process can clip the reduced gradients (``gluon/trainer.py``:
+    ``allreduce_grads`` / ``update`` refuse it).
 
     Args:
         params: ``{canonical name: gluon.Parameter}``
             (:func:`xformer_mxnet.modules.canonical_parameters`; a tied table is one entry).
         config: a checked :class:`xformer.training.TrainConfig`.
         steps: the run's optimizer steps (the schedule's total unless ``config.total_steps``).
+        kvstore: ``None`` (one process) or the run's ``dist_sync`` ``mx.kv.KVStore``.
     Returns:
         the ``gluon.Trainer``; its ``optimizer`` is :class:`SGD`, :class:`Adam` or
-        :class:`AdamW` with a :class:`Schedule`. Step it with ``trainer.step(1)`` after a mean
-        loss's backward pass.
+        :class:`AdamW` with a :class:`Schedule`. After a mean loss's backward pass:
+        ``trainer.allreduce_grads()``, clipping, ``trainer.update(1)``.
     Raises:
         InputError: a config whose schedule does not fit ``steps``.
     """
@@ -270,7 +284,8 @@ def make_optimizer(params: Mapping[str, Any], config: Any, steps: int) -> mx.glu
         beta1, beta2 = config.betas
         opt = OPTIMIZERS[config.optimizer](learning_rate=None, beta1=beta1, beta2=beta2,
                                            epsilon=config.eps, **common)
-    return mx.gluon.Trainer(list(params.values()), opt, kvstore=None)
+    return mx.gluon.Trainer(list(params.values()), opt, kvstore=kvstore,
+                            update_on_kvstore=False)
 
 
 def global_norm(arrays: Sequence[Any]) -> float:

@@ -2,7 +2,9 @@
 :class:`xformer.backend.Backend` contract.
 
 Modes: ``eager`` (plain calls), ``function`` (``tf.function(reduce_retracing=True)``) and ``xla``
-(``tf.function(jit_compile=True)``). Only the framework-specific hooks live here;
+(``tf.function(jit_compile=True)``). Data-parallel training (issue #12) runs on
+``tf.distribute.MultiWorkerMirroredStrategy`` (:meth:`TensorFlowBackend._init_distributed`).
+Only the framework-specific hooks live here;
 :class:`~xformer.backend.Backend` validates the inputs, cotangents, caches and beam indices once
 for every backend. TensorFlow and Keras are imported in ``__init__``, so listing backends stays
 cheap (the pattern of einops' ``_backends.py``).
@@ -10,6 +12,7 @@ cheap (the pattern of einops' ``_backends.py``).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -46,20 +49,28 @@ class TensorFlowBackend(Backend):
         from . import modules
 
         self.tf, self.keras, self.modules = tf, keras, modules
+        #: The ``tf.distribute.MultiWorkerMirroredStrategy`` of a data-parallel run
+        #: (:meth:`_init_distributed`), else ``None``.
+        self._strategy = None
 
     # -- the model -----------------------------------------------------------------------
     def build(self, spec: ModelSpec, dtype: str = "float32") -> Any:
+        """The Keras model of ``spec``; in a data-parallel run built under the strategy's
+        ``scope()``, so its variables are ``MirroredVariable`` s (their initial values
+        broadcast from worker 0: every worker must build the same model)."""
         cls = {"encoder": self.modules.EncoderModel, "decoder": self.modules.DecoderModel,
                "encoder-decoder": self.modules.EncoderDecoderModel}[spec.architecture]
-        model = cls(spec, dtype=check_dtype(dtype))
-        model.build()
+        with self._scope():
+            model = cls(spec, dtype=check_dtype(dtype))
+            model.build()
         return model
 
     def set_weights(self, model: Any, weights: Mapping[str, np.ndarray]) -> None:
         weights = check_weights(model.spec, weights)
-        for name, (var, transposed) in self.variables(model).items():
-            value = np.asarray(weights[name], dtype=model.dtype)
-            var.assign(value.T if transposed else value)
+        with self._scope():  # a mirrored variable assigns every local copy
+            for name, (var, transposed) in self.variables(model).items():
+                value = np.asarray(weights[name], dtype=model.dtype)
+                var.assign(value.T if transposed else value)
 
     def get_weights(self, model: Any) -> dict[str, np.ndarray]:
         return {name: np.array(var.numpy().T if transposed else var.numpy())
@@ -186,12 +197,15 @@ class TensorFlowBackend(Backend):
         from .optimizers import make_optimizer
 
         variables = {name: var for name, (var, _) in self.variables(model).items()}
-        optimizer = make_optimizer(config, steps, variables, self.model_dtype(model))
+        with self._scope():  # data-parallel: the optimizer's state is mirrored too
+            optimizer = make_optimizer(config, steps, variables, self.model_dtype(model),
+                                       reduced_gradients=self._strategy is not None)
         return _KerasTrainer(optimizer, objective(model.spec) == "causal_lm", config)
 
     def _train_step(self, model: Any, trainer: "_KerasTrainer",
                     micro: list[dict[str, np.ndarray]], masks: list[dict[str, np.ndarray]] | None,
-                    dropout: str, step: int, mode: str) -> tuple[float, float, float]:
+                    dropout: str, step: int, mode: str, shares: list[float] | None = None
+                    ) -> tuple[float, float, float]:
         """One optimizer step: see :meth:`Backend._train_step`.
 
         The gradient of each micro-batch (the model called with ``training=True`` unless
@@ -205,12 +219,18 @@ class TensorFlowBackend(Backend):
         (the micro-batch gradients added up, the global norm, :func:`~xformer_tensorflow.
         optimizers.clip_grad_norm`, ``optimizer.apply``) is a second function per trainer,
         compiled the same way. The rate is the optimizer's :class:`~xformer_tensorflow.
-        optimizers.Schedule` at its ``iterations`` before the update."""
+        optimizers.Schedule` at its ``iterations`` before the update.
+
+        Data-parallel (``shares``): :meth:`_train_step_distributed`.
+        """
         tf = self.tf
         if trainer.optimizer.iterations.numpy() != step:
             raise InputError(f"train_step {step} on a trainer that has done "
                              f"{int(trainer.optimizer.iterations.numpy())} steps; give the "
                              f"steps in order, from 0")
+        if shares is not None:
+            return self._train_step_distributed(model, trainer, micro, masks, dropout, mode,
+                                                shares)
         grad_fn = self._compiled(model, "train", mode)
         count = tf.constant(float(len(micro)), dtype=model.dtype)
         losses, grads = [], []
@@ -222,6 +242,55 @@ class TensorFlowBackend(Backend):
             losses.append(loss)
             grads.append(g)
         lr, norm = trainer.update_fn(self, mode)(grads)
+        loss = float(np.mean(np.array([x.numpy() for x in losses])))
+        return loss, float(lr.numpy()), float(norm.numpy())
+
+    def _train_step_distributed(self, model: Any, trainer: "_KerasTrainer",
+                                micro: list[dict[str, np.ndarray]],
+                                masks: list[dict[str, np.ndarray]] | None, dropout: str,
+                                mode: str, shares: list[float]) -> tuple[float, float, float]:
+        """One data-parallel optimizer step on ``tf.distribute.MultiWorkerMirroredStrategy``
+        (one replica per worker, :meth:`_init_distributed`).
+
+        ``micro`` / ``masks`` are this worker's rows (:func:`xformer.distributed.shard`). Each
+        micro-batch's gradient is the single-process function (:meth:`_train_fn`, compiled by
+        mode) run in the replica context by ``strategy.run``. Under a strategy a Keras loss
+        divides its mean by ``num_replicas_in_sync`` ``N`` (``keras/src/losses/loss.py``,
+        ``reduce_values`` -> ``scale_loss_for_distribution``: Keras averages over replicas, as
+        DDP does), so the function gets the divisor ``len(micro) / (shares[i] * N)`` (exactly
+        ``len(micro)`` for an even split): its gradient is that of ``shares[i] * local mean /
+        len(micro)``, and the sum over the workers is the global mean's.
+
+        The update (:meth:`_KerasTrainer.update_fn`, also under ``strategy.run``) adds the
+        micro-batch gradients up, sums them over the workers together with the losses
+        ``shares[i] * local mean`` (one ``ReplicaContext.all_reduce(SUM, ...)``: the
+        strategy's collective all-reduce), then clips by the global norm of the reduced
+        gradients and calls ``optimizer.apply``, whose own all-reduce passes the reduced
+        gradients through (``reduced_gradients``, :mod:`xformer_tensorflow.optimizers`): every
+        worker applies the same update to its copy of the mirrored variables. The returned
+        loss is the mean over micro-batches of the reduced (global) losses.
+
+        Modes: ``"eager"`` (TensorFlow warns that eager collectives are slow), ``"function"``;
+        ``"xla"`` compiles the gradients with XLA and the update as a plain ``tf.function``
+        (XLA on CPU does not compile collectives).
+        """
+        tf, strategy = self.tf, self._strategy
+        grad_fn = self._compiled(model, "train", mode)
+        replicas = strategy.num_replicas_in_sync  # = world.size (_init_distributed)
+        losses, grads = [], []
+        with strategy.scope():
+            for i, batch in enumerate(micro):
+                inputs = self._tensors({k: v for k, v in batch.items() if k != "labels"})
+                site_masks = self._tensors(masks[i]) if masks is not None else {}
+                weight = shares[i] * replicas  # 1.0 exactly for an even split
+                count = tf.constant(len(micro) / weight, dtype=model.dtype)
+                loss, g = strategy.run(grad_fn, args=(
+                    inputs, tf.constant(batch["labels"]), site_masks, count, trainer.shift,
+                    dropout != "off"))
+                # Keras' (local mean / N) * shares[i] * N = shares[i] * local mean
+                losses.append(loss * tf.constant(weight, dtype=model.dtype))
+                grads.append(g)
+            lr, norm, losses = trainer.update_fn(self, mode, distributed=True)(grads, losses)
         loss = float(np.mean(np.array([x.numpy() for x in losses])))
         return loss, float(lr.numpy()), float(norm.numpy())
 
@@ -266,6 +335,76 @@ class TensorFlowBackend(Backend):
             return loss, [tf.convert_to_tensor(g) for g in grads]
 
         return step
+
+    # -- data-parallel ---------------------------------------------------------------------
+    def _init_distributed(self) -> Any:
+        """Join the run ``TF_CONFIG`` describes (``{"cluster": {"worker": [...]}, "task":
+        {"type": "worker", "index": i}}``) with ``tf.distribute.MultiWorkerMirroredStrategy``:
+        its gRPC server, the coordination service (worker 0 leads) and the collective ops
+        (ring all-reduce on CPU). One replica per worker: CPU, or one visible GPU.
+
+        TensorFlow configures collectives when its runtime starts, so the strategy must come
+        first: before the model is built or any other op runs in the process.
+
+        Returns:
+            :class:`xformer.distributed.World`: rank = the task's place in the cluster (the
+            chief first, if any), size = the number of workers.
+        Raises:
+            BackendError: TensorFlow already ran in this process, ``TF_CONFIG`` that the
+                strategy rejects, or a worker with more than one device.
+        """
+        from xformer.distributed import ENGINES, World
+
+        tf = self.tf
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as e:
+            if "program startup" in str(e):
+                raise BackendError("tf.distribute.MultiWorkerMirroredStrategy must start before "
+                                   "TensorFlow runs anything in this process; call "
+                                   "init_distributed() first, before building a model") from None
+            raise BackendError(f"MultiWorkerMirroredStrategy could not join the run "
+                               f"({_first_line(e)}); check TF_CONFIG") from None
+        except ValueError as e:
+            raise BackendError(f"MultiWorkerMirroredStrategy rejected TF_CONFIG "
+                               f"({_first_line(e)}); give {{\"cluster\": {{\"worker\": "
+                               f"[\"host:port\", ...]}}, \"task\": {{\"type\": \"worker\", "
+                               f"\"index\": i}}}}") from None
+        resolver = strategy.cluster_resolver
+        jobs = resolver.cluster_spec().as_dict()
+        chiefs, workers = len(jobs.get("chief", [])), len(jobs.get("worker", []))
+        rank = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
+        size = chiefs + workers
+        if strategy.num_replicas_in_sync != size:
+            local = strategy.num_replicas_in_sync // size
+            raise BackendError(f"worker {rank} has {local} devices; data-parallel training "
+                               f"takes one device per worker (hide the others, e.g. with "
+                               f"CUDA_VISIBLE_DEVICES)")
+        self._strategy = strategy
+        return World(ENGINES["tensorflow"], rank, size)
+
+    def _finish_distributed(self) -> None:
+        """A barrier: one all-reduce (SUM) of 1 from every worker through the strategy, which
+        returns once every worker has done its last step."""
+        tf, strategy = self.tf, self._strategy
+        if strategy is None:
+            return
+
+        @tf.function
+        def barrier():
+            ones = strategy.run(lambda: tf.constant(1.0, dtype=tf.float64))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+
+        with strategy.scope():
+            total = barrier()
+        if int(total.numpy()) != self.world.size:
+            raise BackendError(f"the final barrier counted {int(total.numpy())} of "
+                               f"{self.world.size} workers")
+
+    def _scope(self) -> contextlib.AbstractContextManager:
+        """The strategy's ``scope()`` in a data-parallel run (variables created inside are
+        mirrored), else nothing."""
+        return self._strategy.scope() if self._strategy is not None else contextlib.nullcontext()
 
     # -- the environment -----------------------------------------------------------------
     def framework_version(self) -> str:
@@ -368,6 +507,11 @@ class TensorFlowBackend(Backend):
         return {k: self.tf.convert_to_tensor(v) for k, v in arrays.items()}
 
 
+def _first_line(error: BaseException) -> str:
+    """An exception's first line, at most 200 characters (its type name when empty)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 class _KerasTrainer:
     """The native trainer of :meth:`TensorFlowBackend.make_trainer`: the Keras ``optimizer``
     (:mod:`xformer_tensorflow.optimizers`), whether the objective shifts (causal LM) and the
@@ -377,30 +521,48 @@ class _KerasTrainer:
         self.optimizer, self.shift, self.config = optimizer, shift, config
         self._updates: dict[str, Any] = {}
 
-    def update_fn(self, backend: TensorFlowBackend, mode: str):
+    def update_fn(self, backend: TensorFlowBackend, mode: str, distributed: bool = False):
         """``(micro_grads: list of lists of tensors) -> (lr, pre-clip global norm)``: the
         gradients added up in micro-batch order, the norm of the per-tensor norms, clipping when
-        configured, ``optimizer.apply``; eager, ``tf.function`` or ``jit_compile`` by mode."""
-        if mode not in self._updates:
+        configured, ``optimizer.apply``; eager, ``tf.function`` or ``jit_compile`` by mode.
+
+        ``distributed``: ``(micro_grads, losses) -> (lr, norm, losses)``, the same body run by
+        ``strategy.run`` in the replica context, with the added-up gradients and ``losses``
+        (one scalar per micro-batch) summed over the workers by one ``ReplicaContext.
+        all_reduce(SUM, ...)`` before the norm; eager, else ``tf.function`` (also for
+        ``"xla"``: XLA on CPU does not compile collectives, b/194942685)."""
+        key = (mode, distributed)
+        if key not in self._updates:
             from .optimizers import clip_grad_norm, global_norm
 
             tf, opt, limit = backend.tf, self.optimizer, self.config.clip_grad_norm
 
-            def update(micro_grads):
+            def update(micro_grads, losses=None):
                 grads = list(micro_grads[0])
                 for more in micro_grads[1:]:
                     grads = [a + b for a, b in zip(grads, more)]
+                if distributed:
+                    # identity: placed on this replica's device, where the all-reduce (its
+                    # merge_call on CPU) sends the sums; the function's inputs have no device
+                    values = [tf.identity(v) for v in [*grads, *losses]]
+                    reduced = tf.distribute.get_replica_context().all_reduce(
+                        tf.distribute.ReduceOp.SUM, values)
+                    grads, losses = reduced[:len(grads)], reduced[len(grads):]
                 if limit is None:
                     norm = global_norm(grads)
                 else:
                     grads, norm = clip_grad_norm(grads, limit)
                 lr = tf.convert_to_tensor(opt.learning_rate)
                 opt.apply(grads)
-                return lr, norm
+                return (lr, norm, losses) if distributed else (lr, norm)
 
-            if mode == "function":
+            if distributed:
+                strategy, local = backend._strategy, update
+                update = lambda micro_grads, losses: strategy.run(  # noqa: E731
+                    local, args=(micro_grads, losses))
+            if mode == "function" or (mode == "xla" and distributed):
                 update = tf.function(update, reduce_retracing=True)
             elif mode == "xla":
                 update = tf.function(update, jit_compile=True)
-            self._updates[mode] = update
-        return self._updates[mode]
+            self._updates[key] = update
+        return self._updates[key]

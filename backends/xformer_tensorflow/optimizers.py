@@ -45,6 +45,15 @@ corrected subclasses: 0 to 1e-12.
 Also: Keras' ``m += (g - m)(1 - b1)`` is torch's ``exp_avg.lerp_(g, 1 - b1)``; the subclasses
 write torch's ``b1 m + (1 - b1) g`` / ``b2 v + (1 - b2) g^2`` as :mod:`xformer.training` does.
 The optimizer state reads back in torch's names with :func:`torch_state`.
+
+Data-parallel (issue #12): under a ``tf.distribute`` strategy Keras' TensorFlow optimizer
+(``keras/src/backend/tensorflow/optimizer.py``, ``TFOptimizer._backend_update_step``) sums the
+gradients over the replicas itself, inside ``apply`` and so *after* any clipping: torch's global
+norm needs the reduced gradients first. ``make_optimizer(..., reduced_gradients=True)`` makes
+``apply`` take gradients that the caller has already all-reduced (and clipped) and skips that
+second sum (:class:`_PreReduced`); ``apply`` then runs in the replica context, where the
+assignments to the mirrored variables (aggregation ``"none"``, Keras' default) update this
+replica's copy with the same value on every worker.
 """
 
 from __future__ import annotations
@@ -133,6 +142,22 @@ def _const(value, dtype):
     return ops.convert_to_tensor(value, dtype=dtype)
 
 
+class _PreReduced:
+    """Mixin: with ``reduced_gradients`` true, ``apply`` in a ``tf.distribute`` replica
+    context takes gradients already summed over the replicas (the xformer data-parallel step
+    all-reduces, then clips by the global norm), so Keras' own all-reduce
+    (``TFOptimizer._all_reduce_sum_gradients``) passes them through instead of summing them a
+    second time. False (the default): Keras' behaviour, unchanged."""
+
+    #: Whether the gradients given to ``apply`` are already reduced over the replicas.
+    reduced_gradients = False
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        if self.reduced_gradients:
+            return list(grads_and_vars)
+        return super()._all_reduce_sum_gradients(grads_and_vars)
+
+
 class _L2:
     """Mixin: ``weight_decay`` is torch's L2 term ``g + wd * p`` in ``update_step``, not Keras'
     decoupled step (``_apply_weight_decay`` does nothing); ``exclude_from_weight_decay`` still
@@ -148,7 +173,7 @@ class _L2:
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class SGD(_L2, keras.optimizers.SGD):
+class SGD(_PreReduced, _L2, keras.optimizers.SGD):
     """``keras.optimizers.SGD`` with ``torch.optim.SGD`` semantics (``torch/optim/sgd.py``,
     ``_single_tensor_sgd``, dampening 0)::
 
@@ -209,7 +234,7 @@ class _TorchAdam:
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class Adam(_L2, _TorchAdam, keras.optimizers.Adam):
+class Adam(_PreReduced, _L2, _TorchAdam, keras.optimizers.Adam):
     """``keras.optimizers.Adam`` with ``torch.optim.Adam`` semantics: eps after the bias
     correction and ``weight_decay`` as L2 on the gradient (module docstring; no amsgrad).
     Args: as ``keras.optimizers.Adam``."""
@@ -220,7 +245,7 @@ class Adam(_L2, _TorchAdam, keras.optimizers.Adam):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class AdamW(_TorchAdam, keras.optimizers.AdamW):
+class AdamW(_PreReduced, _TorchAdam, keras.optimizers.AdamW):
     """``keras.optimizers.AdamW`` with ``torch.optim.AdamW`` semantics: Keras' decoupled decay
     ``p -= p * wd * lr`` (the scheduled ``lr``, before the update, skipping
     ``exclude_from_weight_decay``'s variables) as torch's ``p *= 1 - lr * wd``, then the Adam
@@ -244,7 +269,8 @@ class AdamW(_TorchAdam, keras.optimizers.AdamW):
 
 
 def make_optimizer(config: Any, steps: int, variables: Mapping[str, Any],
-                   dtype: str = "float64") -> keras.optimizers.Optimizer:
+                   dtype: str = "float64", reduced_gradients: bool = False
+                   ) -> keras.optimizers.Optimizer:
     """The Keras optimizer of a training run, built on ``variables``.
 
     Args:
@@ -257,6 +283,9 @@ def make_optimizer(config: Any, steps: int, variables: Mapping[str, Any],
             state is created in this order); names with ``config.decays(name)`` false are
             passed to ``exclude_from_weight_decay``.
         dtype: the model dtype; the schedule computes in float64 either way.
+        reduced_gradients: data-parallel: ``apply`` gets gradients already summed over the
+            replicas, Keras does not sum them again (:class:`_PreReduced`). Create the
+            optimizer under the strategy's ``scope()`` then (its state is mirrored).
     Returns:
         a built :class:`SGD`, :class:`Adam` or :class:`AdamW` whose ``learning_rate`` is a
         :class:`Schedule`. No clipping option is set: clip with :func:`clip_grad_norm` first.
@@ -274,6 +303,7 @@ def make_optimizer(config: Any, steps: int, variables: Mapping[str, Any],
         kwargs = {"weight_decay": decay} if cls is AdamW else {"weight_decay": decay or None}
         opt = cls(learning_rate=schedule, beta_1=float(config.betas[0]),
                   beta_2=float(config.betas[1]), epsilon=float(config.eps), **kwargs)
+    opt.reduced_gradients = bool(reduced_gradients)
     excluded = [var for name, var in variables.items() if not config.decays(name)]
     opt.exclude_from_weight_decay(var_list=excluded)
     opt.build(list(variables.values()))
