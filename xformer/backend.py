@@ -218,6 +218,32 @@ class Backend:
     def _finish_distributed(self) -> None:
         """Leave the run: wait for every worker (a barrier), then release the engine."""
 
+    # -- foreign modules: ``xformer check`` (issue #13, xformer/check.py) ---------------
+    def _foreign_parameters(self, module: Any, inputs: Mapping[str, np.ndarray],
+                            cmap: Any) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """``{native name: (shape, transposed by default)}`` of every trainable parameter of
+        a user's native module (torch ``named_parameters()`` names, Keras variable ``.path``,
+        Gluon structural names), building it first if the framework builds lazily (with
+        ``inputs`` under ``cmap.inputs``' keywords). ``transposed by default``: the native
+        layout is the canonical one transposed (Keras ``Dense`` kernels)."""
+        raise BackendError(f"backend {self.name!r} cannot check a foreign module")
+
+    def _foreign_load(self, module: Any, arrays: Mapping[str, np.ndarray], dtype: str) -> None:
+        """Copy ``{native name: array in the native layout}`` into the module's parameters.
+        Raises InputError when a parameter's dtype is not ``dtype`` (the factory ignored it)."""
+        raise BackendError(f"backend {self.name!r} cannot check a foreign module")
+
+    def _foreign_run(self, module: Any, kwargs: Mapping[str, np.ndarray], output: Any,
+                     cotangent: np.ndarray, nodes: Mapping[str, str]
+                     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, tuple]]:
+        """One pass of the user's module, dropout off: ``module(**kwargs)`` (numpy arrays
+        made native tensors), the output picked with :func:`xformer.check.select_output`, the
+        gradient of ``sum(output * cotangent)``. Returns ``(output, {native parameter name:
+        gradient, native layout}, {canonical node: (its sub-module's output, the gradient
+        flowing into it)})`` for ``nodes`` (``{canonical node: native sub-module path}``).
+        Raises InputError for a node path the module does not have."""
+        raise BackendError(f"backend {self.name!r} cannot check a foreign module")
+
     def framework_version(self) -> str:
         """The framework's version string, e.g. ``"2.13.0+cpu"``."""
         raise NotImplementedError

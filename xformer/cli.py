@@ -245,6 +245,24 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true",
                    help="build the model even if it needs more memory than is available")
 
+    ck = add("check", "check your own module (torch, Keras, Gluon) against the spec; find "
+                      "where it diverges")
+    ck.add_argument("impls", nargs="+", metavar="IMPL",
+                    help="BACKEND:MODULE:FACTORY, e.g. torch:my_bert.py:build; "
+                         "factory(spec, dtype) returns the native module")
+    ck.add_argument("--map", dest="maps", action="append", metavar="MAP.yaml", required=True,
+                    help="the mapping file of each IMPL, in order (canonical -> native names)")
+    ck.add_argument("--spec", metavar="FILE", required=True, help="spec file or preset name")
+    ck.add_argument("--weights", metavar="FILE",
+                    help="canonical safetensors weights (default: random from --seed)")
+    ck.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    ck.add_argument("--seed", type=int, default=0)
+    ck.add_argument("--show-map", action="store_true",
+                    help="print the full mapping used (automatic matches included)")
+    ck.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    ck.add_argument("--html", metavar="FILE",
+                    help="also write a self-contained HTML report with the per-node plot")
+
     add("backends", "list backends, their modes and framework versions")
     return p
 
@@ -267,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return {"compare": cmd_compare, "embed": cmd_embed, "init": cmd_init,
                     "train": cmd_train,
                     "generate": cmd_generate, "diff": cmd_diff, "show": cmd_show,
+                    "check": cmd_check,
                     "backends": cmd_backends}[args.command](args)
         except XformerError as e:
             _error(str(e))
@@ -350,8 +369,9 @@ def _quiet_frameworks() -> None:
 
 # ---------------------------------------------------------------------- argument checks
 #: Options that name inputs (files or directories) and outputs, per command.
-_INPUTS = ("model", "spec", "weights", "spec_b", "weights_b", "data")
+_INPUTS = ("model", "spec", "weights", "spec_b", "weights_b", "data", "maps")
 _OUTPUTS = {"compare": ("json", "html"), "diff": ("json",), "init": ("out",),
+            "check": ("json", "html"),
             "train": ("out",)}
 _SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 
@@ -391,7 +411,11 @@ def _check_arguments(args) -> None:
 def _check_outputs(args) -> None:
     """Every output path of the command, checked before any work (:func:`check_output_path`
     against every input path of the same command); two outputs may not be the same file."""
-    inputs = {_option(d): getattr(args, d) for d in _INPUTS if getattr(args, d, None)}
+    inputs = {}
+    for d in _INPUTS:
+        value = getattr(args, d, None)
+        for i, v in enumerate(value if isinstance(value, list) else [value] if value else []):
+            inputs[_option(d) + (f" #{i + 1}" if isinstance(value, list) else "")] = v
     seen: dict[str, str] = {}
     for dest in _OUTPUTS.get(args.command, ()):
         path = getattr(args, dest, None)
@@ -599,6 +623,94 @@ def cmd_embed(args) -> int:
     Console().print(table)
     print(note, file=sys.stderr)
     return 0
+
+
+def cmd_check(args) -> int:
+    """``xformer check``: each IMPL against xformer's lowering and the numpy reference
+    (:func:`xformer.check.check`); one table per IMPL, the per-node table with ``nodes``;
+    exit 0 when every IMPL conforms, 1 when one does not."""
+    from rich.table import Table
+
+    from .check import check
+    from .conformance import environment
+    from .spec import ModelSpec, atomic_write_bytes
+    from .weights import load_weights
+
+    if len(args.maps) != len(args.impls):
+        raise InputError(f"give one --map per IMPL, in order: {len(args.impls)} IMPL and "
+                         f"{len(args.maps)} --map")
+    spec = ModelSpec.load(args.spec)
+    weights = None
+    if args.weights:
+        spec, weights = load_weights(args.weights, spec)
+    console = _console()
+
+    def show_native(impl: str, native: dict) -> None:
+        table = Table(title=f"{impl}: the module's parameters", title_justify="left")
+        for col in ("native name", "shape", "transposed by default"):
+            table.add_column(col)
+        for name, (shape, transposed) in native.items():
+            table.add_row(name, str(tuple(shape)), "yes" if transposed else "")
+        console.print(table)
+
+    reports = check(list(args.impls), list(args.maps), spec, weights=weights, dtype=args.dtype,
+                    seed=args.seed, on_native=show_native if args.show_map else None)
+    for r in reports:
+        table = Table(title=f"{r.impl} ({r.dtype})", title_justify="left")
+        for col in ("compared", "against", "max rel", "tolerance", "ok"):
+            table.add_column(col, justify="right" if col in ("max rel", "tolerance") else "left")
+        for row in r.outputs:
+            table.add_row("output", row["against"], f"{row['max_rel']:.1e}",
+                          f"{row['tol']:.0e}", "yes" if row["ok"] else "[red]NO[/]")
+        worst = max(r.grads, key=lambda g: g["max_rel"] if g["max_rel"] == g["max_rel"]
+                    else math.inf, default=None)
+        if worst is not None:
+            table.add_row(f"{len(r.grads)} gradients (worst: {worst['name']})",
+                          f"xformer {r.backend}", f"{worst['max_rel']:.1e}",
+                          f"{worst['tol']:.0e}",
+                          "yes" if all(g["ok"] for g in r.grads) else "[red]NO[/]")
+        console.print(table)
+        if r.nodes:
+            nodes = Table(title="per node (forward, then backward)", title_justify="left")
+            for col in ("node", "direction", "max rel", "ok"):
+                nodes.add_column(col)
+            for row in r.nodes:
+                nodes.add_row(row["name"], row["direction"], f"{row['max_rel']:.1e}",
+                              "yes" if row["ok"] else "[red]NO[/]")
+            console.print(nodes)
+        if args.show_map:
+            used = Table(title="mapping used", title_justify="left")
+            for col in ("canonical", "native", "transposed", "how"):
+                used.add_column(col)
+            for m in r.mapping:
+                used.add_row(m["canonical"], m["native"], "yes" if m["transposed"] else "",
+                             "automatic" if m["auto"] else "mapping file")
+            console.print(used)
+        verdict = ("[bold green]CONFORMS[/]" if r.conforms else "[bold red]DOES NOT CONFORM[/]")
+        where = (f"; first divergence: {r.first_divergence}" if r.first_divergence else "")
+        console.print(f"{verdict}: {r.impl}{where}")
+    docs = [r.to_dict() for r in reports]
+    doc = {"conforms": all(r.conforms for r in reports), "checks": docs,
+           "environment": environment([], None)}
+    if args.json:
+        body = _json_safe(docs[0] if len(docs) == 1 else docs)
+        atomic_write_bytes(Path(args.json), json.dumps(body, indent=2).encode())
+    if args.html:
+        from .report import write_check_html
+
+        write_check_html(Path(args.html), doc)
+    return 0 if doc["conforms"] else 1
+
+
+def _json_safe(value):
+    """``value`` with NaN / inf floats as ``None`` (JSON has neither), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def cmd_diff(args) -> int:

@@ -630,3 +630,56 @@ def write_training_html(path: str | os.PathLike, doc: Mapping[str, Any]) -> None
 
     text = render_training_html(doc)
     atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------- xformer check
+def render_check_html(doc: Mapping[str, Any]) -> str:
+    """The report page of ``xformer check``: the verdict per implementation, its output and
+    gradient errors against xformer's lowering and the numpy reference, the per-node plot
+    (forward and backward, :func:`node_figure`) with the first divergent node, and the mapping
+    used (canonical -> native, transposed, matched automatically)."""
+    checks = list(doc.get("checks") or [])
+    ok = all(c.get("conforms") for c in checks)
+    text = (f"<strong>{'CONFORMS' if ok else 'DOES NOT CONFORM'}</strong>: "
+            f"{len(checks)} implementation(s) against the spec")
+    parts = [f'<div class="banner {"pass" if ok else "fail"}" role="status">{text}</div>']
+    for c in checks:
+        parts.append(f"<h2><code>{_e(c['impl'])}</code> ({_e(c['dtype'])}): "
+                     f"{'conforms' if c['conforms'] else 'does not conform'}</h2>")
+        if c.get("first_divergence"):
+            parts.append(f"<p>First divergence at <code>{_e(c['first_divergence'])}</code>.</p>")
+        head = "".join(f"<th>{h}</th>" for h in ("output against", "max abs", "max rel",
+                                                 "tolerance", "ok"))
+        body = "".join(f"<tr><td>{_e(r['against'])}</td><td>{_nan(r['max_abs']):.1e}</td>"
+                       f"<td>{_nan(r['max_rel']):.1e}</td><td>{_fmt_tol(r['tol'])}</td>"
+                       f"<td>{'yes' if r['ok'] else 'NO'}</td></tr>" for r in c["outputs"])
+        parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        if c.get("nodes"):
+            entry = {"pair": f"{c['impl']} vs xformer {c['backend']}", "rows": c["nodes"]}
+            fig = node_figure([entry], c.get("tolerance") or {}, c["dtype"])
+            parts.append(_NO_MPL if fig is None else
+                         _img(fig, f"per-node max relative error, {c['impl']}"))
+        head = "".join(f"<th>{h}</th>" for h in ("gradient", "native", "max rel", "ok"))
+        body = "".join(f"<tr><td><code>{_e(r['name'])}</code></td><td><code>"
+                       f"{_e(r['native'])}</code></td><td>{_nan(r['max_rel']):.1e}</td>"
+                       f"<td>{'yes' if r['ok'] else 'NO'}</td></tr>" for r in c["grads"])
+        parts.append(f"<h3>Gradients</h3><table><tr>{head}</tr>{body}</table>")
+        head = "".join(f"<th>{h}</th>" for h in ("canonical", "native", "transposed", "how"))
+        body = "".join(f"<tr><td><code>{_e(m['canonical'])}</code></td><td><code>"
+                       f"{_e(m['native'])}</code></td><td>{'yes' if m['transposed'] else ''}"
+                       f"</td><td>{'automatic' if m['auto'] else 'mapping file'}</td></tr>"
+                       for m in c["mapping"])
+        parts.append(f"<details><summary>Mapping used</summary><table><tr>{head}</tr>{body}"
+                     f"</table></details>")
+    parts.append("<h2>Environment</h2>" + _environment_section(doc.get("environment") or {}))
+    title = "xformer check"
+    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{title}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
+            f"<h1>{title}</h1>\n" + "\n".join(parts) + "\n</main>\n</body>\n</html>\n")
+
+
+def write_check_html(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
+    """:func:`render_check_html` written atomically."""
+    from .spec import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), render_check_html(doc).encode("utf-8"))

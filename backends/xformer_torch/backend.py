@@ -296,6 +296,86 @@ class TorchBackend(Backend):
         layout is the canonical one."""
         return {k: v.detach().cpu().numpy().copy() for k, v in trainer.state().items()}
 
+    # -- foreign modules (xformer check) ---------------------------------------------------
+    def _foreign_parameters(self, module, inputs, cmap):
+        """``named_parameters()`` (shared parameters once); torch's ``nn.Linear`` layout is the
+        canonical ``(out, in)``: nothing transposed by default."""
+        if not isinstance(module, self.torch.nn.Module):
+            from xformer.errors import InputError
+
+            raise InputError(f"the factory returned {type(module).__name__}, not a "
+                             f"torch.nn.Module")
+        return {name: (tuple(p.shape), False) for name, p in module.named_parameters()}
+
+    def _foreign_load(self, module, arrays, dtype: str) -> None:
+        from xformer.errors import InputError
+
+        params = dict(module.named_parameters())
+        want = getattr(self.torch, dtype)
+        with self.torch.no_grad():
+            for name, value in arrays.items():
+                p = params[name]
+                if p.dtype != want:
+                    raise InputError(f"parameter {name!r} is {str(p.dtype).removeprefix('torch.')}"
+                                     f" but the check runs in {dtype}; build the module in the "
+                                     f"dtype the factory is given")
+                p.copy_(self.torch.from_numpy(np.ascontiguousarray(value)))
+
+    def _foreign_run(self, module, kwargs, output, cotangent, nodes):
+        """Eval mode (dropout off) for the pass, the caller's mode restored; the node outputs
+        captured by forward hooks and ``retain_grad()`` (a sub-module called more than once:
+        its last call)."""
+        from xformer.check import select_output
+        from xformer.errors import InputError
+
+        torch = self.torch
+        subs = {}
+        for node, path in nodes.items():
+            try:
+                subs[node] = module.get_submodule(path)
+            except AttributeError:
+                raise InputError(f"nodes maps {node} to {path!r}, which is not a sub-module "
+                                 f"of the module (named_modules() names)") from None
+        captured: dict[str, Any] = {}
+        handles = []
+        for node, sub in subs.items():
+            def hook(mod, args, out, node=node):
+                t = out[0] if isinstance(out, (tuple, list)) else out
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.retain_grad()
+                captured[node] = t
+            handles.append(sub.register_forward_hook(hook))
+        x = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in kwargs.items()}
+        was_training = module.training
+        for p in module.parameters():
+            p.grad = None
+        try:
+            module.eval()
+            y = select_output(module(**x), output)
+            if not isinstance(y, torch.Tensor):
+                raise InputError(f"the module's output is a {type(y).__name__}, not a tensor; "
+                                 f"set output in the mapping file")
+            if tuple(y.shape) == cotangent.shape:
+                (y * torch.from_numpy(cotangent).to(y.dtype)).sum().backward()
+        finally:
+            module.train(was_training)
+            for h in handles:
+                h.remove()
+        grads = {n: (np.zeros(tuple(p.shape), cotangent.dtype) if p.grad is None
+                     else p.grad.detach().numpy().copy())
+                 for n, p in module.named_parameters()}
+        values = {}
+        for node in nodes:
+            t = captured.get(node)
+            if t is None:
+                raise InputError(f"node {node}'s sub-module {nodes[node]!r} was not called "
+                                 f"in the forward pass")
+            g = t.grad
+            values[node] = (t.detach().numpy().copy(),
+                            np.zeros(tuple(t.shape), cotangent.dtype) if g is None
+                            else g.detach().numpy().copy())
+        return y.detach().numpy().copy(), grads, values
+
     # -- the environment -----------------------------------------------------------------
     def framework_version(self) -> str:
         return self.torch.__version__
