@@ -61,6 +61,7 @@ REGIONS = {
     "llama": {"docs/conformance.md": ["llama-family"], "docs/pitfalls.md": ["llama-pitfalls"]},
     "training": {"docs/training.md": ["training"]},
     "distributed": {"docs/distributed.md": ["distributed-conformance", "distributed-scaling"]},
+    "check": {"docs/check.md": ["check"]},
     "peers": {"docs/benchmarks.md": ["peers", "peers-protocol", "decoding"],
               "README.md": ["peers-summary"], "docs/pitfalls.md": ["kernels"]},
 }
@@ -338,6 +339,38 @@ def measure_distributed() -> dict[str, str]:
             + table(["backend", "engine", "workers", "samples/s", "vs 1 process"], scale))}
 
 
+def measure_check() -> dict[str, str]:
+    """``xformer check`` on every framework's hand-written example and its four planted bugs
+    (examples/check/), float64."""
+    from xformer.backend import is_installed
+    from xformer.checking import check
+
+    ex = ROOT / "examples" / "check"
+    spec = str(ex / "bert_tiny.yaml")
+    bugs = [("build", "none"), ("build_eps_default", "LayerNorm eps at the framework default"),
+            ("build_scale_d_model", "scores / sqrt(d_model)"),
+            ("build_gelu_tanh", "GELU tanh approximation"),
+            ("build_transposed_kernel", "q kernel transposed")]
+    rows = []
+    for backend, stem in (("torch", "torch_bert"), ("tensorflow", "keras_bert"),
+                          ("mxnet", "gluon_bert")):
+        if not is_installed(backend) or not (ex / f"{stem}.py").exists():
+            continue
+        for factory, bug in bugs:
+            r = check(f"{backend}:{ex / stem}.py:{factory}", str(ex / f"{stem}.yaml"), spec,
+                      dtype="float64")
+            first = next((n for n in r.nodes if not n["ok"]), None)
+            rows.append([f"`examples/check/{stem}.py`", f"`{factory}`", bug,
+                         "yes" if r.conforms else "no",
+                         e(max(o["max_rel"] for o in r.outputs)),
+                         e(max(g["max_rel"] for g in r.grads)),
+                         f"`{r.first_divergence}`" if r.first_divergence else "none",
+                         e(first["max_rel"]) if first else ""])
+    return {"check": table(["module", "factory", "planted bug", "conforms", "output max rel",
+                            "worst gradient max rel", "first divergence",
+                            "its max rel"], rows)}
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -348,7 +381,7 @@ def _load(name: str):
 MEASURE = {"minilm": measure_minilm, "matrix": measure_matrix,
            "generation": measure_generation, "speed": measure_speed, "llama": measure_llama,
            "training": measure_training, "peers": measure_peers,
-           "distributed": measure_distributed}
+           "distributed": measure_distributed, "check": measure_check}
 
 
 def main() -> int:

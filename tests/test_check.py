@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from xformer.check import check, parse_impl  # noqa: E402
+from xformer.checking import check, parse_impl  # noqa: E402
 from xformer.cli import main  # noqa: E402
 from xformer.errors import InputError  # noqa: E402
 
@@ -106,6 +106,21 @@ def _module(tmp_path, text: str) -> str:
     return str(path)
 
 
+FAILING = f"""
+import sys
+sys.path.insert(0, {str(EX)!r})
+from torch_bert import TinyBert
+
+
+class Failing(TinyBert):
+    def forward(self, ids, mask, types):
+        raise ValueError("shapes do not line up")
+
+
+def build(spec, dtype):
+    return Failing(spec, dtype)
+"""
+
 BAD = {
     "impl-not-three-parts": (lambda t: ["torch:only"], None, "must be BACKEND:MODULE:FACTORY"),
     "impl-unknown-backend": (lambda t: [f"jax:{EX / 'torch_bert.py'}:build"], None,
@@ -120,6 +135,8 @@ BAD = {
                        None, "ZeroDivisionError"),
     "factory-not-a-module": (lambda t: [f"torch:{_module(t, 'def build(s, d): return 3')}:build"],
                              None, "not a torch.nn.Module"),
+    "forward-raises": (lambda t: [f"torch:{_module(t, FAILING)}:build"], None,
+                       "calling the module"),
     "param-unmapped": (None, lambda d: [d["params"].pop(f"encoder.layers.0.norm{i}.bias")
                                         for i in (1, 2)],  # two (D,) left: ambiguous
                        "not mapped"),

@@ -14,11 +14,12 @@ from .spec import PRESETS, ModelSpec, ParamSpec
 from .convert import from_pretrained
 from .weights import (check_weights, init_weights, load_pretrained, load_weights, random_weights,
                       save_pretrained, save_weights)
+from .checking import check
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "BackendError", "CheckpointError", "InputError", "ModelSpec", "PRESETS",
+    "Backend", "BackendError", "CheckpointError", "check", "InputError", "ModelSpec", "PRESETS",
     "ParamSpec", "SpecError", "XformerError", "available_backends", "build", "check_weights",
     "from_pretrained", "get_backend", "init_weights", "load_pretrained", "load_weights",
     "random_weights", "resolve_backend_name", "save_pretrained", "save_weights", "__version__",

@@ -218,7 +218,7 @@ class Backend:
     def _finish_distributed(self) -> None:
         """Leave the run: wait for every worker (a barrier), then release the engine."""
 
-    # -- foreign modules: ``xformer check`` (issue #13, xformer/check.py) ---------------
+    # -- foreign modules: ``xformer check`` (issue #13, xformer/checking.py) ---------------
     def _foreign_parameters(self, module: Any, inputs: Mapping[str, np.ndarray],
                             cmap: Any) -> dict[str, tuple[tuple[int, ...], bool]]:
         """``{native name: (shape, transposed by default)}`` of every trainable parameter of
@@ -237,7 +237,7 @@ class Backend:
                      cotangent: np.ndarray, nodes: Mapping[str, str]
                      ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, tuple]]:
         """One pass of the user's module, dropout off: ``module(**kwargs)`` (numpy arrays
-        made native tensors), the output picked with :func:`xformer.check.select_output`, the
+        made native tensors), the output picked with :func:`xformer.checking.select_output`, the
         gradient of ``sum(output * cotangent)``. Returns ``(output, {native parameter name:
         gradient, native layout}, {canonical node: (its sub-module's output, the gradient
         flowing into it)})`` for ``nodes`` (``{canonical node: native sub-module path}``).

@@ -627,11 +627,11 @@ def cmd_embed(args) -> int:
 
 def cmd_check(args) -> int:
     """``xformer check``: each IMPL against xformer's lowering and the numpy reference
-    (:func:`xformer.check.check`); one table per IMPL, the per-node table with ``nodes``;
+    (:func:`xformer.checking.check`); one table per IMPL, the per-node table with ``nodes``;
     exit 0 when every IMPL conforms, 1 when one does not."""
     from rich.table import Table
 
-    from .check import check
+    from .checking import check
     from .conformance import environment
     from .spec import ModelSpec, atomic_write_bytes
     from .weights import load_weights

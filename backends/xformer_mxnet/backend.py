@@ -522,6 +522,225 @@ class MXNetBackend(Backend):
                 out[f"{name}:momentum_buffer"] = state.asnumpy()
         return out
 
+    # -- foreign modules (xformer check) ---------------------------------------------------
+    def _foreign_parameters(self, module, inputs, cmap):
+        """Gluon structural names (``block._collect_params_with_prefix()``, what
+        ``save_parameters`` writes: ``blocks.0.wq.weight``, ``emb_ln.gamma``), a parameter
+        shared between blocks once (its first name), ``Constant`` s left out (values, like
+        torch buffers); Gluon's ``Dense`` weight is the canonical ``(out, in)``: nothing
+        transposed by default.
+
+        Parameters not initialized yet get Gluon's ``initialize()`` (their own initializer, or
+        ``Uniform``); shapes still deferred (a ``Dense`` without ``in_units``) are inferred by
+        one imperative call on ``inputs`` (under ``cmap.inputs``' names, dropout off), as a
+        Gluon user's first call would.
+
+        Raises:
+            InputError: not a Gluon ``Block``; that first call failed (its error's first line).
+        """
+        from xformer.checking import _first_line
+        from xformer.errors import InputError
+
+        mx = self._mx
+        if not isinstance(module, mx.gluon.Block):
+            raise InputError(f"the factory returned {type(module).__name__}, not a Gluon "
+                             f"Block (mxnet.gluon.Block / HybridBlock)")
+        params = self._foreign_params(module)
+        for p in params.values():
+            if p._data is None and not p._deferred_init:
+                p.initialize()  # a shape still unknown: deferred (Gluon's own layers allow it)
+        if any(p._data is None for p in params.values()):
+            kwargs = {cmap.inputs[k]: v for k, v in inputs.items() if k in cmap.inputs}
+            call = self._foreign_call(module, self._ndarrays(kwargs))
+            try:
+                with self._modules.imperative(module), mx.autograd.predict_mode(), _quiet():
+                    call()
+            except InputError:
+                raise
+            except Exception as e:  # the user's module failed: their error, one line
+                raise InputError(f"calling the module once to finish Gluon's deferred "
+                                 f"initialization failed ({type(e).__name__}: "
+                                 f"{_first_line(e)})") from None
+            mx.nd.waitall()
+        return {name: (tuple(p.shape), False) for name, p in params.items()}
+
+    def _foreign_load(self, module, arrays, dtype: str) -> None:
+        """``Parameter.set_data`` for each native name (shapes checked by
+        :func:`xformer.checking.bind`).
+
+        Raises:
+            InputError: a parameter whose dtype is not ``dtype`` (the factory ignored it: give
+                ``Dense`` / ``Embedding`` ``dtype=``, or ``cast`` the block).
+        """
+        from xformer.errors import InputError
+
+        params = self._foreign_params(module)
+        for name, value in arrays.items():
+            p = params[name]
+            if np.dtype(p.dtype) != np.dtype(dtype):
+                raise InputError(f"parameter {name!r} is {np.dtype(p.dtype).name} but the check "
+                                 f"runs in {dtype}; build the module in the dtype the factory "
+                                 f"is given (dtype= or block.cast(dtype))")
+            p.set_data(self._mx.nd.array(value, dtype=dtype))
+
+    def _foreign_run(self, module, kwargs, output, cotangent, nodes):
+        """One imperative pass inside ``autograd.record(train_mode=False)`` (dropout off),
+        whatever the module's state: a hybridized module runs block by block
+        (:func:`xformer_mxnet.modules.imperative`) and keeps its cached graph.
+
+        The call: Gluon blocks take positional arguments only, so a block whose class keeps
+        ``Block.__call__`` gets each input at the position of its argument name in
+        ``hybrid_forward(self, F, ...)`` (or ``forward(self, ...)`` when that is overridden),
+        skipped arguments given their defaults; ``forward(self, *args)`` takes them in the
+        mapping file's ``inputs`` order. A block with its own ``__call__`` gets keywords.
+
+        The gradient of ``sum(output * cotangent)`` (``cotangent`` as the head gradient):
+        every parameter's gradient is zeroed first, so one the pass does not reach (or a
+        ``grad_req="null"`` one) comes back as zeros; the parameters' ``.grad()`` hold this
+        pass's gradients afterwards, as after any ``backward``. Nodes: as :meth:`_trace`, each
+        mapped block gets, for the pass only, an instance ``forward`` that records its output
+        (the first element of a tuple) and returns ``output + probe``, ``probe`` a zero NDArray
+        with ``attach_grad()``, whose gradient is the one flowing into that output (a block
+        called more than once: its last call). The wrappers and the blocks' ``_active`` flags
+        are restored afterwards, also on error.
+
+        Raises:
+            InputError: a node path that is not a child block (``_children`` names, joined by
+                dots), a node block that was not called, an input the module's call does not
+                take, an output that is not an NDArray.
+        """
+        from xformer.checking import select_output
+        from xformer.errors import InputError
+
+        mx = self._mx
+        blocks = {}
+        for node, path in nodes.items():
+            block, parts = module, path.split(".")
+            for i, part in enumerate(parts):
+                children = getattr(block, "_children", {})
+                if part not in children:
+                    at = ".".join(parts[:i]) or "the module"
+                    raise InputError(f"nodes maps {node} to {path!r}, which is not a child "
+                                     f"block of the module ({at} has "
+                                     f"{', '.join(list(children)[:8]) or 'no children'})")
+                block = children[part]
+            blocks[node] = block
+        params = self._foreign_params(module)
+        for p in params.values():
+            if p.grad_req != "null":
+                p.zero_grad()
+        values: dict[str, Any] = {}
+        probes: dict[str, Any] = {}
+
+        def wrap(node: str, block):
+            original = block.forward  # the instance's or the class's
+
+            def forward(*call_args):
+                out = original(*call_args)
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                if not isinstance(hidden, mx.nd.NDArray):
+                    return out
+                with mx.autograd.pause():
+                    probe = mx.nd.zeros(hidden.shape, ctx=hidden.context, dtype=hidden.dtype)
+                probe.attach_grad()
+                values[node], probes[node] = hidden, probe
+                hidden = hidden + probe
+                return (hidden, *out[1:]) if isinstance(out, (tuple, list)) else hidden
+            return forward
+
+        missing = object()
+        saved = []
+        call = self._foreign_call(module, self._ndarrays(kwargs))
+        try:
+            for node, block in blocks.items():
+                saved.append((block, vars(block).get("forward", missing)))
+                object.__setattr__(block, "forward", wrap(node, block))
+            with self._modules.imperative(module), mx.autograd.record(train_mode=False), \
+                    _quiet():
+                y = select_output(call(), output)
+            if not isinstance(y, mx.nd.NDArray):
+                raise InputError(f"the module's output is a {type(y).__name__}, not an "
+                                 f"NDArray; set output in the mapping file")
+            if tuple(y.shape) == cotangent.shape:
+                mx.autograd.backward([y], head_grads=[mx.nd.array(cotangent, dtype=y.dtype)])
+        finally:
+            for block, forward in reversed(saved):
+                if forward is missing:
+                    vars(block).pop("forward", None)
+                else:
+                    object.__setattr__(block, "forward", forward)
+        grads = {name: (np.zeros(tuple(p.shape), cotangent.dtype) if p.grad_req == "null"
+                        else p.grad().asnumpy())
+                 for name, p in params.items()}
+        out = {}
+        for node in nodes:
+            if node not in values:
+                raise InputError(f"node {node}'s block {nodes[node]!r} was not called in the "
+                                 f"forward pass (or returned no NDArray)")
+            g = probes[node].grad
+            out[node] = (values[node].asnumpy(), np.zeros(values[node].shape, cotangent.dtype)
+                         if g is None else g.asnumpy())
+        return y.asnumpy(), grads, out
+
+    def _foreign_params(self, module) -> dict:
+        """``{structural name: Parameter}`` of a Gluon block, a shared Parameter under its
+        first name, ``Constant`` s left out."""
+        from mxnet.gluon.parameter import Constant
+
+        out, seen = {}, set()
+        for name, p in module._collect_params_with_prefix().items():
+            if isinstance(p, Constant) or id(p) in seen:
+                continue
+            seen.add(id(p))
+            out[name] = p
+        return out
+
+    def _foreign_call(self, module, x: dict):
+        """A no-argument callable running ``module`` on ``x`` (``{call keyword: NDArray}``),
+        positionally for a plain Gluon block (see :meth:`_foreign_run`).
+
+        Raises:
+            InputError: a keyword that is not an argument of the block's ``hybrid_forward`` /
+                ``forward``, or an argument without a default that ``x`` does not give.
+        """
+        import inspect
+
+        from xformer.errors import InputError
+
+        gluon = self._mx.gluon
+        cls = type(module)
+        if cls.__call__ is not gluon.Block.__call__:  # its own __call__ (xformer's models)
+            return lambda: module(**x)
+        if isinstance(module, gluon.HybridBlock) and cls.forward is gluon.HybridBlock.forward:
+            fn, skip, what = cls.hybrid_forward, 2, "hybrid_forward(self, F, "  # self, F
+        else:
+            fn, skip, what = cls.forward, 1, "forward(self, "
+        try:
+            sig = list(inspect.signature(fn).parameters.values())[skip:]
+        except (TypeError, ValueError):  # no signature: the mapping's order
+            return lambda: module(*x.values())
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        named = [p for p in sig if p.kind in kinds]
+        if not named and any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig):
+            return lambda: module(*x.values())
+        names = [p.name for p in named]
+        shown = f"{cls.__name__}.{what}{', '.join(names)})"
+        unknown = [k for k in x if k not in names]
+        if unknown:
+            raise InputError(f"{shown} takes no {unknown[0]!r}; set inputs in the mapping file "
+                             f"to its argument names (Gluon blocks are called positionally)")
+        last = max(names.index(k) for k in x) if x else -1
+        args = []
+        for p in named[:last + 1]:
+            if p.name in x:
+                args.append(x[p.name])
+            elif p.default is not inspect.Parameter.empty:
+                args.append(p.default)
+            else:
+                raise InputError(f"{shown} needs {p.name!r}, which the mapping file's inputs "
+                                 f"do not give")
+        return lambda: module(*args)
+
     # -- the environment -----------------------------------------------------------------
     def framework_version(self) -> str:
         return self._mx.__version__

@@ -13,6 +13,7 @@ cheap (the pattern of einops' ``_backends.py``).
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -406,6 +407,200 @@ class TensorFlowBackend(Backend):
         mirrored), else nothing."""
         return self._strategy.scope() if self._strategy is not None else contextlib.nullcontext()
 
+    # -- foreign modules (xformer check) ---------------------------------------------------
+    def _foreign_parameters(self, module, inputs, cmap):
+        """``{variable .path: (shape, transposed by default)}`` of every trainable variable of a
+        user's ``keras.Model`` / ``keras.layers.Layer`` (a shared variable once; non-trainable
+        state such as a dropout seed or a frozen layer is not a parameter). A ``Dense`` kernel
+        is ``(in, out)``: transposed by default; an ``Embedding`` table ``(V, D)``, a
+        ``LayerNormalization``'s ``gamma`` / ``beta`` and everything else are as they are.
+
+        Keras creates variables on the first call: a module with an unbuilt layer is called
+        once first, dropout off, with ``inputs`` under ``cmap.inputs``' keywords.
+
+        Raises:
+            InputError: not a Keras layer, the call fails (its error's first line), two
+                variables with one ``.path`` (give sibling layers distinct names).
+        """
+        self._foreign_check(module)
+        if any(not layer.built for layer in module._flatten_layers()):
+            self._foreign_call(module, {cmap.inputs[k]: v for k, v in inputs.items()
+                                        if k in cmap.inputs})
+        kernels = {id(v) for layer in module._flatten_layers()
+                   if isinstance(layer, self.keras.layers.Dense)
+                   for v in layer.trainable_variables if v.name == "kernel"}
+        return {path: (tuple(var.shape), id(var) in kernels)
+                for path, var in self._foreign_variables(module).items()}
+
+    def _foreign_load(self, module, arrays, dtype: str) -> None:
+        """``var.assign`` each ``{variable .path: array, native layout}``.
+
+        Raises:
+            InputError: a variable whose dtype is not ``dtype`` (the factory ignored it).
+        """
+        variables = self._foreign_variables(module)
+        for name, value in arrays.items():
+            var = variables[name]
+            if np.dtype(var.dtype).name != dtype:
+                raise InputError(f"variable {name!r} is {np.dtype(var.dtype).name} but the "
+                                 f"check runs in {dtype}; build every layer with the dtype "
+                                 f"the factory is given (dtype=dtype)")
+            var.assign(np.ascontiguousarray(value))
+
+    def _foreign_run(self, module, kwargs, output, cotangent, nodes):
+        """One eager pass, ``training=False`` (Keras passes it on only to a ``call`` that takes
+        it), under one ``tf.GradientTape``: the output (``select_output``), the gradient of
+        ``sum(output * cotangent)`` for every trainable variable (``{.path: (shape) array}``,
+        zeros where unconnected, an ``Embedding``'s sparse gradient made dense) and, for each
+        of ``nodes`` (``{canonical node: Keras layer .path}``), the layer's output and the
+        gradient flowing into it.
+
+        As in :meth:`_trace`, each node layer gets, for the pass only, an instance attribute
+        ``call`` wrapping its ``call`` (so ``layer(x)`` and ``layer.call(x)`` both go through
+        it): the layer returns ``out + probe``, ``probe`` a zero tensor the tape watches, so
+        ``d loss / d probe`` is the gradient flowing into that output alone (a layer called
+        more than once: its last call; a tuple output: its first element). Every wrapper is
+        removed afterwards, also on errors.
+
+        Raises:
+            InputError: a node path that is not one layer of the module (the known paths
+                named), a node layer that was not called, the call failing, an output that is
+                not a tensor.
+        """
+        from xformer.checking import select_output
+
+        tf = self.tf
+        self._foreign_check(module)
+        layers = self._foreign_layers(module)
+        targets: dict[int, tuple[Any, list[str]]] = {}
+        for node, path in nodes.items():
+            found = layers.get(path, [])
+            if len(found) != 1:
+                known = ", ".join(list(layers)[:6])
+                raise InputError(
+                    f"nodes maps {node} to {path!r}, which is "
+                    + (f"the path of {len(found)} layers (give them distinct names)" if found
+                       else f"not a layer of the module (Keras layer .path: {known}, ...)"))
+            targets.setdefault(id(found[0]), (found[0], []))[1].append(node)
+        captured: dict[str, tuple[Any, Any]] = {}
+        tape = tf.GradientTape()
+
+        def probing(names: list[str], call):
+            def call_and_probe(*args, **kwargs):
+                out = call(*args, **kwargs)
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                if not (tf.is_tensor(first) and first.dtype.is_floating):
+                    for name in names:
+                        captured[name] = (first, None)
+                    return out
+                probe = tf.zeros_like(first)
+                tape.watch(probe)
+                probed = first + probe
+                mask = getattr(first, "_keras_mask", None)
+                if mask is not None:  # a layer called by .call directly keeps its mask
+                    probed._keras_mask = mask
+                for name in names:
+                    captured[name] = (first, probe)
+                if not isinstance(out, (tuple, list)):
+                    return probed
+                rest = list(out[1:])
+                return (out._make([probed, *rest]) if hasattr(out, "_make")
+                        else type(out)([probed, *rest]))
+            return call_and_probe
+
+        missing = object()
+        patched: list[tuple[Any, Any]] = []
+        try:
+            for layer, names in targets.values():
+                previous = vars(layer).get("call", missing)
+                object.__setattr__(layer, "call", probing(names, layer.call))
+                patched.append((layer, previous))
+            with tape:
+                y = select_output(self._foreign_call(module, kwargs), output)
+                if not tf.is_tensor(y):
+                    raise InputError(f"the module's output is a {type(y).__name__}, not a "
+                                     f"tensor; set output in the mapping file")
+                loss = (tf.reduce_sum(y * tf.cast(cotangent, y.dtype))
+                        if tuple(y.shape) == cotangent.shape else None)
+        finally:
+            for layer, previous in reversed(patched):
+                if previous is missing:
+                    object.__delattr__(layer, "call")
+                else:
+                    object.__setattr__(layer, "call", previous)
+        for node in nodes:
+            if node not in captured:
+                raise InputError(f"node {node}'s layer {nodes[node]!r} was not called in the "
+                                 f"forward pass")
+        variables = self._foreign_variables(module)
+        probed = [n for n in nodes if captured[n][1] is not None]
+        sources = list(variables.values()) + [captured[n][1] for n in probed]
+        if loss is None:  # a mis-shaped output: check() says so
+            grads = [tf.zeros(s.shape, cotangent.dtype) for s in sources]
+        else:
+            grads = tape.gradient(loss, sources,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = [tf.convert_to_tensor(g).numpy() for g in grads]
+        native = dict(zip(variables, grads))
+        flowing = dict(zip(probed, grads[len(variables):]))
+        values = {}
+        for node in nodes:
+            value = np.asarray(captured[node][0])
+            values[node] = (value.copy(), flowing.get(node, np.zeros(value.shape,
+                                                                     cotangent.dtype)))
+        return np.asarray(y).copy(), native, values
+
+    def _foreign_check(self, module) -> None:
+        """Raises InputError unless ``module`` is a Keras layer (a ``keras.Model`` is one)."""
+        if not isinstance(module, self.keras.layers.Layer):
+            raise InputError(f"the factory returned {type(module).__name__}, not a keras.Model "
+                             f"or keras.layers.Layer")
+
+    def _foreign_call(self, module, kwargs: Mapping[str, np.ndarray]) -> Any:
+        """``module(**kwargs, training=False)``, the arrays made tensors.
+
+        Raises:
+            InputError: the call raised (the keywords and its error's first line).
+        """
+        tensors = {k: self.tf.convert_to_tensor(np.ascontiguousarray(v))
+                   for k, v in kwargs.items()}
+        try:
+            return module(**tensors, training=False)
+        except InputError:
+            raise
+        except Exception as e:  # the user's module failed: their error, one line
+            raise InputError(f"calling the module with {', '.join(kwargs) or 'no keywords'} "
+                             f"raised {type(e).__name__}: {_keras_error_line(e)} (inputs in "
+                             f"the mapping file names its call keywords)") from None
+
+    def _foreign_variables(self, module) -> dict[str, Any]:
+        """``{.path: variable}`` of the module's trainable variables, each once.
+
+        Raises:
+            InputError: two variables with one ``.path``.
+        """
+        out: dict[str, Any] = {}
+        seen: set[int] = set()
+        for var in module.trainable_variables:
+            if id(var) in seen:
+                continue
+            seen.add(id(var))
+            if var.path in out:
+                raise InputError(f"two variables of the module have the path {var.path!r}; "
+                                 f"give sibling layers distinct names")
+            out[var.path] = var
+        return out
+
+    @staticmethod
+    def _foreign_layers(module) -> dict[str, list[Any]]:
+        """``{layer .path: [layers]}`` of the module and every nested layer (built ones: an
+        unbuilt layer has no path yet)."""
+        out: dict[str, list[Any]] = {}
+        for layer in module._flatten_layers(include_self=True, recursive=True):
+            if layer.path is not None:
+                out.setdefault(layer.path, []).append(layer)
+        return out
+
     # -- the environment -----------------------------------------------------------------
     def framework_version(self) -> str:
         return f"{self.tf.__version__} (keras {self.keras.__version__})"
@@ -510,6 +705,19 @@ class TensorFlowBackend(Backend):
 def _first_line(error: BaseException) -> str:
     """An exception's first line, at most 200 characters (its type name when empty)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _keras_error_line(error: BaseException) -> str:
+    """:func:`_first_line`, or for an error Keras annotated (``Exception encountered when
+    calling Block.call().``, the original message on a later line in ANSI bold) ``"in
+    Block.call(): <the original message's first line>"``."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    head, _, rest = text.partition("\n")
+    found = re.match(r"Exception encountered when calling (\S+?)\.?$", head.strip())
+    lines = [ln.strip() for ln in rest.splitlines() if ln.strip()]
+    if found and lines:
+        return f"in {found.group(1)}: {lines[0]}"[:200]
+    return _first_line(error)
 
 
 class _KerasTrainer:

@@ -325,7 +325,7 @@ class TorchBackend(Backend):
         """Eval mode (dropout off) for the pass, the caller's mode restored; the node outputs
         captured by forward hooks and ``retain_grad()`` (a sub-module called more than once:
         its last call)."""
-        from xformer.check import select_output
+        from xformer.checking import select_output
         from xformer.errors import InputError
 
         torch = self.torch

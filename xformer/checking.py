@@ -1,4 +1,4 @@
-"""``xformer check``: does *your* module compute what the spec says, and where does it start to
+"""``xformer check`` (:func:`check`, also ``xformer.check``): does *your* module compute what the spec says, and where does it start to
 differ? (issue #13)
 
 The user gives a native module built by their own code (``IMPL`` = ``BACKEND:MODULE:FACTORY``:
@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError, truncate
+from .errors import InputError, XformerError, truncate
 
 #: Keys a mapping file may have.
 MAP_KEYS = ("inputs", "output", "params", "transpose", "nodes")
@@ -320,9 +320,10 @@ def bind(spec: Any, cmap: CheckMap, native: Mapping[str, tuple[tuple[int, ...], 
                              + "; `xformer check --show-map` lists its parameters")
         shape, t = native_shape(c, native[n][1])
         if tuple(native[n][0]) != shape:
-            hint = (" (transposed: add it to transpose)" if len(shape) == 2
+            hint = (" (the other layout: add it to transpose)" if len(shape) == 2
                     and tuple(native[n][0]) == tuple(reversed(shape)) else "")
-            raise InputError(f"{where}{c} {canon[c]} cannot load into {n!r} of shape "
+            layout = f", {shape} in this layout" if t else ""
+            raise InputError(f"{where}{c} {canon[c]}{layout} cannot load into {n!r} of shape "
                              f"{tuple(native[n][0])}{hint}")
         out.append(Binding(c, n, t))
     used = {b.native for b in out}
@@ -443,7 +444,13 @@ def _check_one(be, impl: Impl, factory, cmap: CheckMap, spec, case, on_native=No
     if module is None:
         raise InputError(f"IMPL {impl.text}: {impl.factory}(spec, {dtype!r}) returned None; "
                          f"return the module")
-    native = be._foreign_parameters(module, case.inputs, cmap)
+    try:
+        native = be._foreign_parameters(module, case.inputs, cmap)
+    except XformerError:
+        raise
+    except Exception as e:  # building a lazily built module ran the user's code
+        raise InputError(f"IMPL {impl.text}: building the module raised {type(e).__name__}: "
+                         f"{_first_line(e)}") from None
     if on_native is not None:
         on_native(impl.text, native)
     bindings = bind(spec, cmap, native, impl.text)
@@ -455,8 +462,15 @@ def _check_one(be, impl: Impl, factory, cmap: CheckMap, spec, case, on_native=No
     kwargs = {cmap.inputs[k]: v for k, v in case.inputs.items() if k in cmap.inputs}
     out_name = "last_hidden_state"
     cot = case.cotangents[out_name]
-    output, native_grads, node_values = be._foreign_run(module, kwargs, cmap.output, cot,
-                                                        cmap.nodes)
+    try:
+        output, native_grads, node_values = be._foreign_run(module, kwargs, cmap.output, cot,
+                                                            cmap.nodes)
+    except XformerError:
+        raise
+    except Exception as e:  # the user's forward or backward pass failed: their error
+        raise InputError(f"IMPL {impl.text}: calling the module with {sorted(kwargs)} raised "
+                         f"{type(e).__name__}: {_first_line(e)} (check inputs in the mapping "
+                         f"file)") from None
     output = np.asarray(output)
     if output.shape != cot.shape:
         raise InputError(f"IMPL {impl.text}: the module's output has shape {output.shape}; "
