@@ -258,6 +258,11 @@ TRAIN_F = ["train", "--model", "{gpt}", "--backend", "torch", "--data", "{f}", "
 HA = "HA (cli.py): "
 HB = "HB (files & resources): "
 
+#: xformer check's hand-written PyTorch example (examples/check/)
+_CHECK = Path(__file__).resolve().parent.parent / "examples" / "check"
+CHECK_IMPL, CHECK_MAP = f"torch:{_CHECK / 'torch_bert.py'}", str(_CHECK / "torch_bert.yaml")
+CHECK_SPEC = str(_CHECK / "bert_tiny.yaml")
+
 CLI_ROWS = [
     # ---- specs (--spec of init: the cheapest command that reads one)
     pytest.param(_nothing, ["init", "--spec", "{tmp}/missing.json", "--out", "{tmp}/o.safetensors"],
@@ -480,6 +485,21 @@ CLI_ROWS = [
                  ["train", "--spec", "{spec}", "--data", "{f}", "--steps", "1", "--out",
                   "{tmp}/trained"],
                  E2, r"head='lm'", id="train-encoder-has-no-objective"),
+    # ---- xformer check: the IMPL, the user's module and factory, the mapping file
+    pytest.param(_nothing, ["check", "torch:only", "--map", CHECK_MAP, "--spec", CHECK_SPEC],
+                 E2, r"must be BACKEND:MODULE:FACTORY", id="check-impl-not-three-parts"),
+    pytest.param(_write("mine.py", "raise RuntimeError('broken import')"),
+                 ["check", "torch:{f}:build", "--map", CHECK_MAP, "--spec", CHECK_SPEC],
+                 E2, r"importing .* failed \(RuntimeError", id="check-module-raises"),
+    pytest.param(_nothing, ["check", f"{CHECK_IMPL}:nothing", "--map", CHECK_MAP, "--spec",
+                            CHECK_SPEC],
+                 E2, r"has no 'nothing'", id="check-factory-missing"),
+    pytest.param(_write("m.yaml", "param: {}\n"),
+                 ["check", f"{CHECK_IMPL}:build", "--map", "{f}", "--spec", CHECK_SPEC],
+                 E2, r"unknown key 'param'", id="check-map-unknown-key"),
+    pytest.param(_write("m.yaml", "nodes: {embeddings.norm: emb.norm}\n"),
+                 ["check", f"{CHECK_IMPL}:build", "--map", "{f}", "--spec", CHECK_SPEC],
+                 E2, r"not mapped", id="check-native-parameters-unmapped"),
 ]
 
 
