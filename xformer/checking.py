@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError, XformerError, truncate
+from .errors import InputError, XformerError, first_line, truncate
 
 #: Keys a mapping file may have.
 MAP_KEYS = ("inputs", "output", "params", "transpose", "nodes")
@@ -132,7 +132,7 @@ def load_factory(impl: Impl) -> Callable[..., Any]:
 
 
 def _first_line(e: BaseException) -> str:
-    return truncate((str(e).strip().splitlines() or [type(e).__name__])[0], 200)
+    return truncate(first_line(e), 200)
 
 
 # ---------------------------------------------------------------------- the mapping file

@@ -44,6 +44,13 @@ class InputError(XformerError, ValueError):
 ECHO_LIMIT = 80
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message (its type name when the message is empty), cut to
+    ``limit`` characters: how a framework's or a user's exception is quoted inside one xformer
+    error line."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def truncate(value: object, limit: int = ECHO_LIMIT) -> str:
     """The ``repr`` of a user value to echo in an error message, cut to ``limit`` characters
     plus ``"…(N chars)"`` (``N`` the length of the full repr), so a message stays one short

@@ -210,6 +210,33 @@ class MXNetBackend(Backend):
             grads[embeds_key] = args[embeds_key].grad.asnumpy()
         return self._outputs(model, out), grads
 
+    def _probed_forward(self, name: str, block, values: dict, probes: dict,
+                        once: bool = False):
+        """``block.forward`` (the instance's or the class's) wrapped so that its output (the
+        first, for a tuple) gets an exact zero ``probe`` added, created outside the recording
+        and marked with ``attach_grad()``: ``d loss / d probe`` is the gradient flowing into
+        that output. Records ``values[name]`` (the output) and ``probes[name]``; a call that
+        returns no NDArray is passed through unrecorded. ``once``: a second call in the same
+        pass is a RuntimeError (:meth:`_trace`'s nodes run once; a user's block may run more
+        often, and its last call counts)."""
+        mx = self._mx
+        original = block.forward
+
+        def forward(*call_args):
+            out = original(*call_args)
+            if once and name in values:
+                raise RuntimeError(f"trace: node {name!r} ran twice in one forward pass")
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if not isinstance(hidden, mx.nd.NDArray):
+                return out
+            with mx.autograd.pause():
+                probe = mx.nd.zeros(hidden.shape, ctx=hidden.context, dtype=hidden.dtype)
+            probe.attach_grad()
+            values[name], probes[name] = hidden, probe
+            hidden = hidden + probe
+            return (hidden, *out[1:]) if isinstance(out, (tuple, list)) else hidden
+        return forward
+
     def _trace(self, model, inputs: dict[str, np.ndarray], cotangents: dict[str, np.ndarray]
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Every node of ``model.spec.nodes()``: its output and the gradient of the loss
@@ -237,27 +264,11 @@ class MXNetBackend(Backend):
         args = self._ndarrays(inputs)
         values: dict[str, Any] = {}
         probes: dict[str, Any] = {}
-
-        def wrap(name: str, block):
-            original = block.forward  # the class's bound method
-
-            def forward(*call_args):
-                output = original(*call_args)
-                if name in values:
-                    raise RuntimeError(f"trace: node {name!r} ran twice in one forward pass")
-                hidden = output[0] if isinstance(output, (tuple, list)) else output
-                with mx.autograd.pause():
-                    probe = mx.nd.zeros(hidden.shape, ctx=hidden.context, dtype=hidden.dtype)
-                probe.attach_grad()
-                values[name], probes[name] = hidden, probe
-                hidden = hidden + probe
-                return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
-            return forward
-
         blocks = [self._submodule(model, name) for name in nodes]
         try:
             for name, block in zip(nodes, blocks):
-                object.__setattr__(block, "forward", wrap(name, block))
+                object.__setattr__(block, "forward", self._probed_forward(
+                    name, block, values, probes, once=True))
             with self._modules.imperative(model), mx.autograd.record(train_mode=False), \
                     _quiet():
                 out = model(**args)
@@ -447,6 +458,7 @@ class MXNetBackend(Backend):
         """
         from xformer.backend import BackendError
         from xformer.distributed import ENGINES, World
+        from xformer.errors import first_line
 
         env = os.environ
         names = ("DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT", "DMLC_NUM_SERVER", "DMLC_NUM_WORKER")
@@ -479,9 +491,8 @@ class MXNetBackend(Backend):
         try:
             kv = self._mx.kv.create("dist_sync")
         except self._mx.base.MXNetError as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise BackendError(f"MXNet could not join the parameter-server run "
-                               f"({first[:200]}); this wheel needs USE_DIST_KVSTORE (every "
+                               f"({first_line(e)}); this wheel needs USE_DIST_KVSTORE (every "
                                f"PyPI mxnet wheel has it)") from None
         self._kv = kv
         # a worker that fails before _finish_distributed leaves without the exit barrier
@@ -631,30 +642,14 @@ class MXNetBackend(Backend):
                 p.zero_grad()
         values: dict[str, Any] = {}
         probes: dict[str, Any] = {}
-
-        def wrap(node: str, block):
-            original = block.forward  # the instance's or the class's
-
-            def forward(*call_args):
-                out = original(*call_args)
-                hidden = out[0] if isinstance(out, (tuple, list)) else out
-                if not isinstance(hidden, mx.nd.NDArray):
-                    return out
-                with mx.autograd.pause():
-                    probe = mx.nd.zeros(hidden.shape, ctx=hidden.context, dtype=hidden.dtype)
-                probe.attach_grad()
-                values[node], probes[node] = hidden, probe
-                hidden = hidden + probe
-                return (hidden, *out[1:]) if isinstance(out, (tuple, list)) else hidden
-            return forward
-
         missing = object()
         saved = []
         call = self._foreign_call(module, self._ndarrays(kwargs))
         try:
             for node, block in blocks.items():
                 saved.append((block, vars(block).get("forward", missing)))
-                object.__setattr__(block, "forward", wrap(node, block))
+                object.__setattr__(block, "forward",
+                                   self._probed_forward(node, block, values, probes))
             with self._modules.imperative(module), mx.autograd.record(train_mode=False), \
                     _quiet():
                 y = select_output(call(), output)

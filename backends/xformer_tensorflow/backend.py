@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from xformer.backend import Backend, check_dtype
-from xformer.errors import BackendError, InputError
+from xformer.errors import BackendError, InputError, first_line
 from xformer.spec import ModelSpec
 from xformer.weights import check_weights
 
@@ -365,10 +365,10 @@ class TensorFlowBackend(Backend):
                                    "TensorFlow runs anything in this process; call "
                                    "init_distributed() first, before building a model") from None
             raise BackendError(f"MultiWorkerMirroredStrategy could not join the run "
-                               f"({_first_line(e)}); check TF_CONFIG") from None
+                               f"({first_line(e)}); check TF_CONFIG") from None
         except ValueError as e:
             raise BackendError(f"MultiWorkerMirroredStrategy rejected TF_CONFIG "
-                               f"({_first_line(e)}); give {{\"cluster\": {{\"worker\": "
+                               f"({first_line(e)}); give {{\"cluster\": {{\"worker\": "
                                f"[\"host:port\", ...]}}, \"task\": {{\"type\": \"worker\", "
                                f"\"index\": i}}}}") from None
         resolver = strategy.cluster_resolver
@@ -702,22 +702,17 @@ class TensorFlowBackend(Backend):
         return {k: self.tf.convert_to_tensor(v) for k, v in arrays.items()}
 
 
-def _first_line(error: BaseException) -> str:
-    """An exception's first line, at most 200 characters (its type name when empty)."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
 def _keras_error_line(error: BaseException) -> str:
-    """:func:`_first_line`, or for an error Keras annotated (``Exception encountered when
-    calling Block.call().``, the original message on a later line in ANSI bold) ``"in
-    Block.call(): <the original message's first line>"``."""
+    """:func:`xformer.errors.first_line`, or for an error Keras annotated (``Exception
+    encountered when calling Block.call().``, the original message on a later line in ANSI
+    bold) ``"in Block.call(): <the original message's first line>"``."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
     head, _, rest = text.partition("\n")
     found = re.match(r"Exception encountered when calling (\S+?)\.?$", head.strip())
     lines = [ln.strip() for ln in rest.splitlines() if ln.strip()]
     if found and lines:
         return f"in {found.group(1)}: {lines[0]}"[:200]
-    return _first_line(error)
+    return first_line(error)
 
 
 class _KerasTrainer:

@@ -195,6 +195,7 @@ class TorchBackend(Backend):
 
         from xformer.backend import BackendError
         from xformer.distributed import ENGINES, World
+        from xformer.errors import first_line
 
         dist = self.torch.distributed
         if not dist.is_available():
@@ -204,8 +205,8 @@ class TorchBackend(Backend):
             try:
                 dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
             except (RuntimeError, ValueError, KeyError) as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise BackendError(f"torch.distributed could not join the run ({first[:200]}); "
+                raise BackendError(f"torch.distributed could not join the run "
+                                   f"({first_line(e)}); "
                                    f"check MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE "
                                    f"(torchrun sets them)") from None
         return World(ENGINES["torch"], dist.get_rank(), dist.get_world_size())
