@@ -83,6 +83,10 @@ def _workers(script: str, *argv: str, nproc: int = 2, timeout: float = 300
                 p.wait()
 
 
+@pytest.mark.skipif(not os.environ.get("XFORMER_TEST_ALL_MODES"),
+                    reason="two TF workers compiling XLA take ~35 s of the suite's 10 minutes on "
+                           "2 cores; the preferred mode runs in test_distributed.py; set "
+                           "XFORMER_TEST_ALL_MODES=1")
 def test_eager_and_xla_workers_train_as_one_process(tmp_path):
     done = _workers(WORKER, str(tmp_path), ",".join(MODES), str(STEPS), json.dumps(CONFIG))
     for p in done:
