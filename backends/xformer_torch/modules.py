@@ -58,7 +58,10 @@ PyTorch specifics (docs/design.md §3, §5):
   :func:`written_out_attention` (the Backend protocol's ``forward``);
 * projections whose output is at least as wide as their input keep their ``nn.Linear`` weight
   in ``(in, out)`` storage (:func:`_linear`), as does an untied LM head: batch-1 decoding reads
-  them faster (docs/pitfalls.md).
+  them faster (docs/pitfalls.md);
+* in a full pass self-attention projects q, k and v with one matrix product over the three
+  weights concatenated (:meth:`MultiHeadAttention._fused_qkv`; float32 outputs bit for bit the
+  three products'), and scales and masks the written-out scores in place (issue #11).
 
 Incremental decoding uses Hugging Face's legacy cache format: per decoder layer a tuple
 ``(k, v)`` of ``(B, H_kv, T_past, d_head)`` tensors (``H_kv = spec.kv_heads`` key/value heads,
@@ -459,7 +462,10 @@ class MultiHeadAttention(_SpecLayer):
 
     Parameters: ``q_proj`` ``(H d_head, D)``, ``k_proj`` / ``v_proj`` ``(H_kv d_head, D)``
     (biases iff ``spec.has_bias("qkv")``), ``out_proj`` ``(D, H d_head)`` (bias iff
-    ``spec.has_bias("out_proj")``).
+    ``spec.has_bias("out_proj")``). A full self-attention pass multiplies by the three
+    projection weights in one product (:meth:`_fused_qkv`) without calling ``q_proj``,
+    ``k_proj`` or ``v_proj``, so forward hooks on those three do not fire in such a pass;
+    hook the attention module itself (as :meth:`xformer.backend.Backend.trace` does).
 
     Shapes: ``x`` ``(B, T, D)``; ``key_value_states`` ``(B, S, D)`` (cross-attention; default
     ``x``); ``attention_bias`` additive, broadcastable to ``(B, H, T, S_total)`` (``(B, 1, 1, S)``
@@ -496,18 +502,50 @@ class MultiHeadAttention(_SpecLayer):
         groups = self.n_heads // self.n_kv_heads
         return y if groups == 1 else y.repeat_interleave(groups, dim=1)
 
+    def _fused_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(q_proj(x), k_proj(x), v_proj(x))`` as ONE matrix product with the three weights
+        concatenated (``(H d_head + 2 H_kv d_head, D)``, in the storage the three share), split
+        back into ``(B, T, ·)`` views; ``None`` where that is not worth it or not exact.
+
+        Why (issue #11): one product with three times the columns runs nearer the GEMM peak
+        than three, and its backward is one product for the input's gradient instead of three
+        plus two sums. The concatenation copies the three weights each call, so it is taken
+        only for full passes (``B T >= D`` rows; a decoding step multiplies one row per
+        sequence and keeps the three products). Only when the three weights share one storage
+        (:func:`_linear`): then MKL's float32 product computes each output column as the
+        same dot product in the same order as its own product does, so the outputs are bit for
+        bit those of ``q_proj``, ``k_proj`` and ``v_proj`` (every shape measured,
+        ``tests/test_backend_torch.py``); float64 products block differently by width, within
+        4e-16 of the largest value. The input's gradient sums the three contributions inside
+        the product: it differs from three products plus two sums by rounding only."""
+        b, t, d = x.shape
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        strides = {p.weight.stride() for p in projections}
+        if b * t < d or len(strides) != 1:
+            return None
+        if self.q_proj.weight.stride(0) == 1:  # (in, out) storage: concatenate the columns
+            weight = torch.cat([p.weight.t() for p in projections], dim=1).t()
+        else:
+            weight = torch.cat([p.weight for p in projections])
+        bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
+        sizes = [p.out_features for p in projections]
+        return F.linear(x, weight, bias).split(sizes, dim=-1)
+
     def forward(self, x: Tensor, attention_bias: Tensor | None = None,
                 key_value_states: Tensor | None = None,
                 past_key_value: tuple[Tensor, Tensor] | None = None, use_cache: bool = False
                 ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
         b, t, _ = x.shape
-        q = self._split_heads(self.q_proj(x), self.n_heads)
         if self.cross_attention and past_key_value is not None:  # the encoder's, projected once
+            q = self._split_heads(self.q_proj(x), self.n_heads)
             k, v = past_key_value
         else:
-            source = x if key_value_states is None else key_value_states
-            k = self._split_heads(self.k_proj(source), self.n_kv_heads)
-            v = self._split_heads(self.v_proj(source), self.n_kv_heads)
+            projected = self._fused_qkv(x) if key_value_states is None else None
+            if projected is None:
+                source = x if key_value_states is None else key_value_states
+                projected = (self.q_proj(x), self.k_proj(source), self.v_proj(source))
+            q = self._split_heads(projected[0], self.n_heads)
+            k, v = (self._split_heads(y, self.n_kv_heads) for y in projected[1:])
             if self.rotary is not None:  # the new positions come after the cached ones
                 past = 0 if past_key_value is None else past_key_value[0].shape[2]
                 q, k = self.rotary(q, past), self.rotary(k, past)
@@ -519,9 +557,11 @@ class MultiHeadAttention(_SpecLayer):
                 q, self._repeat_kv(k), self._repeat_kv(v), attn_mask=attention_bias,
                 scale=1.0 / math.sqrt(self.d_head))
         else:  # written out: see the module docstring for the fused kernel's CPU gradients
-            scores = q @ self._repeat_kv(k).transpose(-2, -1) / math.sqrt(self.d_head)
+            # the scale and the bias in place on the fresh scores: the same numbers, two
+            # (B, H, T, S) buffers fewer (the product's backward needs only q and k)
+            scores = (q @ self._repeat_kv(k).transpose(-2, -1)).div_(math.sqrt(self.d_head))
             if attention_bias is not None:
-                scores = scores + attention_bias
+                scores = scores.add_(attention_bias)
             context = self.dropout(scores.softmax(dim=-1)) @ self._repeat_kv(v)
         context = context.transpose(1, 2).reshape(b, t, -1)
         out = self.out_proj(context)
