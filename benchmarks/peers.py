@@ -23,8 +23,9 @@ on torch the GPT-2 small shape (batch 2 × 128, logits) against Hugging Face
 
 Timing is interleaved: each round times ``steps`` calls of xformer's layer, then ``steps`` of
 the peer's, so load on the machine hits both alike; the figure is the median over rounds of
-the per-round ratio ``xformer / peer`` (absolute times here swing ±25 % between runs, ratios
-measured this way hold to a few percent). Forward alone and forward + backward (the gradient
+the per-round ratio ``xformer / peer``, with the >= 90 % confidence interval of that median
+(``ratio_lo`` .. ``ratio_hi``, :func:`median_interval`; absolute times here swing ±25 % between
+runs, ratios measured this way hold to a few percent). Forward alone and forward + backward (the gradient
 of ``sum(output)`` w.r.t. every parameter). Peers that are not installed are skipped with the
 command that installs them (``benchmarks/install_peers.sh``).
 
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -117,9 +119,27 @@ def gemm_peak(matmul, sync=lambda x: x, n: int = 2048, repeats: int = 5) -> floa
     return 2 * n ** 3 / best / 1e9
 
 
+def median_interval(values: list[float], confidence: float = 0.9) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median of ``values`` (order statistics,
+    Conover, *Practical Nonparametric Statistics*, §3.2): the ``j``-th smallest and ``j``-th
+    largest value for the largest ``j`` with ``2 P(Binomial(n, 1/2) < j) <= 1 - confidence``;
+    the smallest and largest value when ``n`` is too small for that. 11 rounds: the 3rd and
+    9th of 11 (93.5 %)."""
+    xs, n = sorted(values), len(values)
+    j, tail = 0, 0.0
+    while j < n // 2:
+        tail += math.comb(n, j) / 2 ** n  # P(X = j), X ~ Binomial(n, 1/2)
+        if 2 * tail > 1 - confidence:
+            break
+        j += 1
+    j = max(j - 1, 0) if j else 0
+    return xs[j], xs[n - 1 - j]
+
+
 def interleaved(ours, peer, rounds: int, steps: int, sync=lambda: None) -> dict[str, float]:
-    """Median per-round ratio ``ours / peer`` and median ms per call of each, after one
-    untimed warm-up block of each."""
+    """Median per-round ratio ``ours / peer`` with its >= 90 % confidence interval
+    (``ratio_lo``, ``ratio_hi``: :func:`median_interval`) and median ms per call of each, after
+    one untimed warm-up block of each."""
     for fn in (ours, peer):
         for _ in range(2):
             fn()
@@ -136,7 +156,9 @@ def interleaved(ours, peer, rounds: int, steps: int, sync=lambda: None) -> dict[
         mine.append(times[0])
         theirs.append(times[1])
         ratios.append(times[0] / times[1])
-    return {"ratio": statistics.median(ratios), "xformer_ms": statistics.median(mine) * 1e3,
+    lo, hi = median_interval(ratios)
+    return {"ratio": statistics.median(ratios), "ratio_lo": lo, "ratio_hi": hi,
+            "xformer_ms": statistics.median(mine) * 1e3,
             "peer_ms": statistics.median(theirs) * 1e3}
 
 
@@ -207,10 +229,13 @@ def bench_torch(rounds: int, steps: int, threads: int, quick: bool = False) -> l
                 model(input_ids=ids, attention_mask=mask)[key]
         return run
 
-    for name, ours_fn, peer_fn in (
+    for name, ours_fn, peer_fn, train in (
             ("forward", bert_forward(ours, "pooler_output"),
-             bert_forward(peer, "pooler_output")),
-            ("forward+backward", bert(ours, "pooler_output"), bert(peer, "pooler_output"))):
+             bert_forward(peer, "pooler_output"), False),
+            ("forward+backward", bert(ours, "pooler_output"), bert(peer, "pooler_output"),
+             True)):
+        for m in (ours, peer):
+            m.train(train)  # forward alone in inference mode, as the layer and GPT-2 rows
         rows.append({"framework": "torch", "mode": "eager", "peer": "HF BertModel (MiniLM)",
                      "pass": name, **interleaved(ours_fn, peer_fn, rounds, 2)})
     rows.append(torch_protocol(ours, ids, mask, rounds))
