@@ -25,8 +25,8 @@ Timing is interleaved: each round times ``steps`` calls of xformer's layer, then
 the peer's, so load on the machine hits both alike; the figure is the median over rounds of
 the per-round ratio ``xformer / peer``, with the >= 90 % confidence interval of that median
 (``ratio_lo`` .. ``ratio_hi``, :func:`median_interval`; absolute times here swing ±25 % between
-runs, ratios measured this way hold to a few percent). Forward alone and forward + backward (the gradient
-of ``sum(output)`` w.r.t. every parameter). Peers that are not installed are skipped with the
+runs, ratios measured this way hold to a few percent). Forward alone and forward + backward
+(the gradient of ``sum(output)`` w.r.t. every parameter). Peers that are not installed are skipped with the
 command that installs them (``benchmarks/install_peers.sh``).
 
 Besides each framework's preferred mode, the compiled modes on both sides: ``torch.compile``
@@ -126,14 +126,11 @@ def median_interval(values: list[float], confidence: float = 0.9) -> tuple[float
     the smallest and largest value when ``n`` is too small for that. 11 rounds: the 3rd and
     9th of 11 (93.5 %)."""
     xs, n = sorted(values), len(values)
-    j, tail = 0, 0.0
-    while j < n // 2:
-        tail += math.comb(n, j) / 2 ** n  # P(X = j), X ~ Binomial(n, 1/2)
-        if 2 * tail > 1 - confidence:
-            break
-        j += 1
-    j = max(j - 1, 0) if j else 0
-    return xs[j], xs[n - 1 - j]
+    cut, tail = 0, math.comb(n, 0) / 2 ** n  # tail = P(X <= cut), X ~ Binomial(n, 1/2)
+    while cut + 1 < n // 2 and 2 * (tail + math.comb(n, cut + 1) / 2 ** n) <= 1 - confidence:
+        cut += 1
+        tail += math.comb(n, cut) / 2 ** n
+    return xs[cut], xs[n - 1 - cut]
 
 
 def interleaved(ours, peer, rounds: int, steps: int, sync=lambda: None) -> dict[str, float]:
