@@ -285,12 +285,22 @@ def _kernels(k: dict) -> str:
                    "xformer ÷ `nn`"],
                   [[a["malloc"], f"{a['xformer_ms']:.1f}", f"{a['peer_ms']:.1f}",
                     f"{a['ratio']:.2f}x"] for a in k["allocator"]])
+    norms = table(["d_model", "xformer (GEMM form), ms", "Gluon `nn.LayerNorm` (fused), ms",
+                   "xformer ÷ fused", "errors, GEMM form: y / dx / dγ / dβ",
+                   "errors, fused: y / dx / dγ / dβ"],
+                  [[str(r["d_model"]), f"{r['xformer_ms']:.2f}", f"{r['peer_ms']:.2f}",
+                    f"{r['ratio']:.2f}x", " / ".join(e(v) for v in r["ours_errors"]),
+                    " / ".join(e(v) for v in r["native_errors"])]
+                   for r in k["mxnet_layer_norm"]])
     return (storage + f"\n\nToken-table lookup, forward + backward (MiniLM's 30522 × 384 "
             f"table, 8 × 128 ids): {contiguous:.1f} ms contiguous, {transposed:.1f} ms stored "
             f"transposed.\n\nFloat32 inference with one row padded at the end and one fully "
             f"padded, max error relative to the largest value:\n\n" + sdpa
             + "\n\nOne encoder layer's forward (d_model 256, 8 × 128), each line a fresh "
-              "process:\n\n" + alloc)
+              "process:\n\n" + alloc
+            + "\n\nMXNet float32 LayerNorm, forward + backward on 8 × 128 rows, hybridized "
+              "(errors: float32 against the float64 formula, max error relative to the "
+              "largest value):\n\n" + norms)
 
 
 def _plot_peers(rows: list[dict], path: Path) -> None:

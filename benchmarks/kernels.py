@@ -11,7 +11,10 @@
   each against the float64 numpy reference (all-MiniLM-L6-v2 and GPT-2 shapes, one row padded
   at the end and one fully padded);
 * one encoder layer's forward (xformer and ``nn.TransformerEncoderLayer``) with glibc's
-  default ``malloc`` and with its mmap/trim thresholds raised, each in a fresh process.
+  default ``malloc`` and with its mmap/trim thresholds raised, each in a fresh process;
+* MXNet: Gluon's ``nn.LayerNorm`` (the fused operator) against xformer's float32
+  ``LayerNorm`` inside ``autograd.record`` (``LayerNorm.gemm_form``), forward + backward,
+  hybridized, interleaved, and both against the float64 formula (in a fresh process).
 
     python benchmarks/kernels.py
 """
@@ -154,12 +157,74 @@ def allocator() -> list[dict]:
     return out
 
 
+_MXNET_LAYER_NORM = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {bench!r})
+import peers
+from xformer_mxnet import modules
+mx = modules.mx
+rows = []
+for d in (256, 384):
+    spec = peers._spec().replace(d_model=d, n_heads=4, d_ff=4 * d)
+    rng = np.random.default_rng(0)
+    x64 = rng.standard_normal((8, 128, d)) * 2.0 + 0.5
+    cot64 = rng.standard_normal(x64.shape)
+    gamma, beta = 1 + 0.2 * rng.standard_normal(d), 0.1 * rng.standard_normal(d)
+    s = np.sqrt(x64.var(-1, keepdims=True) + spec.norm_eps)
+    xh = (x64 - x64.mean(-1, keepdims=True)) / s
+    g = cot64 * gamma
+    want = [xh * gamma + beta, (g - g.mean(-1, keepdims=True)
+                                - xh * (g * xh).mean(-1, keepdims=True)) / s,
+            (cot64 * xh).sum((0, 1)), cot64.sum((0, 1))]
+    x, cot = mx.nd.array(x64), mx.nd.array(cot64)
+    x.attach_grad()
+    ours = modules.LayerNorm(spec, "float32")
+    native = mx.gluon.nn.LayerNorm(epsilon=spec.norm_eps, in_channels=d)
+    errors = []
+    for block in (native, ours):
+        block.initialize()
+        block.gamma.set_data(mx.nd.array(gamma))
+        block.beta.set_data(mx.nd.array(beta))
+        block.hybridize(static_alloc=True, static_shape=True)
+        with mx.autograd.record():
+            y = block(x)
+        y.backward(cot)
+        got = [y, x.grad, block.gamma.grad(), block.beta.grad()]
+        errors.append([float(np.abs(a.asnumpy() - w).max() / np.abs(w).max())
+                       for a, w in zip(got, want)])
+
+    def step(block):
+        def run():
+            with mx.autograd.record():
+                y = block(x)
+            y.backward(cot)
+            mx.nd.waitall()
+        return run
+    t = peers.interleaved(step(ours), step(native), 11, 10, mx.nd.waitall)
+    rows.append({{"d_model": d, **t, "native_errors": errors[0], "ours_errors": errors[1]}})
+print(json.dumps(rows))
+"""
+
+
+def mxnet_layer_norm() -> list[dict]:
+    """Per width (the layer's 256, MiniLM's 384; 8 x 128 rows): forward + backward ms of
+    xformer's float32 ``LayerNorm`` under ``autograd.record`` and of Gluon's fused
+    ``nn.LayerNorm``, interleaved, and both one's errors (output, d x, d gamma, d beta) against
+    the float64 formula. In a fresh process (MXNet beside torch)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MXNET_CPU_WORKER_NTHREADS": "2"}
+    bench = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", _MXNET_LAYER_NORM.format(bench=bench)], env=env,
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def measure() -> dict:
     import torch
 
     torch.set_num_threads(2)
     return {"storage": storage_ratios(), "lookup": lookup_ms(), "sdpa": sdpa_errors(),
-            "allocator": allocator()}
+            "allocator": allocator(), "mxnet_layer_norm": mxnet_layer_norm()}
 
 
 if __name__ == "__main__":

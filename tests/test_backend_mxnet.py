@@ -1,8 +1,10 @@
 """What only the MXNet Gluon backend has: one Gluon Parameter per canonical weight (a tied head
 is not a second one) and a frozen LayerNorm beta where ``bias=False``, activations with exact
 float64 gradients (MXNet's own erf gradient is float32-accurate), a float64 LayerNorm that
-matches the reference where MXNet's fused operator does not, the hybridized graph cached and
-kept across imperative decoding, and ``trace`` writing no parameter gradient.
+matches the reference where MXNet's fused operator does not, the float32 LayerNorm of a
+differentiated pass (products and ``L2Normalization``), the hybridized graphs cached (one per
+autograd state) and kept across imperative decoding, and ``trace`` writing no parameter
+gradient.
 
 The Backend contract itself is tested on every backend in test_backends.py,
 test_backends_decoder.py and test_trace.py; helpers and bounds are in backend_helpers.py. MXNet 1.9.1
@@ -134,6 +136,79 @@ def test_layer_norm_float64_is_exact(eps, bias):
         out = norm(mx.nd.array(x, dtype="float64")).asnumpy()
         assert out.dtype == np.float64
         assert rel(out, ref) <= 1e-15, (hybridize, rel(out, ref))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_layer_norm_float32_under_record_is_the_gemm_form(bias, offset):
+    """float32 inside ``autograd.record``: :meth:`LayerNorm.gemm_form` (products and
+    ``L2Normalization``, whose backward is fast), imperative and hybridized alike; outside it
+    the fused operator. Both within float32 rounding of the float64 formula, outputs and the
+    gradients of x, gamma and beta (Gemma's scale offset and a frozen beta included); and the
+    two lowerings really are different graphs (their float32 roundings differ)."""
+    spec = SPECS["bert"].replace(norm_eps=1e-12, bias=bias, norm_scale_offset=offset)
+    d = spec.d_model
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 5, d)) * 2.0 + 0.5
+    cot = rng.standard_normal(x.shape)
+    gamma = offset * -0.5 + 1 + 0.2 * rng.standard_normal(d)
+    beta = 0.1 * rng.standard_normal(d) if bias else np.zeros(d)
+    scale = gamma + offset
+    s = np.sqrt(x.var(-1, keepdims=True) + spec.norm_eps)
+    xh = (x - x.mean(-1, keepdims=True)) / s
+    g = cot * scale
+    want = {"y": xh * scale + beta, "x": (g - g.mean(-1, keepdims=True)
+                                         - xh * (g * xh).mean(-1, keepdims=True)) / s,
+            "gamma": (cot * xh).sum((0, 1)), "beta": cot.sum((0, 1))}
+    norm = modules.LayerNorm(spec, "float32")
+    norm.initialize()
+    norm.gamma.set_data(mx.nd.array(gamma, dtype="float32"))
+    if bias:
+        norm.beta.set_data(mx.nd.array(beta, dtype="float32"))
+    nd_x = mx.nd.array(x, dtype="float32")
+    nd_x.attach_grad()
+    for hybridize in (False, True, True):  # the second hybridized pass reuses both graphs
+        norm.hybridize(hybridize, static_alloc=True, static_shape=True)
+        with mx.autograd.record():
+            y = norm(nd_x)
+        y.backward(mx.nd.array(cot, dtype="float32"))
+        inference = norm(nd_x).asnumpy()
+        got = {"y": y.asnumpy(), "x": nd_x.grad.asnumpy(), "gamma": norm.gamma.grad().asnumpy()}
+        if bias:
+            got["beta"] = norm.beta.grad().asnumpy()
+        for k, v in got.items():
+            assert v.dtype == np.float32, k
+            assert rel(v, want[k]) <= 1e-6, (hybridize, k, rel(v, want[k]))
+        assert rel(inference, want["y"]) <= 1e-6
+        assert not np.array_equal(inference, got["y"])  # the fused operator, not the same graph
+        fused = mx.nd.LayerNorm(nd_x, norm.gamma.data() + offset, mx.nd.array(beta),
+                                eps=spec.norm_eps)  # the float32 scale, as the block adds it
+        np.testing.assert_array_equal(inference, fused.asnumpy())
+
+
+def test_hybridized_graph_per_autograd_state():
+    """A hybridized model keeps two cached graphs, one traced inside ``autograd.record`` and one
+    outside (here also for two argument structures: ``forward_backward`` passes
+    ``inputs_embeds``, ``forward`` ``input_ids``), and alternating training and inference
+    retraces neither; ``hybridize()`` clears both."""
+    spec = SPECS["pre_ln"]
+    model, _ = built(BE, spec, fresh=True, dtype="float32")
+    inputs = make_inputs(spec)
+    cot = cotangents(spec, inputs)
+    BE.forward(model, inputs, mode="hybridize")
+    inference = model._cached_op
+    out, _ = BE.forward_backward(model, inputs, cot, mode="hybridize")
+    training = model._cached_op
+    assert training is not None and training is not inference
+    for _ in range(2):
+        again = BE.forward(model, inputs, mode="hybridize")
+        assert model._cached_op is inference
+        BE.forward_backward(model, inputs, cot, mode="hybridize")
+        assert model._cached_op is training
+    for k in again:  # float32 rounding apart, the two graphs compute the same outputs
+        assert rel(again[k], out[k]) <= 1e-5, k
+    model.hybridize(static_alloc=True, static_shape=True)
+    assert model._cached_op is None and "_graphs" not in model.__dict__
 
 
 # ---------------------------------------------------------------------- the hybridized graph

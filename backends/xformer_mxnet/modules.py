@@ -227,8 +227,42 @@ def reorder_cache(past_key_values, beam_idx):
                  for layer in past_key_values)
 
 
+# ---------------------------------------------------------------------- one graph per state
+# Gluon keeps a single cached graph per hybridized block, traced at its first call. xformer's
+# blocks keep one per autograd state: the graph traced inside ``autograd.record`` (what
+# ``backward()`` differentiates) and the one traced outside it (inference), because a block may
+# lower differently for a backward pass (:class:`LayerNorm` in float32); the models also key
+# their graphs by which inputs are ``None`` (``_structure``, see :class:`_SpecModel`). So
+# alternating training and evaluation, or ``input_ids`` and ``inputs_embeds``, retraces
+# nothing. Clearing the cache (``hybridize()``, a new child) clears every graph; each graph
+# holds its own buffers (``static_alloc``). The blocks take these two functions as their
+# ``_call_cached_op`` / ``_clear_cached_op`` (MXNet 1.9.1 is final, so these Gluon internals
+# stay as they are).
+_CACHE = ("_cached_graph", "_cached_op", "_cached_op_args", "_in_format", "_out_format")
+
+
+def _call_graph_of_state(self, *args):
+    key = (self.__dict__.get("_structure"), mx.autograd.is_recording())
+    current = self.__dict__.get("_graph_key")
+    if current is not None and current != key:
+        graphs = self.__dict__.setdefault("_graphs", {})
+        graphs[current] = tuple(getattr(self, a) for a in _CACHE)
+        for name, value in zip(_CACHE, graphs.pop(key, ((), None, [], None, None))):
+            setattr(self, name, value)  # none yet for this key: traced below
+    self.__dict__["_graph_key"] = key
+    return HybridBlock._call_cached_op(self, *args)
+
+
+def _clear_graphs(self):
+    HybridBlock._clear_cached_op(self)
+    self.__dict__.pop("_graphs", None)
+    self.__dict__.pop("_graph_key", None)
+
+
 class _SpecLayer(HybridBlock):
     """A block configured by a :class:`~xformer.ModelSpec` (kept as ``.spec``)."""
+
+    _call_cached_op, _clear_cached_op = _call_graph_of_state, _clear_graphs
 
     def __init__(self, spec: ModelSpec, **kwargs):
         super().__init__(**kwargs)
@@ -248,8 +282,14 @@ class LayerNorm(nn.LayerNorm):
     order, because MXNet 1.9.1's fused ``LayerNorm`` operator is not float64 end to end: its
     ``eps`` is a C++ ``float`` (``eps=1e-5`` becomes ``1e-5 - 2.5e-14``: ~1e-13 relative error
     in the output, ~7e-10 with ``eps=0.1``) and it computes the variance in one pass (1.9e-13 for
-    inputs with mean 1000). float32 uses the fused operator. Without a norm bias ``beta`` stays
-    a frozen zero (``grad_req="null"``), as Gluon makes it.
+    inputs with mean 1000). float32 uses the fused operator, except inside ``autograd.record``
+    (a pass that will be differentiated), where it is :meth:`gemm_form`: MXNet's
+    ``_backward_LayerNorm`` (generic broadcast reductions) takes ~5 ms on ``(8, 128, 256)``,
+    about a fifth of an encoder layer's training step, against ~2.5 ms forward + backward for
+    that composition; the two differ by float32 rounding (docs/pitfalls.md). Without a norm bias
+    ``beta`` stays a frozen zero (``grad_req="null"``), as Gluon makes it. Hybridized on its
+    own, it keeps one graph per autograd state (:func:`_call_graph_of_state`), as every
+    xformer block does.
 
     Args:
         spec: uses ``d_model, norm_eps, norm_scale_offset, bias, norm``.
@@ -269,15 +309,50 @@ class LayerNorm(nn.LayerNorm):
         self._offset = offset
         self._composed = np.dtype(dtype) == np.float64
 
+    _call_cached_op, _clear_cached_op = _call_graph_of_state, _clear_graphs
+
     def hybrid_forward(self, F, x, gamma, beta):
         if self._offset:
             gamma = gamma + self._offset
         if not self._composed:
+            if mx.autograd.is_recording():
+                return self.gemm_form(F, x, gamma, beta)
             return super().hybrid_forward(F, x, gamma, beta)
         centered = F.broadcast_sub(x, F.mean(x, axis=-1, keepdims=True))
         var = F.mean(F.square(centered), axis=-1, keepdims=True)
         y = F.broadcast_mul(F.broadcast_div(centered, F.sqrt(var + self._epsilon)), gamma)
         return F.broadcast_add(y, beta)  # a frozen zero when not center, as the fused op does
+
+    def gemm_form(self, F, x, gamma, beta):
+        """The float32 LayerNorm that a backward pass differentiates: every reduction and
+        broadcast is a ``FullyConnected`` product, whose backward is a product too, and the
+        normalization is ``L2Normalization``, whose backward is one fused kernel.
+
+        ``mean = x @ (1/D)``, ``centered = x - mean @ 1ᵀ``, ``centered / sqrt(mean(centered²) +
+        eps) = sqrt(D) · L2Normalization(centered, eps=D·eps)`` (which divides by
+        ``sqrt(sum(centered²) + eps)``), then ``· 1 @ (sqrt(D)·gamma)ᵀ + 1 @ betaᵀ``: the
+        formula of the fused operator (two-pass moments, biased variance); the broadcasts of
+        ``gamma`` and ``beta`` as outer products make their gradients (column sums) products
+        as well. Every ``FullyConnected`` has ``flatten=False``: any leading axes.
+
+        Call ``(x, gamma, beta)``: ``x`` ``(..., D)`` float32, ``gamma``/``beta`` ``(D,)``
+        (``gamma`` already offset) -> ``(..., D)`` float32.
+        """
+        d = self.spec.d_model
+        mean = F.FullyConnected(x, F.full(shape=(1, d), val=1.0 / d), no_bias=True,
+                                num_hidden=1, flatten=False)                     # (..., 1)
+        centered = x - F.FullyConnected(mean, F.ones(shape=(d, 1)), no_bias=True, num_hidden=d,
+                                        flatten=False)                          # (..., D)
+        normed = F.L2Normalization(F.reshape(centered, shape=(-1, d)), eps=d * self._epsilon,
+                                   mode="instance")                              # (N, D)
+        ones = F.ones_like(mean)                                                 # (..., 1)
+
+        def rows(v):  # (D,) -> (..., D), every row v: an outer product
+            return F.FullyConnected(ones, F.reshape(v, shape=(d, 1)), no_bias=True,
+                                    num_hidden=d, flatten=False)
+
+        y = F.reshape_like(normed, x) * rows(gamma * math.sqrt(d))
+        return y + rows(beta)  # a frozen zero when not center, as the fused op adds it
 
 
 class RMSNorm(_SpecLayer):
@@ -794,13 +869,15 @@ class _SpecModel(HybridBlock):
     of hybridized calls.
 
     A hybridized Gluon block traces its graph for one argument structure (which inputs are
-    ``None``); these models retrace when that structure changes (e.g. ``input_ids`` then
-    ``inputs_embeds``), so keep it fixed in a loop for speed.
+    ``None``); these models keep one graph per structure (e.g. ``input_ids`` and
+    ``inputs_embeds``) and autograd state (:func:`_call_graph_of_state`), each traced at its
+    first call.
     """
 
     spec: ModelSpec
     #: The ``spec.architecture`` the model needs (``None``: not checked).
     _architecture: str | None = None
+    _call_cached_op, _clear_cached_op = _call_graph_of_state, _clear_graphs
 
     def __init__(self, spec: ModelSpec, dtype: str = "float32", **kwargs):
         if self._architecture and spec.architecture != self._architecture:
@@ -809,7 +886,6 @@ class _SpecModel(HybridBlock):
         super().__init__(**kwargs)
         self.spec, self.dtype = spec, np.dtype(dtype).name
         self._mask_value = float(np.finfo(self.dtype).min)
-        self._structure = None  # which of the inputs the cached graph was traced with
         with self.name_scope():  # every model's first child: the (source) embeddings
             self.embeddings = Embeddings(spec, dtype=self.dtype)
 
@@ -821,15 +897,13 @@ class _SpecModel(HybridBlock):
                              f"input (xformer does not truncate silently)")
 
     def _run(self, args, cached: bool = False):
-        """Run ``hybrid_forward``: through the hybridized graph (retraced when the ``None``
-        structure of ``args`` changes) or, for cached decoding, imperatively."""
+        """Run ``hybrid_forward``: through the hybridized graph of the ``None`` structure of
+        ``args`` (Gluon traces one graph per argument structure) or, for cached decoding,
+        imperatively."""
         if cached:
             with imperative(self):
                 return super().__call__(*args)
-        structure = tuple(a is None for a in args)
-        if structure != self._structure:  # Gluon traces one graph per argument structure
-            self._clear_cached_op()
-            self._structure = structure
+        self.__dict__["_structure"] = tuple(a is None for a in args)
         return super().__call__(*args)
 
     def key_padding_bias(self, F, attention_mask=None):
