@@ -285,6 +285,7 @@ def _kernels(k: dict) -> str:
                    "xformer ÷ `nn`"],
                   [[a["malloc"], f"{a['xformer_ms']:.1f}", f"{a['peer_ms']:.1f}",
                     f"{a['ratio']:.2f}x"] for a in k["allocator"]])
+    act = k["activation"]
     norms = table(["d_model", "xformer (GEMM form), ms", "Gluon `nn.LayerNorm` (fused), ms",
                    "xformer ÷ fused", "errors, GEMM form: y / dx / dγ / dβ",
                    "errors, fused: y / dx / dγ / dβ"],
@@ -298,6 +299,12 @@ def _kernels(k: dict) -> str:
             f"padded, max error relative to the largest value:\n\n" + sdpa
             + "\n\nOne encoder layer's forward (d_model 256, 8 × 128), each line a fresh "
               "process:\n\n" + alloc
+            + "\n\nFloat32 forward (no gradients) with the FFN's GELU in place ÷ out of "
+              f"place, interleaved: one encoder layer {act['layer']['ratio']:.2f}x "
+              f"({act['layer']['xformer_ms']:.1f} ms against "
+              f"{act['layer']['peer_ms']:.1f} ms), MiniLM {act['minilm']['ratio']:.2f}x "
+              f"({act['minilm']['xformer_ms']:.1f} ms against "
+              f"{act['minilm']['peer_ms']:.1f} ms)."
             + "\n\nMXNet float32 LayerNorm, forward + backward on 8 × 128 rows, hybridized "
               "(errors: float32 against the float64 formula, max error relative to the "
               "largest value):\n\n" + norms)

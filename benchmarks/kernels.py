@@ -12,6 +12,8 @@
   at the end and one fully padded);
 * one encoder layer's forward (xformer and ``nn.TransformerEncoderLayer``) with glibc's
   default ``malloc`` and with its mmap/trim thresholds raised, each in a fresh process;
+* the forward of xformer's torch encoder layer and MiniLM with the FFN's GELU in place (what
+  float32 inference runs, ``INPLACE_ACTIVATIONS``) against out of place, interleaved;
 * MXNet: Gluon's ``nn.LayerNorm`` (the fused operator) against xformer's float32
   ``LayerNorm`` inside ``autograd.record`` (``LayerNorm.gemm_form``), forward + backward,
   hybridized, interleaved, and both against the float64 formula (in a fresh process).
@@ -127,6 +129,40 @@ def sdpa_errors() -> list[list[str]]:
     return out
 
 
+def activation_in_place() -> dict[str, dict]:
+    """The forward (no gradients) of xformer's encoder layer (8 x 128, d_model 256) and MiniLM
+    (8 x 128 ids) with the FFN's GELU in place (``INPLACE_ACTIVATIONS``, what torch inference
+    runs) against out of place, interleaved in this process: ``{"layer": ..., "minilm": ...}``
+    as :func:`peers.interleaved` gives them (ratio = in place ÷ out of place)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import peers
+    from xformer_torch import modules
+
+    kept = dict(modules.INPLACE_ACTIVATIONS)
+    torch.manual_seed(0)
+    layer = modules.EncoderLayer(peers._spec()).eval()
+    model = modules.EncoderModel(peers._minilm()).eval()
+    x = torch.randn(peers.B, peers.T, peers.D)
+    ids = torch.randint(0, model.spec.vocab_size, (peers.B, peers.T))
+
+    def run(call, in_place: bool):
+        def f():
+            modules.INPLACE_ACTIVATIONS.clear()
+            modules.INPLACE_ACTIVATIONS.update(kept if in_place else {})
+            with torch.no_grad():
+                call()
+        return f
+    try:
+        return {name: peers.interleaved(run(call, True), run(call, False), 11, steps)
+                for name, call, steps in (("layer", lambda: layer(x), 5),
+                                          ("minilm", lambda: model(input_ids=ids), 2))}
+    finally:
+        modules.INPLACE_ACTIVATIONS.clear()
+        modules.INPLACE_ACTIVATIONS.update(kept)
+
+
 _LAYER = """
 import json, statistics, sys, time, torch
 sys.path.insert(0, {bench!r})
@@ -224,7 +260,8 @@ def measure() -> dict:
 
     torch.set_num_threads(2)
     return {"storage": storage_ratios(), "lookup": lookup_ms(), "sdpa": sdpa_errors(),
-            "allocator": allocator(), "mxnet_layer_norm": mxnet_layer_norm()}
+            "allocator": allocator(), "activation": activation_in_place(),
+            "mxnet_layer_norm": mxnet_layer_norm()}
 
 
 if __name__ == "__main__":

@@ -179,6 +179,39 @@ def test_self_attention_projects_qkv_in_one_product(name):
     attn.to(torch.float32)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_tanh"])
+def test_feed_forward_activates_in_place_in_float32_inference(activation, monkeypatch):
+    """Float32 inference (autograd off) runs GELU / ReLU in place on ``linear1``'s fresh output
+    (issue #11), bit for bit the out-of-place result; float64, autograd on, a forward hook on
+    ``linear1`` (which would see its output overwritten) and the other activations activate
+    out of place."""
+    from xformer_torch import modules
+
+    calls = []
+    for fn, op in list(modules.INPLACE_ACTIVATIONS.items()):
+        monkeypatch.setitem(modules.INPLACE_ACTIVATIONS, fn,
+                            lambda t, op=op: calls.append(t.data_ptr()) or op(t))
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        ffn = modules.FeedForward(SPECS["bert"].replace(activation=activation), dtype=dtype)
+        x = torch.randn(2, 5, ffn.spec.d_model, dtype=dtype)
+        want = ffn(x).detach()  # autograd on
+        assert not calls
+        seen = []
+        hook = ffn.linear1.register_forward_hook(lambda m, i, out: seen.append(out))
+        with torch.no_grad():
+            hooked = ffn(x)
+        hook.remove()
+        assert not calls and torch.equal(hooked, want)
+        assert torch.equal(seen[0], ffn.linear1(x))  # the hooked output left as it was
+        with torch.no_grad():
+            got = ffn(x)
+        assert torch.equal(got, want)
+        inplace = dtype == torch.float32 and activation != "gelu_tanh"
+        assert len(calls) == inplace, (dtype, activation)
+        calls.clear()
+
+
 def test_generation_reads_a_tied_table_from_a_transposed_copy():
     """Inside ``generate`` a tied LM head multiplies by a ``(D, vocab)``-stored copy of the
     table (issue #11): the same logits to rounding, the same ids, and no copy left after."""

@@ -94,8 +94,8 @@ from xformer.errors import InputError
 from xformer.spec import ModelSpec, sinusoidal_table
 
 __all__ = [
-    "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "LayerNorm", "RMSNorm", "RotaryEmbedding",
-    "Embeddings", "MultiHeadAttention", "Dropout", "FeedForward", "GatedFeedForward",
+    "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "INPLACE_ACTIVATIONS", "LayerNorm",
+    "RMSNorm", "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "Dropout", "FeedForward", "GatedFeedForward",
     "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder", "LMHead",
     "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias", "use_dropout_masks",
     "written_out_attention",
@@ -133,6 +133,9 @@ def silu(x: Tensor) -> Tensor:
 
 #: ``spec.activation`` -> function.
 ACTIVATIONS = {"relu": relu, "gelu": gelu, "gelu_tanh": gelu_tanh, "silu": silu}
+#: The float32 activations that have an in-place kernel, bit for bit the out-of-place one:
+#: what :class:`FeedForward` runs on its fresh ``(B, T, d_ff)`` product in inference.
+INPLACE_ACTIVATIONS = {gelu: torch.ops.aten.gelu_, relu: torch.relu_}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -653,6 +656,13 @@ class FeedForward(_SpecLayer):
         dtype, device: as :class:`Embeddings`.
 
     Shapes: ``(B, T, D)`` -> ``(B, T, D)`` (inner ``(B, T, d_ff)``).
+
+    In float32 inference (autograd off) a GELU or ReLU overwrites ``linear1``'s fresh output
+    (:data:`INPLACE_ACTIVATIONS`, the same values bit for bit): a new ``(B, T, d_ff)``
+    buffer has its pages faulted in afresh on every call, which makes a whole layer's forward
+    markedly slower (docs/pitfalls.md), and ``nn.TransformerEncoderLayer``'s fast path
+    activates in place too. Not while ``linear1`` has a forward hook, which would see
+    its output overwritten.
     """
 
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
@@ -665,7 +675,12 @@ class FeedForward(_SpecLayer):
         self.linear2 = _linear(spec.d_ff, spec.d_model, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        h = self.linear1(x)
+        inplace = INPLACE_ACTIVATIONS.get(self.activation)
+        if (inplace is not None and h.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not self.linear1._forward_hooks):
+            return self.linear2(self.dropout(inplace(h)))
+        return self.linear2(self.dropout(self.activation(h)))
 
 
 class GatedFeedForward(_SpecLayer):
