@@ -13,7 +13,8 @@
 * one encoder layer's forward (xformer and ``nn.TransformerEncoderLayer``) with glibc's
   default ``malloc`` and with its mmap/trim thresholds raised, each in a fresh process;
 * the forward of xformer's torch encoder layer and MiniLM with the FFN's GELU in place (what
-  float32 inference runs, ``INPLACE_ACTIVATIONS``) against out of place, interleaved;
+  float32 inference runs, ``INPLACE_ACTIVATIONS``) against out of place, interleaved, in a
+  fresh process;
 * MXNet: Gluon's ``nn.LayerNorm`` (the fused operator) against xformer's float32
   ``LayerNorm`` inside ``autograd.record`` (``LayerNorm.gemm_form``), forward + backward,
   hybridized, interleaved, and both against the float64 formula (in a fresh process).
@@ -129,38 +130,44 @@ def sdpa_errors() -> list[list[str]]:
     return out
 
 
+_ACTIVATION = """
+import json, sys, torch
+sys.path.insert(0, {bench!r})
+import peers
+from xformer_torch import modules
+torch.set_num_threads(2)
+kept = dict(modules.INPLACE_ACTIVATIONS)
+torch.manual_seed(0)
+layer = modules.EncoderLayer(peers._spec()).eval()
+model = modules.EncoderModel(peers._minilm()).eval()
+x = torch.randn(peers.B, peers.T, peers.D)
+ids = torch.randint(0, model.spec.vocab_size, (peers.B, peers.T))
+
+def run(call, in_place):
+    def f():
+        modules.INPLACE_ACTIVATIONS.clear()
+        modules.INPLACE_ACTIVATIONS.update(kept if in_place else {{}})
+        with torch.no_grad():
+            call()
+    return f
+print(json.dumps({{name: peers.interleaved(run(call, True), run(call, False), 11, steps)
+                  for name, call, steps in (("layer", lambda: layer(x), 5),
+                                            ("minilm", lambda: model(input_ids=ids), 2))}}))
+"""
+
+
 def activation_in_place() -> dict[str, dict]:
     """The forward (no gradients) of xformer's encoder layer (8 x 128, d_model 256) and MiniLM
     (8 x 128 ids) with the FFN's GELU in place (``INPLACE_ACTIVATIONS``, what torch inference
-    runs) against out of place, interleaved in this process: ``{"layer": ..., "minilm": ...}``
-    as :func:`peers.interleaved` gives them (ratio = in place ÷ out of place)."""
-    import torch
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import peers
-    from xformer_torch import modules
-
-    kept = dict(modules.INPLACE_ACTIVATIONS)
-    torch.manual_seed(0)
-    layer = modules.EncoderLayer(peers._spec()).eval()
-    model = modules.EncoderModel(peers._minilm()).eval()
-    x = torch.randn(peers.B, peers.T, peers.D)
-    ids = torch.randint(0, model.spec.vocab_size, (peers.B, peers.T))
-
-    def run(call, in_place: bool):
-        def f():
-            modules.INPLACE_ACTIVATIONS.clear()
-            modules.INPLACE_ACTIVATIONS.update(kept if in_place else {})
-            with torch.no_grad():
-                call()
-        return f
-    try:
-        return {name: peers.interleaved(run(call, True), run(call, False), 11, steps)
-                for name, call, steps in (("layer", lambda: layer(x), 5),
-                                          ("minilm", lambda: model(input_ids=ids), 2))}
-    finally:
-        modules.INPLACE_ACTIVATIONS.clear()
-        modules.INPLACE_ACTIVATIONS.update(kept)
+    runs) against out of place, interleaved, in a fresh process (glibc's ``malloc`` adapts its
+    thresholds to what a process has freed, so the effect depends on the process's history):
+    ``{"layer": ..., "minilm": ...}`` as :func:`peers.interleaved` gives them (ratio = in
+    place ÷ out of place)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    bench = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", _ACTIVATION.format(bench=bench)], env=env,
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 _LAYER = """
