@@ -25,7 +25,10 @@ Gluon specifics:
   ``(B, T * D)``) and its weight is ``(out_features, in_features)``, the canonical layout;
 * norms (:func:`_norm`, ``spec.norm``): :class:`LayerNorm` is Gluon's, with
   ``epsilon=spec.norm_eps`` (never the Gluon default ``1e-5``), composed from ``F.mean`` /
-  ``F.sqrt`` in float64 because the fused operator takes ``eps`` as a C++ ``float``; with no
+  ``F.sqrt`` in float64 because the fused operator takes ``eps`` as a C++ ``float``, and in
+  float32 inside ``autograd.record`` from ``FullyConnected`` products and ``L2Normalization``
+  (:meth:`LayerNorm.gemm_form`: the fused operator's backward is slow), so a hybridized block
+  keeps one cached graph per autograd state (:func:`_call_graph_of_state`); with no
   norm bias (``spec.has_bias("norm")``) its ``beta`` stays a frozen zero (``grad_req="null"``)
   and is no canonical parameter; :class:`RMSNorm` is composed (``F.rsqrt``; MXNet 1.9.1 has no
   RMSNorm operator); both multiply by ``spec.norm_scale_offset + weight`` (Gemma);
