@@ -300,7 +300,8 @@ def _kernels(k: dict) -> str:
             + "\n\nOne encoder layer's forward (d_model 256, 8 × 128), each line a fresh "
               "process:\n\n" + alloc
             + "\n\nFloat32 forward (no gradients) with the FFN's GELU in place ÷ out of "
-              f"place, interleaved in a fresh process: one encoder layer {act['layer']['ratio']:.2f}x "
+              "place, interleaved in a fresh process: one encoder layer "
+              f"{act['layer']['ratio']:.2f}x "
               f"({act['layer']['xformer_ms']:.1f} ms against "
               f"{act['layer']['peer_ms']:.1f} ms), MiniLM {act['minilm']['ratio']:.2f}x "
               f"({act['minilm']['xformer_ms']:.1f} ms against "
