@@ -33,6 +33,16 @@ import sys
 import time
 
 
+def _fresh_process(script: str, **env: str):
+    """Run ``script`` (its ``{bench}`` filled with this folder, for ``import peers``) in a fresh
+    Python process with 2 OpenMP threads plus ``env``; the JSON of its last output line."""
+    bench = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", script.format(bench=bench)],
+                       env={**os.environ, "OMP_NUM_THREADS": "2", **env},
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def _median_ms(fn, rounds: int = 9, reps: int = 5) -> float:
     fn()
     times = []
@@ -163,11 +173,7 @@ def activation_in_place() -> dict[str, dict]:
     thresholds to what a process has freed, so the effect depends on the process's history):
     ``{"layer": ..., "minilm": ...}`` as :func:`peers.interleaved` gives them (ratio = in
     place ÷ out of place)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    bench = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-c", _ACTIVATION.format(bench=bench)], env=env,
-                       capture_output=True, text=True, check=True)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _fresh_process(_ACTIVATION)
 
 
 _LAYER = """
@@ -187,17 +193,11 @@ with torch.no_grad():
 
 def allocator() -> list[dict]:
     """The layer-forward timing in a fresh process, glibc defaults and raised thresholds."""
-    out = []
-    bench = os.path.dirname(os.path.abspath(__file__))
-    for label, extra in (("default", {}),
-                         ("MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 1e8",
-                          {"MALLOC_MMAP_THRESHOLD_": "100000000",
-                           "MALLOC_TRIM_THRESHOLD_": "100000000"})):
-        env = {**os.environ, "OMP_NUM_THREADS": "2", **extra}
-        r = subprocess.run([sys.executable, "-c", _LAYER.format(bench=bench)], env=env,
-                           capture_output=True, text=True, check=True)
-        out.append({"malloc": label, **json.loads(r.stdout.strip().splitlines()[-1])})
-    return out
+    return [{"malloc": label, **_fresh_process(_LAYER, **extra)}
+            for label, extra in (("default", {}),
+                                 ("MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 1e8",
+                                  {"MALLOC_MMAP_THRESHOLD_": "100000000",
+                                   "MALLOC_TRIM_THRESHOLD_": "100000000"}))]
 
 
 _MXNET_LAYER_NORM = """
@@ -255,11 +255,7 @@ def mxnet_layer_norm() -> list[dict]:
     xformer's float32 ``LayerNorm`` under ``autograd.record`` and of Gluon's fused
     ``nn.LayerNorm``, interleaved, and both one's errors (output, d x, d gamma, d beta) against
     the float64 formula. In a fresh process (MXNet beside torch)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MXNET_CPU_WORKER_NTHREADS": "2"}
-    bench = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-c", _MXNET_LAYER_NORM.format(bench=bench)], env=env,
-                       capture_output=True, text=True, check=True)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _fresh_process(_MXNET_LAYER_NORM, MXNET_CPU_WORKER_NTHREADS="2")
 
 
 def measure() -> dict:

@@ -96,8 +96,8 @@ from xformer.spec import ModelSpec, sinusoidal_table
 __all__ = [
     "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "INPLACE_ACTIVATIONS", "LayerNorm",
     "RMSNorm", "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "Dropout", "FeedForward",
-    "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer", "Decoder", "LMHead",
-    "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias", "use_dropout_masks",
+    "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer",
+    "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias", "use_dropout_masks",
     "written_out_attention",
 ]
 
