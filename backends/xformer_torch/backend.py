@@ -76,7 +76,7 @@ class TorchBackend(Backend):
         x = self._tensors(model, inputs)
         params = dict(model.named_parameters())
         sides = model.spec.input_embeds_names()  # inputs_embeds (, decoder_inputs_embeds)
-        with self._eval(model), torch.enable_grad():
+        with self._eval(model), torch.enable_grad(), self.modules.written_out_attention():
             # the lookups run eagerly, so d(loss)/d(embeds) comes with the parameter gradients
             embeds = {}
             for key in sides:
@@ -135,7 +135,7 @@ class TorchBackend(Backend):
         handles = [model.get_submodule(name).register_forward_hook(hook_for(name))
                    for name in nodes]
         try:
-            with self._eval(model), torch.enable_grad():
+            with self._eval(model), torch.enable_grad(), self.modules.written_out_attention():
                 out = model(**x)
                 names, cots = self._cotangents(out, cotangents)
                 missing = [n for n in nodes if n not in probes]
@@ -242,7 +242,7 @@ class TorchBackend(Backend):
         is scaled by ``shares[i] * world_size`` (exactly 1 for an even split) and the global
         loss is one ``all_reduce`` of the shares' weighted losses.
         """
-        from .modules import use_dropout_masks
+        from .modules import use_dropout_masks, written_out_attention
         from .optimizers import clip_grad_norm
 
         torch = self.torch
@@ -253,20 +253,22 @@ class TorchBackend(Backend):
         trainer.optimizer.zero_grad(set_to_none=True)
         try:
             model.train(dropout != "off")
-            for i, batch in enumerate(micro):
-                x = self._tensors(model, batch)
-                labels = x.pop("labels")
-                site_masks = None if masks is None else self._tensors(model, masks[i])
-                sync = (contextlib.nullcontext() if ddp is None or i == len(micro) - 1
-                        else ddp.no_sync())
-                with sync:
-                    with use_dropout_masks(model, site_masks):
-                        logits = fn(**x)["logits"]
-                    loss = self._loss(model, logits, labels)
-                    if shares is not None:
-                        loss = loss * (shares[i] * self.world.size)
-                    (loss / len(micro)).backward()
-                losses.append(loss.detach())
+            # the protocol's attention: the numbers conformance checks (docs/design.md §3)
+            with written_out_attention():
+                for i, batch in enumerate(micro):
+                    x = self._tensors(model, batch)
+                    labels = x.pop("labels")
+                    site_masks = None if masks is None else self._tensors(model, masks[i])
+                    sync = (contextlib.nullcontext() if ddp is None or i == len(micro) - 1
+                            else ddp.no_sync())
+                    with sync:
+                        with use_dropout_masks(model, site_masks):
+                            logits = fn(**x)["logits"]
+                        loss = self._loss(model, logits, labels)
+                        if shares is not None:
+                            loss = loss * (shares[i] * self.world.size)
+                        (loss / len(micro)).backward()
+                    losses.append(loss.detach())
         finally:
             model.train(was_training)
         if ddp is not None:  # sum over workers of share * local mean = the global mean

@@ -47,15 +47,17 @@ PyTorch specifics (docs/design.md §3, §5):
 * every dropout site is a :class:`Dropout` (``nn.Dropout`` that applies a given mask instead
   of drawing: the framework-neutral stream of :func:`xformer.training.dropout_masks`, set for
   a call with :func:`use_dropout_masks`); its module path is the canonical site name;
-* attention is written out (``softmax(Q K^T / sqrt(d_head) + bias) V``, Hugging Face
-  ``BertSelfAttention``'s eager path) whenever autograd records or the module is in training
-  mode, rather than calling ``F.scaled_dot_product_attention``: on CPU (torch 2.13) the fused
-  SDPA kernel returns wrong gradients for a fully padded row when the mask is the finite
-  ``finfo.min`` (its log-sum-exp absorbs ``log(T)``, so every padded query's weights come back
-  as 1 instead of ``1/T`` in the backward pass), while its forward is right. Inference (eval
-  mode under ``no_grad``) calls the fused kernel: one pass instead of four, and the
-  ``(B, H, T, T)`` scores never stored (issue #11), except inside
-  :func:`written_out_attention` (the Backend protocol's ``forward``);
+* attention calls the fused ``F.scaled_dot_product_attention`` (one kernel forward and one
+  backward; the ``(B, H, T, S)`` probabilities never stored; issue #11) in inference, and in
+  passes autograd records or training mode where its gradients are right and nothing needs
+  the written-out steps (:meth:`MultiHeadAttention._fused`): on CPU (torch 2.13) the fused
+  kernel's backward is wrong for a fully masked row with the finite ``finfo.min`` mask (its
+  log-sum-exp absorbs ``log(T)``, so every such query's weights come back as 1 instead of
+  ``1/T``), while its forward is right. Elsewhere (a fully masked row, attention dropout at
+  work) attention is written out, ``softmax(Q K^T / sqrt(d_head) + bias) V`` (Hugging Face
+  ``BertSelfAttention``'s eager path), and always inside :func:`written_out_attention`: the
+  Backend protocol's ``forward``, ``forward_backward``, ``trace`` and training steps, whose
+  numbers the conformance suite checks;
 * projections whose output is at least as wide as their input keep their ``nn.Linear`` weight
   in ``(in, out)`` storage (:func:`_linear`), as does an untied LM head: batch-1 decoding reads
   them faster (docs/pitfalls.md);
@@ -188,12 +190,13 @@ _WRITTEN_OUT = False
 
 @contextlib.contextmanager
 def written_out_attention() -> Iterator[None]:
-    """Inside, attention is written out in inference too (no fused
-    ``F.scaled_dot_product_attention``): a no-grad forward then computes bit for bit what a
-    gradient pass computes. The Backend protocol's ``forward`` runs inside it, so that its
-    outputs equal ``forward_backward``'s and ``trace``'s exactly (docs/design.md §3, §8); the
-    fused kernel agrees with it to rounding (``tests/test_backend_torch.py``). Not thread-safe:
-    one flag for the process."""
+    """Inside, attention is always written out (never the fused
+    ``F.scaled_dot_product_attention``, :meth:`MultiHeadAttention._fused`): a no-grad forward
+    then computes bit for bit what a gradient pass computes, whatever the masks. The Backend
+    protocol's ``forward``, ``forward_backward``, ``trace`` and training steps run inside it,
+    so that its outputs equal each other exactly and are the numbers the conformance suite
+    checks (docs/design.md §3, §8); the fused kernel agrees with it to rounding, values and
+    gradients (``tests/test_backend_torch.py``). Not thread-safe: one flag for the process."""
     global _WRITTEN_OUT
     previous, _WRITTEN_OUT = _WRITTEN_OUT, True
     try:
@@ -534,6 +537,45 @@ class MultiHeadAttention(_SpecLayer):
         sizes = [p.out_features for p in projections]
         return F.linear(x, weight, bias).split(sizes, dim=-1)
 
+    def _fused(self, attention_bias: Tensor | None) -> bool:
+        """Whether this call computes attention with the fused
+        ``F.scaled_dot_product_attention`` rather than written out (``softmax(Q K^T /
+        sqrt(d_head) + bias) V``, whose steps a hook or a dropout mask can see).
+
+        * Never inside :func:`written_out_attention` (the Backend protocol).
+        * Inference (autograd off, eval mode): always; its forward is exact to rounding, fully
+          masked rows included.
+        * A pass autograd records, or training mode (issue #11; one kernel forward and one
+          backward instead of four and six, and no ``(B, H, T, S)`` probabilities kept for
+          the backward): only where the fused CPU kernel's gradients are right and nothing
+          needs the written-out steps:
+
+          - every query row keeps a key whose bias is not negative (an unmasked key of the
+            finite-mask convention, docs/design.md §3). The kernel's backward recomputes the
+            probabilities from a log-sum-exp that loses ``log(S)`` when all of a row's logits
+            are hugely negative, so a fully masked row (a fully padded sequence, a
+            left-padded decoder position) would get weights 1 instead of ``1/S``
+            (docs/pitfalls.md). Checked on the bias (a ``(B, 1, 1, S)`` or ``(B, 1, T, S)``
+            reduction); ``None`` needs no check. Under ``torch.compile`` a bias is not
+            inspected (a data-dependent branch) and attention is written out;
+          - the bias does not require grad (the fused CPU kernel does not differentiate it);
+          - the attention-probability dropout does nothing: eval mode or ``p = 0``, no mask
+            given (:func:`use_dropout_masks`), and no hook on it.
+        """
+        if _WRITTEN_OUT:
+            return False
+        if not (torch.is_grad_enabled() or self.training):
+            return True
+        dropout = self.dropout
+        if (dropout.mask is not None or (self.training and dropout.p > 0)
+                or dropout._forward_hooks or dropout._forward_pre_hooks):
+            return False
+        if attention_bias is None:
+            return True
+        if attention_bias.requires_grad or _compiling():
+            return False
+        return bool(attention_bias.amax(dim=-1).ge(0).all())
+
     def forward(self, x: Tensor, attention_bias: Tensor | None = None,
                 key_value_states: Tensor | None = None,
                 past_key_value: tuple[Tensor, Tensor] | None = None, use_cache: bool = False
@@ -555,11 +597,11 @@ class MultiHeadAttention(_SpecLayer):
             if past_key_value is not None:  # self-attention: append to the cache
                 k = torch.cat((past_key_value[0], k), dim=2)
                 v = torch.cat((past_key_value[1], v), dim=2)
-        if not (torch.is_grad_enabled() or self.training or _WRITTEN_OUT):  # the fused kernel
+        if self._fused(attention_bias):
             context = F.scaled_dot_product_attention(
                 q, self._repeat_kv(k), self._repeat_kv(v), attn_mask=attention_bias,
                 scale=1.0 / math.sqrt(self.d_head))
-        else:  # written out: see the module docstring for the fused kernel's CPU gradients
+        else:  # written out (see _fused for when and why)
             # the scale and the bias in place on the fresh scores: the same numbers, two
             # (B, H, T, S) buffers fewer (the product's backward needs only q and k)
             scores = (q @ self._repeat_kv(k).transpose(-2, -1)).div_(math.sqrt(self.d_head))
