@@ -293,7 +293,13 @@ def _kernels(k: dict) -> str:
                     f"{r['ratio']:.2f}x", " / ".join(e(v) for v in r["ours_errors"]),
                     " / ".join(e(v) for v in r["native_errors"])]
                    for r in k["mxnet_layer_norm"]])
-    return (storage + f"\n\nToken-table lookup, forward + backward (MiniLM's 30522 × 384 "
+    train = k["training_storage"]
+    return (storage + "\n\nA MiniLM training step (8 × 128 ids, forward + backward) with "
+            "every encoder projection in `(out, in)` storage ÷ with the expanding and square "
+            "ones in `(in, out)`, interleaved in a fresh process: "
+            f"{train['ratio']:.2f}x ({train['ratio_lo']:.2f} to {train['ratio_hi']:.2f}; "
+            f"{train['xformer_ms']:.1f} ms against {train['peer_ms']:.1f} ms)."
+            + f"\n\nToken-table lookup, forward + backward (MiniLM's 30522 × 384 "
             f"table, 8 × 128 ids): {contiguous:.1f} ms contiguous, {transposed:.1f} ms stored "
             f"transposed.\n\nFloat32 inference with one row padded at the end and one fully "
             f"padded, max error relative to the largest value:\n\n" + sdpa

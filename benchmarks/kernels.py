@@ -5,6 +5,8 @@
   the weight in ``nn.Linear``'s ``(out, in)`` storage against ``(in, out)`` storage, for the
   GPT-2 small projections and its tied ``(50257, 768)`` LM head (weights cycled through so they
   are read from memory, as in a decoding step);
+* a MiniLM training step with the encoder's projections in ``(out, in)`` storage (as built)
+  against ``(in, out)`` storage (what decoder layers keep), interleaved, in a fresh process;
 * the token table's lookup, forward + backward, contiguous against stored transposed (the
   MiniLM table, 8 x 128 ids);
 * the fused ``F.scaled_dot_product_attention`` inference path against the written-out one,
@@ -178,6 +180,40 @@ def activation_in_place() -> dict[str, dict]:
     return _fresh_process(_ACTIVATION)
 
 
+_TRAINING_STORAGE = """
+import json, sys, torch
+sys.path.insert(0, {bench!r})
+import peers
+from xformer_torch import modules
+torch.set_num_threads(2)
+torch.manual_seed(0)
+spec = peers._minilm()
+ours = modules.EncoderModel(spec).train()  # encoder projections in (out, in) storage
+decoding = modules.EncoderModel(spec).train()
+decoding.load_state_dict(ours.state_dict())
+for m in decoding.modules():  # what modules._linear stores for a decoder layer
+    if isinstance(m, torch.nn.Linear) and m.in_features <= m.out_features:
+        m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous().t())
+ids = torch.randint(0, spec.vocab_size, (peers.B, peers.T))
+
+def step(model):
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids)["pooler_output"].sum().backward()
+    return run
+print(json.dumps(peers.interleaved(step(ours), step(decoding), 11, 2)))
+"""
+
+
+def training_storage() -> dict:
+    """A MiniLM training step (8 x 128 ids, forward + backward of every parameter) as built
+    (encoder projections in ``nn.Linear``'s ``(out, in)`` storage, ``_nn_storage``) against
+    the same model with its expanding and square projections in the ``(in, out)`` storage
+    decoder layers keep, interleaved, in a fresh process: :func:`peers.interleaved`'s dict
+    (ratio = ``(out, in)`` ÷ ``(in, out)``)."""
+    return _fresh_process(_TRAINING_STORAGE)
+
+
 _LAYER = """
 import json, statistics, sys, time, torch
 sys.path.insert(0, {bench!r})
@@ -264,7 +300,8 @@ def measure() -> dict:
     import torch
 
     torch.set_num_threads(2)
-    return {"storage": storage_ratios(), "lookup": lookup_ms(), "sdpa": sdpa_errors(),
+    return {"storage": storage_ratios(), "training_storage": training_storage(),
+            "lookup": lookup_ms(), "sdpa": sdpa_errors(),
             "allocator": allocator(), "activation": activation_in_place(),
             "mxnet_layer_norm": mxnet_layer_norm()}
 

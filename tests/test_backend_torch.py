@@ -194,9 +194,10 @@ def test_a_mask_without_padding_adds_no_bias_and_changes_no_bit():
 
 
 def test_expanding_projections_are_stored_in_out():
-    """``(in, out)`` storage for projections at least as wide as their input, ``nn.Linear``'s
-    ``(out, in)`` for contracting ones (issue #11: batch-1 decoding); every caller still sees
-    an ``(out, in)`` weight, and weights go in and come out unchanged, C-ordered."""
+    """In decoder layers ``(in, out)`` storage for projections at least as wide as their
+    input, ``nn.Linear``'s ``(out, in)`` for contracting ones (issue #11: batch-1 decoding);
+    encoder layers and the pooler keep ``(out, in)`` throughout. Every caller still sees an
+    ``(out, in)`` weight, and weights go in and come out unchanged, C-ordered."""
     spec = SPECS["gpt2"]
     model, weights = built(BACKEND, spec, fresh=True)
     layer = model.decoder.layers[0]
@@ -214,6 +215,16 @@ def test_expanding_projections_are_stored_in_out():
     assert not untied.spec.tie_embeddings
     assert untied.lm_head.weight.shape == (untied.spec.vocab_size, untied.spec.d_model)
     assert untied.lm_head.weight.stride() == (1, untied.spec.vocab_size)
+    # encoder layers and the pooler never decode: nn.Linear's (out, in) storage (faster
+    # weight gradients), in an encoder and in an encoder-decoder's encoder alike
+    for name, encoder in (("bert", "encoder"), ("vaswani", "encoder")):
+        model, _ = built(BACKEND, SPECS[name], fresh=True)
+        linears = [m for m in model.get_submodule(encoder).modules()
+                   if isinstance(m, torch.nn.Linear)]
+        if model.spec.head == "pooler":
+            linears.append(model.pooler.dense)
+        assert linears and all(m.weight.is_contiguous() for m in linears), name
+    assert not model.decoder.layers[0].ffn.linear1.weight.is_contiguous()  # its decoder: (in, out)
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama-tiny"])

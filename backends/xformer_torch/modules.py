@@ -58,9 +58,11 @@ PyTorch specifics (docs/design.md §3, §5):
   ``BertSelfAttention``'s eager path), and always inside :func:`written_out_attention`: the
   Backend protocol's ``forward``, ``forward_backward``, ``trace`` and training steps, whose
   numbers the conformance suite checks;
-* projections whose output is at least as wide as their input keep their ``nn.Linear`` weight
-  in ``(in, out)`` storage (:func:`_linear`), as does an untied LM head: batch-1 decoding reads
-  them faster (docs/pitfalls.md);
+* in decoder layers, projections whose output is at least as wide as their input keep their
+  ``nn.Linear`` weight in ``(in, out)`` storage (:func:`_linear`), as does an untied LM head:
+  batch-1 decoding reads them faster; encoder layers and the pooler, which never decode, keep
+  ``nn.Linear``'s ``(out, in)``, whose weight gradients are faster to compute
+  (:func:`_nn_storage`; docs/pitfalls.md);
 * in a full pass self-attention projects q, k and v with one matrix product over the three
   weights concatenated (:meth:`MultiHeadAttention._fused_qkv`; float32 outputs bit for bit the
   three products'), and scales and masks the written-out scores in place (issue #11).
@@ -216,9 +218,12 @@ def _linear(in_features: int, out_features: int, bias: bool = True,
     Why (issue #11): a decoding step multiplies one row by every weight, a matrix-vector
     product that streams the weight from memory once. On CPU (torch 2.13, MKL, 2 threads) that
     product reads expanding and square weights markedly faster from ``(in, out)`` storage,
-    contracting ones slightly faster from ``(out, in)``; with batch x length rows (training,
-    full forward passes) the storage makes no difference (docs/pitfalls.md, figures from
-    ``benchmarks/kernels.py``). ``F.linear`` takes either layout: the same numbers. Copying weights in
+    contracting ones slightly faster from ``(out, in)``; with batch x length rows a forward
+    pass reads either about as fast (docs/pitfalls.md, figures from
+    ``benchmarks/kernels.py``), but a training step computes an ``(in, out)``-stored weight's
+    gradient more slowly, so layers that never decode (encoder layers, the pooler) take
+    ``nn.Linear``'s storage back (:func:`_nn_storage`). ``F.linear`` takes either layout: the
+    same numbers. Copying weights in
     (``load_state_dict``, ``weight.copy_``) keeps the storage; ``state_dict()`` hands out the
     transposed view (``.contiguous()`` it for a library that requires contiguous tensors, such
     as ``safetensors.torch.save_file``; :meth:`xformer.backend.Backend.get_weights` returns
@@ -227,6 +232,22 @@ def _linear(in_features: int, out_features: int, bias: bool = True,
     if in_features <= out_features:
         linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
     return linear
+
+
+def _nn_storage(module: nn.Module) -> None:
+    """Give every ``nn.Linear`` of ``module`` ``nn.Linear``'s own ``(out, in)`` row-major
+    storage back (undoing :func:`_linear`'s ``(in, out)``; the values are kept): for layers
+    that never run a batch-1 decoding step (:class:`EncoderLayer`, :class:`Pooler`).
+
+    Why (issue #11): :func:`_linear`'s storage only pays in decoding, and it costs training:
+    autograd computes the gradient of a weight in the weight's storage, so an ``(in, out)``
+    one comes from the ``(in, out)``-shaped product ``x^T g`` and an ``(out, in)`` one from
+    ``g^T x``; on CPU (MKL, 2 threads) the first is the slower for an expanding projection,
+    and a MiniLM training step is measurably faster with every encoder projection in
+    ``(out, in)`` storage (docs/pitfalls.md, figures from ``benchmarks/kernels.py``)."""
+    for linear in module.modules():
+        if isinstance(linear, nn.Linear) and not linear.weight.is_contiguous():
+            linear.weight = nn.Parameter(linear.weight.detach().contiguous())
 
 
 class _SpecLayer(nn.Module):
@@ -786,6 +807,7 @@ class EncoderLayer(_SpecLayer):
         self.norm2 = _norm(spec, dtype, device)
         self.dropout1 = Dropout(spec.dropout)
         self.dropout2 = Dropout(spec.dropout)
+        _nn_storage(self)  # an encoder never decodes one row at a time
 
     def forward(self, x: Tensor, attention_bias: Tensor | None = None) -> Tensor:
         if self.parallel_residual:
@@ -825,7 +847,7 @@ class Pooler(_SpecLayer):
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
-        self.dense = _linear(spec.d_model, spec.d_model, bias=spec.bias, dtype=dtype,
+        self.dense = nn.Linear(spec.d_model, spec.d_model, bias=spec.bias, dtype=dtype,
                                device=device)
 
     def forward(self, x: Tensor) -> Tensor:
