@@ -191,9 +191,7 @@ spec = peers._minilm()
 ours = modules.EncoderModel(spec).train()  # encoder projections in (out, in) storage
 decoding = modules.EncoderModel(spec).train()
 decoding.load_state_dict(ours.state_dict())
-for m in decoding.modules():  # what modules._linear stores for a decoder layer
-    if isinstance(m, torch.nn.Linear) and m.in_features <= m.out_features:
-        m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous().t())
+modules._decoding_storage(decoding)  # what decoder layers keep
 ids = torch.randint(0, spec.vocab_size, (peers.B, peers.T))
 
 def step(model):
@@ -207,9 +205,9 @@ print(json.dumps(peers.interleaved(step(ours), step(decoding), 11, 2)))
 
 def training_storage() -> dict:
     """A MiniLM training step (8 x 128 ids, forward + backward of every parameter) as built
-    (encoder projections in ``nn.Linear``'s ``(out, in)`` storage, ``_nn_storage``) against
-    the same model with its expanding and square projections in the ``(in, out)`` storage
-    decoder layers keep, interleaved, in a fresh process: :func:`peers.interleaved`'s dict
+    (encoder projections in ``nn.Linear``'s ``(out, in)`` storage) against the same model
+    with its expanding and square projections in the ``(in, out)`` storage decoder layers
+    keep (``_decoding_storage``), interleaved, in a fresh process: :func:`peers.interleaved`'s dict
     (ratio = ``(out, in)`` ÷ ``(in, out)``)."""
     return _fresh_process(_TRAINING_STORAGE)
 

@@ -77,8 +77,9 @@ def test_native_dtype_and_train_mode_kept():
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_inference_attention_is_the_fused_kernel_with_the_same_numbers(name, dtype, monkeypatch):
     """Eval mode under ``no_grad`` calls ``F.scaled_dot_product_attention`` (issue #11); with
-    autograd on and a fully padded row it is written out. Both give the numpy reference's numbers, fully padded rows
-    included: float64 to rounding, float32 within its output bound."""
+    autograd on and a fully padded row it is written out. Both give the numpy reference's
+    numbers, fully padded rows included: float64 to rounding, float32 within its output
+    bound."""
     import torch.nn.functional as F
 
     model, weights = built(BACKEND, SPECS[name], dtype, fresh=True)

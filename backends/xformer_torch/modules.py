@@ -59,10 +59,10 @@ PyTorch specifics (docs/design.md §3, §5):
   Backend protocol's ``forward``, ``forward_backward``, ``trace`` and training steps, whose
   numbers the conformance suite checks;
 * in decoder layers, projections whose output is at least as wide as their input keep their
-  ``nn.Linear`` weight in ``(in, out)`` storage (:func:`_linear`), as does an untied LM head:
-  batch-1 decoding reads them faster; encoder layers and the pooler, which never decode, keep
-  ``nn.Linear``'s ``(out, in)``, whose weight gradients are faster to compute
-  (:func:`_nn_storage`; docs/pitfalls.md);
+  ``nn.Linear`` weight in ``(in, out)`` storage (:func:`_decoding_storage`), as does an untied
+  LM head: batch-1 decoding reads them faster; encoder layers and the pooler, which never
+  decode, keep ``nn.Linear``'s ``(out, in)``, whose weight gradients train faster
+  (docs/pitfalls.md);
 * in a full pass self-attention projects q, k and v with one matrix product over the three
   weights concatenated (:meth:`MultiHeadAttention._fused_qkv`; float32 outputs bit for bit the
   three products'), and scales and masks the written-out scores in place (issue #11).
@@ -101,8 +101,8 @@ __all__ = [
     "gelu", "gelu_tanh", "relu", "silu", "ACTIVATIONS", "INPLACE_ACTIVATIONS", "LayerNorm",
     "RMSNorm", "RotaryEmbedding", "Embeddings", "MultiHeadAttention", "Dropout", "FeedForward",
     "GatedFeedForward", "EncoderLayer", "Encoder", "Pooler", "EncoderModel", "DecoderLayer",
-    "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias", "use_dropout_masks",
-    "written_out_attention",
+    "Decoder", "LMHead", "DecoderModel", "EncoderDecoderModel", "causal_allowed", "allowed_bias",
+    "use_dropout_masks", "written_out_attention",
 ]
 
 
@@ -207,47 +207,29 @@ def written_out_attention() -> Iterator[None]:
         _WRITTEN_OUT = previous
 
 
-def _linear(in_features: int, out_features: int, bias: bool = True,
-            device: torch.device | str | None = None, dtype: torch.dtype | None = None
-            ) -> nn.Linear:
-    """``nn.Linear(in_features, out_features)`` (``y = x W^T + b``, ``weight`` ``(out, in)``,
-    torch's initialisation and ``state_dict``) whose weight is *stored* transposed,
-    ``(in, out)`` row-major (``weight.stride() == (1, out_features)``), when ``in_features <=
-    out_features``: Hugging Face GPT-2's ``Conv1D`` layout.
+def _decoding_storage(module: nn.Module) -> None:
+    """Store the weight of every ``nn.Linear`` of ``module`` whose output is at least as wide
+    as its input *transposed*, ``(in, out)`` row-major (``weight.stride() == (1,
+    out_features)``; Hugging Face GPT-2's ``Conv1D`` layout), values kept: for the layers that
+    run batch-1 decoding steps (:class:`DecoderLayer`). The parameter is still ``nn.Linear``'s
+    ``(out, in)`` weight to every caller.
 
     Why (issue #11): a decoding step multiplies one row by every weight, a matrix-vector
     product that streams the weight from memory once. On CPU (torch 2.13, MKL, 2 threads) that
     product reads expanding and square weights markedly faster from ``(in, out)`` storage,
-    contracting ones slightly faster from ``(out, in)``; with batch x length rows a forward
-    pass reads either about as fast (docs/pitfalls.md, figures from
-    ``benchmarks/kernels.py``), but a training step computes an ``(in, out)``-stored weight's
-    gradient more slowly, so layers that never decode (encoder layers, the pooler) take
-    ``nn.Linear``'s storage back (:func:`_nn_storage`). ``F.linear`` takes either layout: the
-    same numbers. Copying weights in
-    (``load_state_dict``, ``weight.copy_``) keeps the storage; ``state_dict()`` hands out the
-    transposed view (``.contiguous()`` it for a library that requires contiguous tensors, such
-    as ``safetensors.torch.save_file``; :meth:`xformer.backend.Backend.get_weights` returns
-    C-ordered numpy arrays)."""
-    linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-    if in_features <= out_features:
-        linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
-    return linear
-
-
-def _nn_storage(module: nn.Module) -> None:
-    """Give every ``nn.Linear`` of ``module`` ``nn.Linear``'s own ``(out, in)`` row-major
-    storage back (undoing :func:`_linear`'s ``(in, out)``; the values are kept): for layers
-    that never run a batch-1 decoding step (:class:`EncoderLayer`, :class:`Pooler`).
-
-    Why (issue #11): :func:`_linear`'s storage only pays in decoding, and it costs training:
-    autograd computes the gradient of a weight in the weight's storage, so an ``(in, out)``
-    one comes from the ``(in, out)``-shaped product ``x^T g`` and an ``(out, in)`` one from
-    ``g^T x``; on CPU (MKL, 2 threads) the first is the slower for an expanding projection,
-    and a MiniLM training step is measurably faster with every encoder projection in
-    ``(out, in)`` storage (docs/pitfalls.md, figures from ``benchmarks/kernels.py``)."""
+    contracting ones slightly faster from ``(out, in)``. With batch x length rows a forward
+    pass reads either about as fast, but a training step computes an ``(in, out)``-stored
+    weight's gradient more slowly (autograd computes a weight's gradient in its storage: the
+    ``(in, out)``-shaped product ``x^T g`` instead of ``g^T x``), so layers that never decode
+    (encoder layers, the pooler) keep ``nn.Linear``'s storage (docs/pitfalls.md, figures from
+    ``benchmarks/kernels.py``). ``F.linear`` takes either layout: the same numbers. Copying
+    weights in (``load_state_dict``, ``weight.copy_``) keeps the storage; ``state_dict()``
+    hands out the transposed view (``.contiguous()`` it for a library that requires contiguous
+    tensors, such as ``safetensors.torch.save_file``;
+    :meth:`xformer.backend.Backend.get_weights` returns C-ordered numpy arrays)."""
     for linear in module.modules():
-        if isinstance(linear, nn.Linear) and not linear.weight.is_contiguous():
-            linear.weight = nn.Parameter(linear.weight.detach().contiguous())
+        if isinstance(linear, nn.Linear) and linear.in_features <= linear.out_features:
+            linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
 
 
 class _SpecLayer(nn.Module):
@@ -512,10 +494,10 @@ class MultiHeadAttention(_SpecLayer):
         self.cross_attention = cross_attention
         self.n_heads, self.n_kv_heads, self.d_head = spec.n_heads, spec.kv_heads, spec.d_head
         inner, kv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
-        self.q_proj = _linear(d, inner, bias=qkv_bias, **factory)
-        self.k_proj = _linear(d, kv, bias=qkv_bias, **factory)
-        self.v_proj = _linear(d, kv, bias=qkv_bias, **factory)
-        self.out_proj = _linear(inner, d, bias=spec.has_bias("out_proj"), **factory)
+        self.q_proj = nn.Linear(d, inner, bias=qkv_bias, **factory)
+        self.k_proj = nn.Linear(d, kv, bias=qkv_bias, **factory)
+        self.v_proj = nn.Linear(d, kv, bias=qkv_bias, **factory)
+        self.out_proj = nn.Linear(inner, d, bias=spec.has_bias("out_proj"), **factory)
         self.rotary = (RotaryEmbedding(spec, **factory)
                        if spec.positional == "rope" and not cross_attention else None)
         self.dropout = Dropout(spec.dropout)
@@ -539,12 +521,13 @@ class MultiHeadAttention(_SpecLayer):
         plus two sums. The concatenation copies the three weights each call, so it is taken
         only for full passes (``B T >= D`` rows; a decoding step multiplies one row per
         sequence and keeps the three products). Only when the three weights share one storage
-        (:func:`_linear`): then MKL's float32 product computes each output column as the
-        same dot product in the same order as its own product does, so the outputs are bit for
-        bit those of ``q_proj``, ``k_proj`` and ``v_proj`` (every shape measured,
-        ``tests/test_backend_torch.py``); float64 products block differently by width, within
-        4e-16 of the largest value. The input's gradient sums the three contributions inside
-        the product: it differs from three products plus two sums by rounding only."""
+        layout (``nn.Linear``'s, or :func:`_decoding_storage`'s): then MKL's float32 product
+        computes each output column as the same dot product in the same order as its own
+        product does, so the outputs are bit for bit those of ``q_proj``, ``k_proj`` and
+        ``v_proj`` (every shape measured, ``tests/test_backend_torch.py``); float64 products
+        block differently by width, within 4e-16 of the largest value. The input's gradient
+        sums the three contributions inside the product: it differs from three products plus
+        two sums by rounding only."""
         b, t, d = x.shape
         projections = (self.q_proj, self.k_proj, self.v_proj)
         strides = {p.weight.stride() for p in projections}
@@ -732,10 +715,10 @@ class FeedForward(_SpecLayer):
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
         factory = {"dtype": dtype, "device": device, "bias": spec.has_bias("mlp")}
-        self.linear1 = _linear(spec.d_model, spec.d_ff, **factory)
+        self.linear1 = nn.Linear(spec.d_model, spec.d_ff, **factory)
         self.activation = ACTIVATIONS[spec.activation]
         self.dropout = Dropout(spec.dropout)
-        self.linear2 = _linear(spec.d_ff, spec.d_model, **factory)
+        self.linear2 = nn.Linear(spec.d_ff, spec.d_model, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.linear1(x)
@@ -766,11 +749,11 @@ class GatedFeedForward(_SpecLayer):
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
         factory = {"dtype": dtype, "device": device, "bias": spec.has_bias("mlp")}
-        self.gate_proj = _linear(spec.d_model, spec.d_ff, **factory)
-        self.up_proj = _linear(spec.d_model, spec.d_ff, **factory)
+        self.gate_proj = nn.Linear(spec.d_model, spec.d_ff, **factory)
+        self.up_proj = nn.Linear(spec.d_model, spec.d_ff, **factory)
         self.activation = ACTIVATIONS[spec.activation]
         self.dropout = Dropout(spec.dropout)
-        self.down_proj = _linear(spec.d_ff, spec.d_model, **factory)
+        self.down_proj = nn.Linear(spec.d_ff, spec.d_model, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.dropout(self.activation(self.gate_proj(x)) * self.up_proj(x)))
@@ -807,7 +790,6 @@ class EncoderLayer(_SpecLayer):
         self.norm2 = _norm(spec, dtype, device)
         self.dropout1 = Dropout(spec.dropout)
         self.dropout2 = Dropout(spec.dropout)
-        _nn_storage(self)  # an encoder never decodes one row at a time
 
     def forward(self, x: Tensor, attention_bias: Tensor | None = None) -> Tensor:
         if self.parallel_residual:
@@ -974,6 +956,7 @@ class DecoderLayer(_SpecLayer):
         self.dropout1 = Dropout(spec.dropout)
         self.dropout2 = Dropout(spec.dropout)
         self.dropout3 = Dropout(spec.dropout)
+        _decoding_storage(self)  # decoding multiplies one row at a time by these weights
 
     def forward(self, x: Tensor, attention_bias: Tensor | None = None,
                 encoder_hidden_states: Tensor | None = None,
@@ -1055,7 +1038,7 @@ class LMHead(_SpecLayer):
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__(spec)
-        # (vocab, D) in (D, vocab) storage, as :func:`_linear` keeps expanding projections
+        # (vocab, D) in (D, vocab) storage, as :func:`_decoding_storage` keeps expanding ones
         self.weight = (None if tied else
                        nn.Parameter(torch.empty(spec.d_model, spec.vocab_size, dtype=dtype,
                                                 device=device).t()))
