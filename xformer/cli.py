@@ -136,7 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch", type=int, default=3, help="batch size of random inputs")
     c.add_argument("--seq-len", type=int, default=None, help="length of random inputs")
-    c.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    c.add_argument("--repeats", type=int, default=3,
+                   help="timed calls per measurement, after one warm-up call (median; 0: no "
+                        "timing)")
     c.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     c.add_argument("--force", action="store_true",
                    help="build the model even if it needs more memory than is available")
