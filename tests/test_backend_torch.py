@@ -231,9 +231,10 @@ def test_expanding_projections_are_stored_in_out():
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama-tiny"])
 def test_self_attention_projects_qkv_in_one_product(name):
     """Full passes project q, k and v with one matrix product over the concatenated weights
-    (issue #11): float32 outputs bit for bit the three products', float64 within 4e-16; its
-    backward within rounding of the three products'. A decoding step (fewer rows than D)
-    and projections stored differently (grouped-query: contracting k/v) keep three."""
+    (issue #11): float32 outputs bit for bit the three products', its backward within
+    rounding of the three products'. Float64 (where a merged product differs by rounding), a
+    decoding step (fewer rows than D) and projections stored differently (grouped-query:
+    contracting k/v) keep three."""
     from xformer import ModelSpec
 
     spec = SPECS[name] if name in SPECS else ModelSpec.preset(name)
@@ -247,18 +248,16 @@ def test_self_attention_projects_qkv_in_one_product(name):
         x = torch.randn(2, d, d, dtype=dtype, requires_grad=True)  # B T = 2 D rows
         fused = attn._fused_qkv(x)
         assert attn._fused_qkv(x[:, :1]) is None  # B rows < D: three products
-        if gqa:
+        if gqa or dtype == torch.float64:
             assert fused is None
             continue
         three = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
         for got, want in zip(fused, three, strict=True):
             assert got.shape == want.shape
-            if dtype == torch.float32:
-                assert torch.equal(got, want)
-            assert rel(got.detach().numpy(), want.detach().numpy()) <= 4e-16
+            assert torch.equal(got, want)
         g_fused, = torch.autograd.grad(sum(y.sum() for y in fused), x)
         g_three, = torch.autograd.grad(sum(y.sum() for y in three), x)
-        assert rel(g_fused.numpy(), g_three.numpy()) < (1e-6 if dtype == torch.float32 else 1e-14)
+        assert rel(g_fused.numpy(), g_three.numpy()) < 1e-6
     attn.to(torch.float32)
 
 

@@ -63,8 +63,8 @@ PyTorch specifics (docs/design.md §3, §5):
   LM head: batch-1 decoding reads them faster; encoder layers and the pooler, which never
   decode, keep ``nn.Linear``'s ``(out, in)``, whose weight gradients train faster
   (docs/pitfalls.md);
-* in a full pass self-attention projects q, k and v with one matrix product over the three
-  weights concatenated (:meth:`MultiHeadAttention._fused_qkv`; float32 outputs bit for bit the
+* in a full float32 pass self-attention projects q, k and v with one matrix product over the
+  three weights concatenated (:meth:`MultiHeadAttention._fused_qkv`; outputs bit for bit the
   three products'), and scales and masks the written-out scores in place (issue #11).
 
 Incremental decoding uses Hugging Face's legacy cache format: per decoder layer a tuple
@@ -524,14 +524,16 @@ class MultiHeadAttention(_SpecLayer):
         layout (``nn.Linear``'s, or :func:`_decoding_storage`'s): then MKL's float32 product
         computes each output column as the same dot product in the same order as its own
         product does, so the outputs are bit for bit those of ``q_proj``, ``k_proj`` and
-        ``v_proj`` (every shape measured, ``tests/test_backend_torch.py``); float64 products
-        block differently by width, within 4e-16 of the largest value. The input's gradient
-        sums the three contributions inside the product: it differs from three products plus
-        two sums by rounding only."""
+        ``v_proj`` (every shape measured, ``tests/test_backend_torch.py``). Only in float32:
+        float64 products block differently by width, so a merged product differs from the
+        three by rounding (measured up to ~5e-16 of the largest value, depending on the
+        weights), and float64 is the dtype that proves a port, not the fast one. The input's
+        gradient sums the three contributions inside the product: it differs from three
+        products plus two sums by rounding only."""
         b, t, d = x.shape
         projections = (self.q_proj, self.k_proj, self.v_proj)
         strides = {p.weight.stride() for p in projections}
-        if b * t < d or len(strides) != 1:
+        if b * t < d or len(strides) != 1 or x.dtype != torch.float32:
             return None
         if self.q_proj.weight.stride(0) == 1:  # (in, out) storage: concatenate the columns
             weight = torch.cat([p.weight.t() for p in projections], dim=1).t()
